@@ -1,0 +1,3 @@
+"""picosnitch: per-executable network monitor built on eBPF."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from picosnitch.cli import main
+
+raise SystemExit(main())

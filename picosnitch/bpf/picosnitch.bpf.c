@@ -1,0 +1,553 @@
+// SPDX-License-Identifier: GPL-2.0
+/* picosnitch kernel side: counts application bytes per (process, executable, endpoint) in a
+ * flow map that user space drains, and reports process and DNS events through a ring buffer.
+ *
+ * Hooks, each optional (user space disables what the kernel lacks and reports it):
+ *   tp_btf/sock_send_length, sock_recv_length  bytes of every send/recv, in the caller's context
+ *   tp_btf/tcp_rcv_space_adjust                TCP bytes consumed without recvmsg (splice)
+ *   tp_btf/inet_sock_set_state                 TCP receive baseline at connection set-up
+ *   cgroup/sendmsg4|6, recvmsg4|6              the peer of unconnected UDP
+ *   tp_btf/sched_process_exec|fork|exit        the process table
+ *   uprobe+uretprobe getaddrinfo               which name resolved to which addresses
+ *   fexit/inet[6]_sendmsg|recvmsg              fallback for kernels before the sock tracepoints
+ */
+#include "kernel_types.h"
+#include <linux/bpf.h>
+#include <asm/ptrace.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "picosnitch.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_ICMP 1
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IPPROTO_ICMPV6 58
+#define IPPROTO_UDPLITE 136
+#define SOCK_STREAM 1
+#define SOCK_RAW 3
+#define MSG_PEEK 2
+#define SOCK_DONE 1
+#define TCP_ESTABLISHED 1
+#define EEXIST 17
+
+char LICENSE[] SEC("license") = "GPL";
+
+const volatile struct monitor_config cfg SEC(".rodata.config") = {};
+
+/* Two flow maps: the kernel fills the one named by flow_slot[0] while user space drains the
+ * other, so draining never races with an increment. */
+#define FLOW_MAP(name)                                  \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_HASH);        \
+		__uint(max_entries, 65536);             \
+		__type(key, struct flow_key);           \
+		__type(value, struct flow_value);       \
+	} name SEC(".maps")
+FLOW_MAP(flows_0);
+FLOW_MAP(flows_1);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} flow_slot SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LOSS_KINDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} losses SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 4096);
+} events SEC(".maps");
+
+/* Peer of the datagram a thread is sending or receiving on an unconnected UDP socket, left by
+ * the cgroup hook and taken by the sock tracepoint that fires later in the same syscall. */
+struct peer {
+	__u16 family;
+	__u16 port;
+	__u8 addr[16];
+};
+
+#define PEER_MAP(name)                                  \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_HASH);        \
+		__uint(max_entries, 16384);             \
+		__type(key, __u64);                     \
+		__type(value, struct peer);             \
+	} name SEC(".maps")
+PEER_MAP(send_peers);
+PEER_MAP(recv_peers);
+
+/* Per TCP socket: the copied_seq up to which received bytes have been counted. */
+struct tcp_rx {
+	__u32 counted_seq;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tcp_rx);
+} tcp_rx_state SEC(".maps");
+
+struct gai_call {
+	__u64 node;  /* const char * in the caller */
+	__u64 res;   /* struct addrinfo ** in the caller */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct gai_call);
+} gai_calls SEC(".maps");
+
+static __always_inline void count_loss(__u32 kind, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&losses, &kind);
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
+
+static __always_inline void *active_flows(void)
+{
+	__u32 zero = 0;
+	__u32 *slot = bpf_map_lookup_elem(&flow_slot, &zero);
+	return slot && *slot ? (void *)&flows_1 : (void *)&flows_0;
+}
+
+static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk, const struct peer *peer)
+{
+	struct sock_common *c = &sk->__sk_common;
+	__u16 type = sk->sk_type;
+
+	key->netns = c->skc_net.net->ns.inum;
+	key->family = c->skc_family;
+	key->protocol = sk->sk_protocol;
+	if (key->family == AF_INET) {
+		__builtin_memcpy(key->laddr, &c->skc_rcv_saddr, 4);
+		__builtin_memcpy(key->raddr, &c->skc_daddr, 4);
+	} else if (key->family == AF_INET6) {
+		BPF_CORE_READ_INTO(&key->laddr, c, skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&key->raddr, c, skc_v6_daddr);
+	} else {
+		key->protocol = bpf_ntohs(key->protocol);  /* AF_PACKET: ethertype */
+		return;
+	}
+	/* Raw sockets keep the protocol number in skc_num and ICMP sockets an echo id: no ports. */
+	if (type != SOCK_RAW && key->protocol != IPPROTO_ICMP && key->protocol != IPPROTO_ICMPV6) {
+		key->lport = c->skc_num;
+		key->rport = bpf_ntohs(c->skc_dport);
+	}
+	if (peer && peer->family == key->family) {
+		__builtin_memcpy(key->raddr, peer->addr, sizeof(key->raddr));
+		key->rport = peer->port;
+	}
+}
+
+/* Adds bytes to the flow of the current task on socket sk. */
+static __always_inline void account(struct sock *sk, const struct peer *peer, __u64 bytes, bool sent)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct inode *exe = task->mm->exe_file->f_inode;
+	struct flow_key key;
+	struct flow_value *v;
+	void *flows = active_flows();
+
+	__builtin_memset(&key, 0, sizeof(key));
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.ppid = task->real_parent->tgid;
+	key.uid = (__u32)bpf_get_current_uid_gid();
+	key.exe_ino = exe->i_ino;
+	key.exe_dev = exe->i_sb->s_dev;
+	fill_endpoint(&key, sk, peer);
+
+	v = bpf_map_lookup_elem(flows, &key);
+	if (!v) {
+		struct flow_value zero = {};
+		long err = bpf_map_update_elem(flows, &key, &zero, BPF_NOEXIST);
+
+		if (err && err != -EEXIST) {
+			count_loss(LOSS_FLOW_MAP_FULL, 1);
+			count_loss(LOSS_FLOW_MAP_BYTES, bytes);
+			return;
+		}
+		v = bpf_map_lookup_elem(flows, &key);
+		if (!v)
+			return;
+	}
+	if (sent) {
+		__sync_fetch_and_add(&v->bytes_sent, bytes);
+		__sync_fetch_and_add(&v->packets_sent, 1);
+	} else {
+		__sync_fetch_and_add(&v->bytes_recv, bytes);
+		__sync_fetch_and_add(&v->packets_recv, 1);
+	}
+}
+
+static __always_inline bool is_udp(struct sock *sk)
+{
+	__u16 proto = sk->sk_protocol;
+	__u16 family = sk->__sk_common.skc_family;
+
+	return (family == AF_INET || family == AF_INET6) && (proto == IPPROTO_UDP || proto == IPPROTO_UDPLITE);
+}
+
+static __always_inline bool is_tcp(struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+
+	return (family == AF_INET || family == AF_INET6) && sk->sk_protocol == IPPROTO_TCP &&
+	       sk->sk_type == SOCK_STREAM;
+}
+
+/* Takes the peer a cgroup hook left for this thread, if any, into *out. */
+static __always_inline bool take_peer(void *map, struct peer *out)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct peer *p = bpf_map_lookup_elem(map, &id);
+
+	if (!p)
+		return false;
+	*out = *p;
+	bpf_map_delete_elem(map, &id);
+	return true;
+}
+
+static __always_inline void on_send(struct sock *sk, int ret)
+{
+	struct peer peer;
+	bool has_peer = is_udp(sk) && take_peer(&send_peers, &peer);
+
+	if (ret > 0)
+		account(sk, has_peer ? &peer : NULL, ret, true);
+}
+
+/* TCP data consumed so far, as a sequence number: copied_seq, less the FIN once read. */
+static __always_inline __u32 tcp_consumed_seq(struct sock *sk)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	unsigned long flags;
+	__u32 seq;
+
+	if (!tp)
+		return 0;
+	seq = tp->copied_seq;
+
+	if (bpf_core_field_exists(sk->__sk_common.skc_flags))
+		flags = sk->__sk_common.skc_flags;
+	else
+		flags = BPF_CORE_READ((struct sock___old *)sk, sk_flags);
+	if ((flags & (1UL << SOCK_DONE)) && seq == tp->rcv_nxt)
+		seq -= 1;
+	return seq;
+}
+
+/* Counts the TCP bytes the current task consumed since the last count on this socket. A socket
+ * first seen here (opened before the monitor started) only sets the baseline. */
+static __always_inline void tcp_count_consumed(struct sock *sk)
+{
+	struct tcp_rx *rx = bpf_sk_storage_get(&tcp_rx_state, sk, 0, 0);
+	__u32 seq = tcp_consumed_seq(sk);
+	__s32 delta;
+
+	if (!rx) {
+		rx = bpf_sk_storage_get(&tcp_rx_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!rx)
+			count_loss(LOSS_SOCKET_STORAGE, 1);
+		else
+			rx->counted_seq = seq;
+		return;
+	}
+	delta = (__s32)(seq - rx->counted_seq);
+	if (delta <= 0)
+		return;
+	rx->counted_seq = seq;
+	account(sk, NULL, delta, false);
+}
+
+static __always_inline void on_recv(struct sock *sk, int ret, int flags)
+{
+	struct peer peer;
+	bool has_peer = is_udp(sk) && take_peer(&recv_peers, &peer);
+
+	if (flags & MSG_PEEK)
+		return;
+	if (cfg.tcp_rx_by_seq && is_tcp(sk))
+		tcp_count_consumed(sk);
+	else if (ret > 0)
+		account(sk, has_peer ? &peer : NULL, ret, false);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send_length, struct sock *sk, int ret, int flags)
+{
+	on_send(sk, ret);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv_length, struct sock *sk, int ret, int flags)
+{
+	on_recv(sk, ret, flags);
+	return 0;
+}
+
+/* Fires inside tcp_recvmsg and in tcp_read_sock, which splice() uses instead of recvmsg. */
+SEC("tp_btf/tcp_rcv_space_adjust")
+int BPF_PROG(tcp_rcv_space_adjust, struct sock *sk)
+{
+	tcp_count_consumed(sk);
+	return 0;
+}
+
+/* The receive baseline of a new connection: nothing has been consumed yet. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(inet_sock_set_state, struct sock *sk, int oldstate, int newstate)
+{
+	struct tcp_rx *rx;
+
+	if (newstate != TCP_ESTABLISHED || !is_tcp(sk))
+		return 0;
+	rx = bpf_sk_storage_get(&tcp_rx_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (rx)
+		rx->counted_seq = tcp_consumed_seq(sk);
+	else
+		count_loss(LOSS_SOCKET_STORAGE, 1);
+	return 0;
+}
+
+/* Fallback for kernels without the sock tracepoints (before 6.3). It cannot run on kernels
+ * without BPF trampolines, so it is untested where those are missing; it covers IPv4/IPv6
+ * sockets only and misses sendfile/splice on kernels that send pages without sendmsg. */
+SEC("fexit/inet_sendmsg")
+int BPF_PROG(inet_sendmsg_exit, struct socket *sock, void *msg, __u64 size, int ret)
+{
+	on_send(sock->sk, ret);
+	return 0;
+}
+
+SEC("fexit/inet6_sendmsg")
+int BPF_PROG(inet6_sendmsg_exit, struct socket *sock, void *msg, __u64 size, int ret)
+{
+	on_send(sock->sk, ret);
+	return 0;
+}
+
+SEC("fexit/inet_recvmsg")
+int BPF_PROG(inet_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int flags, int ret)
+{
+	on_recv(sock->sk, ret, flags);
+	return 0;
+}
+
+SEC("fexit/inet6_recvmsg")
+int BPF_PROG(inet6_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int flags, int ret)
+{
+	on_recv(sock->sk, ret, flags);
+	return 0;
+}
+
+static __always_inline void leave_peer(void *map, __u16 family, __u32 port_be, const __u32 *ip)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct peer p = {};
+
+	p.family = family;
+	p.port = bpf_ntohs((__u16)port_be);
+	__builtin_memcpy(p.addr, ip, family == AF_INET ? 4 : 16);
+	if (bpf_map_update_elem(map, &id, &p, BPF_ANY))
+		count_loss(LOSS_PEER_MAP_FULL, 1);
+}
+
+SEC("cgroup/sendmsg4")
+int sendmsg4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4] = {ctx->user_ip4};
+
+	leave_peer(&send_peers, AF_INET, ctx->user_port, ip);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int sendmsg6(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+
+	leave_peer(&send_peers, AF_INET6, ctx->user_port, ip);
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int recvmsg4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4] = {ctx->user_ip4};
+
+	leave_peer(&recv_peers, AF_INET, ctx->user_port, ip);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int recvmsg6(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+
+	leave_peer(&recv_peers, AF_INET6, ctx->user_port, ip);
+	return 1;
+}
+
+static __always_inline void fill_header(struct event_header *h, __u32 type, __u32 tgid)
+{
+	h->type = type;
+	h->tgid = tgid;
+	h->ktime_ns = bpf_ktime_get_boot_ns();
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
+{
+	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct inode *inode = bprm->file->f_inode;
+	unsigned long start, len;
+
+	if (!e) {
+		count_loss(LOSS_RINGBUF_EXEC, 1);
+		return 0;
+	}
+	fill_header(&e->h, EVENT_EXEC, p->tgid);
+	e->ppid = p->real_parent->tgid;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->exe_ino = inode->i_ino;
+	e->exe_dev = inode->i_sb->s_dev;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->filename);
+
+	start = p->mm->arg_start;
+	len = p->mm->arg_end - start;
+	e->args_truncated = len > PS_ARGS_MAX;
+	if (len > PS_ARGS_MAX)
+		len = PS_ARGS_MAX;
+	if (bpf_probe_read_user(e->args, len, (void *)start))
+		len = 0;
+	e->args_len = len;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(sched_process_fork, struct task_struct *parent, struct task_struct *child)
+{
+	struct fork_event *e;
+
+	if (child->pid != child->tgid)  /* a new thread, not a new process */
+		return 0;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_loss(LOSS_RINGBUF_OTHER, 1);
+		return 0;
+	}
+	fill_header(&e->h, EVENT_FORK, child->tgid);
+	e->ppid = child->real_parent->tgid;
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(sched_process_exit, struct task_struct *p)
+{
+	struct exit_event *e;
+
+	if (p->signal->live.counter != 0)  /* other threads of the process still run */
+		return 0;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_loss(LOSS_RINGBUF_OTHER, 1);
+		return 0;
+	}
+	fill_header(&e->h, EVENT_EXIT, p->tgid);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* glibc's struct addrinfo on 64-bit: ai_family at 4, ai_addr at 24, ai_next at 40. */
+#define AI_FAMILY 4
+#define AI_ADDR 24
+#define AI_NEXT 40
+#define SIN_ADDR 4
+#define SIN6_ADDR 8
+#define GAI_ENTRIES_MAX 24  /* glibc returns one entry per socket type: 3 per address */
+
+static __always_inline bool same_address(const struct dns_address *prev, const struct dns_address *a, __s32 family)
+{
+	const __u32 *p = (const __u32 *)prev->addr, *q = (const __u32 *)a->addr;
+
+	return prev->family == (__u32)family && p[0] == q[0] && p[1] == q[1] && p[2] == q[2] && p[3] == q[3];
+}
+
+SEC("uprobe")
+int BPF_KPROBE(getaddrinfo_enter, const char *node, const char *service, const void *hints, void **res)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct gai_call call = {.node = (__u64)node, .res = (__u64)res};
+
+	bpf_map_update_elem(&gai_calls, &id, &call, BPF_ANY);
+	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(getaddrinfo_exit, int ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct gai_call *call = bpf_map_lookup_elem(&gai_calls, &id);
+	struct dns_event *e;
+	__u64 ai = 0, addr;
+	__u32 n = 0;
+
+	if (!call)
+		return 0;
+	if (ret != 0 || !call->node)
+		goto out;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_loss(LOSS_RINGBUF_OTHER, 1);
+		goto out;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_header(&e->h, EVENT_DNS, id >> 32);
+	bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)call->node);
+	bpf_probe_read_user(&ai, sizeof(ai), (void *)call->res);
+	for (int i = 0; i < GAI_ENTRIES_MAX && ai && n < PS_DNS_ADDRS_MAX; i++) {
+		struct dns_address *a = &e->addrs[n];
+		__s32 family = 0;
+
+		bpf_probe_read_user(&family, sizeof(family), (void *)(ai + AI_FAMILY));
+		bpf_probe_read_user(&addr, sizeof(addr), (void *)(ai + AI_ADDR));
+		if (family == AF_INET)
+			bpf_probe_read_user(a->addr, 4, (void *)(addr + SIN_ADDR));
+		else if (family == AF_INET6)
+			bpf_probe_read_user(a->addr, 16, (void *)(addr + SIN6_ADDR));
+		if ((family == AF_INET || family == AF_INET6) && (n == 0 || !same_address(&e->addrs[n - 1], a, family))) {
+			a->family = family;
+			n++;
+		} else {
+			__builtin_memset(a->addr, 0, sizeof(a->addr));
+		}
+		bpf_probe_read_user(&ai, sizeof(ai), (void *)(ai + AI_NEXT));
+	}
+	e->count = n;
+	bpf_ringbuf_submit(e, 0);
+out:
+	bpf_map_delete_elem(&gai_calls, &id);
+	return 0;
+}

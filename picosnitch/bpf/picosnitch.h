@@ -1,0 +1,107 @@
+/* Structures shared by the kernel programs (picosnitch.bpf.c) and user space
+ * (picosnitch/kernel_records.py mirrors every one of them with ctypes: keep both in step).
+ * All fields are fixed-width and laid out without implicit padding.
+ */
+#ifndef PICOSNITCH_H
+#define PICOSNITCH_H
+
+#define PS_FILENAME_MAX 512
+#define PS_ARGS_MAX 4096  /* argv captured at exec; longer command lines are read from /proc */
+#define PS_COMM_MAX 16
+#define PS_DNS_NAME_MAX 256
+#define PS_DNS_ADDRS_MAX 8
+
+/* One flow: who (process and executable) talked to whom (endpoint) in which network namespace.
+ * IPv4 addresses occupy the first 4 bytes of laddr/raddr. Ports are in host byte order. */
+struct flow_key {
+	__u32 tgid;
+	__u32 ppid;      /* tgid of real_parent at the time of the traffic */
+	__u32 uid;
+	__u32 netns;     /* inode number of the socket's network namespace */
+	__u64 exe_ino;   /* mm->exe_file inode */
+	__u32 exe_dev;   /* superblock s_dev, kernel encoding (MAJOR<<20 | MINOR) */
+	__u16 family;    /* AF_INET, AF_INET6, AF_PACKET, ... */
+	__u16 protocol;  /* sk_protocol: IPPROTO_* or, for AF_PACKET, the ethertype */
+	__u16 lport;
+	__u16 rport;
+	__u32 _pad;
+	__u8 laddr[16];
+	__u8 raddr[16];
+};
+
+/* Bytes are application payload; "packets" count the send/receive operations that moved them. */
+struct flow_value {
+	__u64 bytes_sent;
+	__u64 bytes_recv;
+	__u64 packets_sent;
+	__u64 packets_recv;
+};
+
+/* Everything the kernel had to drop, by reason: user space reports each non-zero count. */
+enum loss_kind {
+	LOSS_RINGBUF_EXEC = 0,  /* exec events lost: ring buffer full */
+	LOSS_RINGBUF_OTHER,     /* fork/exit/dns events lost: ring buffer full */
+	LOSS_FLOW_MAP_FULL,     /* flow records not stored: flow map full */
+	LOSS_FLOW_MAP_BYTES,    /* bytes carried by those records */
+	LOSS_PEER_MAP_FULL,     /* unconnected-UDP peers not stored: map full */
+	LOSS_SOCKET_STORAGE,    /* TCP receive counts not stored: socket storage failed */
+	LOSS_KINDS,
+};
+
+/* Settings written into .rodata.config before the object is loaded. */
+struct monitor_config {
+	__u32 tcp_rx_by_seq;  /* TCP receive bytes from copied_seq (catches splice) instead of recvmsg */
+	__u32 _pad;
+};
+
+enum event_type {
+	EVENT_EXEC = 1,
+	EVENT_FORK = 2,
+	EVENT_EXIT = 3,
+	EVENT_DNS = 4,
+};
+
+struct event_header {
+	__u32 type;
+	__u32 tgid;
+	__u64 ktime_ns;  /* bpf_ktime_get_boot_ns() */
+};
+
+struct exec_event {
+	struct event_header h;
+	__u32 ppid;
+	__u32 uid;
+	__u64 exe_ino;
+	__u32 exe_dev;
+	__u32 args_len;  /* bytes of args used; NUL-separated argv */
+	__u32 args_truncated;
+	__u32 _pad;
+	char comm[PS_COMM_MAX];
+	char filename[PS_FILENAME_MAX];
+	char args[PS_ARGS_MAX];
+};
+
+struct fork_event {
+	struct event_header h;
+	__u32 ppid;
+	__u32 _pad;
+};
+
+struct exit_event {
+	struct event_header h;
+};
+
+struct dns_address {
+	__u32 family;
+	__u8 addr[16];
+};
+
+struct dns_event {
+	struct event_header h;
+	__u32 count;
+	__u32 _pad;
+	char name[PS_DNS_NAME_MAX];
+	struct dns_address addrs[PS_DNS_ADDRS_MAX];
+};
+
+#endif

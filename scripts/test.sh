@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian/Ubuntu, as root) and runs them.
+# Usage: sudo scripts/test.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "the tests load BPF programs and create network namespaces: run as root (sudo $0)" >&2
+    exit 1
+fi
+
+scripts/install-system-deps.sh test
+
+python3 -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e '.[test]'
+make -s -C picosnitch/bpf
+
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
