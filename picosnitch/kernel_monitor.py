@@ -83,8 +83,11 @@ def _check_privileges() -> None:
 
 class KernelMonitor:
     def __init__(self, object_path: Optional[str] = None, ring_pages: int = 256, flow_entries: int = 65536,
-                 cgroup_root: Optional[str] = None, libc: Optional[str] = None):
+                 cgroup_root: Optional[str] = None, libc: Optional[str] = None, byte_hooks: str = "auto"):
+        """byte_hooks: "auto" picks the sock tracepoints when the kernel has them, else the fexit
+        fallback; "fallback" forces the fallback (to exercise it where it can run)."""
         self.object_path = object_path or default_object_path()
+        self.byte_hooks = byte_hooks
         self.ring_pages = ring_pages
         self.flow_entries = flow_entries
         self.cgroup_root = cgroup_root
@@ -136,9 +139,9 @@ class KernelMonitor:
             obj.close()
         sock_tracepoints = HOOK_GROUPS["bytes"][0]
         fallback = HOOK_GROUPS["bytes_fallback"][0]
-        if any(p in disabled for p in sock_tracepoints):
+        if self.byte_hooks == "fallback" or any(p in disabled for p in sock_tracepoints):
             for p in sock_tracepoints:
-                disabled.setdefault(p, "this kernel has no sock_send_length/sock_recv_length tracepoints")
+                disabled.setdefault(p, "not needed: byte counting uses the fallback as asked")
         else:
             for p in fallback:
                 disabled[p] = "not needed: the sock tracepoints are available"

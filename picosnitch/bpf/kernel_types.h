@@ -52,6 +52,8 @@ struct tcp_sock {
 
 struct socket { struct sock *sk; };
 
+struct packet_sock { __be16 num; };  /* AF_PACKET: the ethertype it was opened or bound for */
+
 struct super_block { u32 s_dev; };
 struct inode { unsigned long i_ino; struct super_block *i_sb; };
 struct file { struct inode *f_inode; };

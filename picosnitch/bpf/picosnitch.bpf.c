@@ -22,6 +22,7 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define AF_PACKET 17
 #define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
@@ -140,7 +141,10 @@ static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk,
 		BPF_CORE_READ_INTO(&key->laddr, c, skc_v6_rcv_saddr);
 		BPF_CORE_READ_INTO(&key->raddr, c, skc_v6_daddr);
 	} else {
-		key->protocol = bpf_ntohs(key->protocol);  /* AF_PACKET: ethertype */
+		/* AF_PACKET and others: the protocol is all there is. packet_sock lies beyond struct sock,
+		 * where only a probe read may go. */
+		if (key->family == AF_PACKET)
+			key->protocol = bpf_ntohs(BPF_CORE_READ((struct packet_sock *)sk, num));
 		return;
 	}
 	/* Raw sockets keep the protocol number in skc_num and ICMP sockets an echo id: no ports. */

@@ -1,0 +1,105 @@
+"""Shared fixtures: the real kernel monitor, a private veth/netns lab, compiled C generators."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+from netlab import NetLab  # noqa: E402
+
+
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: loads BPF programs")
+
+
+class Recorder:
+    """Runs a KernelMonitor in a thread and keeps every record it delivers."""
+
+    def __init__(self, monitor: KernelMonitor):
+        self.monitor = monitor
+        self.records = []
+        self.drains = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            got = self.monitor.poll(DRAIN_INTERVAL)
+            got += self.monitor.drain() + self.monitor.losses()
+            with self.lock:
+                self.records += got
+                self.drains += 1
+
+    def settle(self):
+        """Waits until everything that happened before this call has been drained."""
+        with self.lock:
+            target = self.drains + 3
+        while True:
+            with self.lock:
+                if self.drains >= target:
+                    return
+            time.sleep(0.05)
+
+    def flows(self, tgid):
+        """Flows of one process, once everything before this call has been drained."""
+        self.settle()
+        return self.of("flow", tgid)
+
+    def of(self, kind, tgid=None):
+        with self.lock:
+            return [r for r in self.records if r.kind == kind and (tgid is None or r.tgid == tgid)]
+
+    def totals(self, tgid):
+        """Sent/received bytes of one process, summed per (family, protocol, raddr, rport)."""
+        self.settle()
+        out = defaultdict(lambda: [0, 0, 0, 0])
+        for f in self.of("flow", tgid):
+            t = out[(f.family, f.protocol, f.raddr, f.rport)]
+            t[0] += f.bytes_sent
+            t[1] += f.bytes_recv
+            t[2] += f.packets_sent
+            t[3] += f.packets_recv
+        return dict(out)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.monitor.close()
+
+
+@pytest.fixture(scope="session")
+def recorder():
+    needs_root()
+    monitor = KernelMonitor()
+    degraded = monitor.start()
+    assert degraded == [], degraded
+    rec = Recorder(monitor)
+    yield rec
+    rec.close()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    needs_root()
+    with NetLab() as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def netops(tmp_path_factory):
+    out = tmp_path_factory.mktemp("netops") / "netops"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(TESTS / "c" / "netops.c"), "-luring"], check=True)
+    return str(out)

@@ -1,0 +1,330 @@
+"""The kernel monitor against real traffic: exact application bytes, on the right process.
+
+Every generator counts its own bytes (tests/traffic_gen.py, tests/c/netops.c); the monitor must
+report exactly those counts for the generator's pid, over loopback and over a veth pair into a
+network namespace the tests create.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from netlab import HOST4, HOST6, PEER4, PEER6, TcpPeer, UdpEcho
+from picosnitch.kernel_monitor import KernelMonitor, cgroup2_root
+
+GEN = str(Path(__file__).parent / "traffic_gen.py")
+AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+# (where the peer listens, whether it is inside the lab namespace)
+ENDPOINTS = {
+    "loopback4": ("127.0.0.1", False),
+    "loopback6": ("::1", False),
+    "veth4": (PEER4, True),
+    "veth6": (PEER6, True),
+}
+
+
+def generate(*args, prefix=()):
+    """Runs a generator to completion; returns (pid, its own byte counts)."""
+    proc = subprocess.Popen([*prefix, *args], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    return proc.pid, json.loads(out.strip().splitlines()[-1])
+
+
+def serve(lab, server, inside):
+    """Starts a peer server in the lab namespace (inside) or on the host; waits until it listens."""
+    if inside:
+        thread = lab.in_peer(server.serve)
+    else:
+        thread = threading.Thread(target=server.serve, daemon=True)
+        thread.start()
+    assert server.ready.wait(5)
+    return thread
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+@pytest.fixture(params=sorted(ENDPOINTS))
+def endpoint(request):
+    return ENDPOINTS[request.param]
+
+
+def test_tcp_bytes_are_exact_both_ways(recorder, lab, endpoint):
+    host, inside = endpoint
+    peer = TcpPeer(host, reply=300_000)
+    thread = serve(lab, peer, inside)
+    pid, counts = generate(sys.executable, GEN, "tcp", host, str(peer.port), "1000000")
+    thread.join(5)
+
+    totals = recorder.totals(pid)
+    sent, recv, packets_sent, packets_recv = totals[(family(host), socket.IPPROTO_TCP, host, peer.port)]
+    assert (sent, recv) == (counts["sent"], counts["recv"]) == (1_000_000, 300_000)
+    assert packets_sent >= 1 and packets_recv >= 1
+
+
+def test_connected_udp_bytes_are_exact(recorder, lab, endpoint):
+    host, inside = endpoint
+    echo = UdpEcho(host)
+    serve(lab, echo, inside)
+    pid, counts = generate(sys.executable, GEN, "udp-connected", host, str(echo.port), "50", "1000")
+    echo.stop()
+
+    assert recorder.totals(pid) == {
+        (family(host), socket.IPPROTO_UDP, host, echo.port): [50_000, 50_000, 50, 50]}
+    assert counts == {"sent": 50_000, "recv": 50_000}
+
+
+def test_unconnected_udp_is_charged_to_the_real_peer(recorder, lab, endpoint):
+    host, inside = endpoint
+    echo = UdpEcho(host)
+    serve(lab, echo, inside)
+    pid, counts = generate(sys.executable, GEN, "udp-unconnected", host, str(echo.port), "20", "500")
+    echo.stop()
+
+    assert counts["peers"] == [host]
+    assert recorder.totals(pid) == {
+        (family(host), socket.IPPROTO_UDP, host, echo.port): [10_000, 10_000, 20, 20]}
+
+
+@pytest.mark.parametrize("host,inside", [("127.0.0.1", False), (PEER4, True)])
+def test_sendfile_is_counted(recorder, lab, host, inside):
+    peer = TcpPeer(host)
+    thread = serve(lab, peer, inside)
+    pid, counts = generate(sys.executable, GEN, "sendfile", host, str(peer.port), "3000000")
+    thread.join(5)
+
+    assert counts["sent"] == peer.received == 3_000_000
+    assert recorder.totals(pid)[(socket.AF_INET, socket.IPPROTO_TCP, host, peer.port)][:2] == [3_000_000, 0]
+
+
+@pytest.mark.parametrize("host,inside", [("127.0.0.1", False), (PEER6, True)])
+def test_splice_from_a_socket_into_a_pipe_is_counted(recorder, lab, host, inside):
+    peer = TcpPeer(host, reply=2_500_000)
+    thread = serve(lab, peer, inside)
+    pid, counts = generate(sys.executable, GEN, "splice", host, str(peer.port))
+    thread.join(5)
+
+    assert counts["recv"] == 2_500_000
+    assert recorder.totals(pid)[(family(host), socket.IPPROTO_TCP, host, peer.port)][:2] == [0, 2_500_000]
+
+
+@pytest.mark.parametrize("host,inside", [("127.0.0.1", False), (PEER4, True), (PEER6, True)])
+def test_sendmmsg_and_recvmmsg_are_counted(recorder, lab, netops, host, inside):
+    echo = UdpEcho(host)
+    serve(lab, echo, inside)
+    pid, counts = generate(netops, "mmsg", host, str(echo.port), "32", "700")
+    echo.stop()
+
+    assert counts == {"sent": 32 * 700, "recv": 32 * 700}
+    assert recorder.totals(pid) == {(family(host), socket.IPPROTO_UDP, host, echo.port): [22_400, 22_400, 32, 32]}
+
+
+@pytest.mark.parametrize("host,inside", [("127.0.0.1", False), (PEER4, True)])
+def test_io_uring_send_and_recv_are_counted(recorder, lab, netops, host, inside):
+    peer = TcpPeer(host, reply=400_000)
+    thread = serve(lab, peer, inside)
+    pid, counts = generate(netops, "uring", host, str(peer.port), "900000")
+    thread.join(5)
+
+    assert counts == {"sent": 900_000, "recv": 400_000}
+    assert recorder.totals(pid)[(socket.AF_INET, socket.IPPROTO_TCP, host, peer.port)][:2] == [900_000, 400_000]
+
+
+def test_icmp_ping_socket_is_counted_in_its_namespace(recorder, lab):
+    pid, counts = generate(sys.executable, GEN, "ping", HOST4, "10", "56", prefix=lab.prefix())
+
+    flows = recorder.flows(pid)
+    assert sum(f.bytes_sent for f in flows) == counts["sent"] == 10 * 64
+    assert sum(f.bytes_recv for f in flows) == counts["recv"] == 10 * 64
+    assert {(f.family, f.protocol) for f in flows} == {(socket.AF_INET, socket.IPPROTO_ICMP)}
+    assert {f.netns for f in flows} == {os.stat(f"/run/netns/{lab.ns}").st_ino}
+
+
+def test_raw_ip_socket_is_counted(recorder, lab):
+    pid, counts = generate(sys.executable, GEN, "raw", PEER4, "25", "300")
+
+    assert counts["sent"] == 25 * 300
+    flows = recorder.flows(pid)
+    assert {(f.family, f.protocol, f.lport, f.rport) for f in flows} == {(socket.AF_INET, 253, 0, 0)}
+    assert sum(f.bytes_sent for f in flows) == 7_500
+
+
+def test_af_packet_frames_are_counted_both_ways(recorder, lab):
+    receiver = subprocess.Popen([*lab.prefix(), sys.executable, GEN, "packet-recv", lab.peer_if, "40"],
+                                stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout.readline().strip() == "ready"
+    pid, counts = generate(sys.executable, GEN, "packet-send", lab.host_if, "40", "200")
+    received = json.loads(receiver.communicate(timeout=20)[0].strip().splitlines()[-1])
+
+    frame = 14 + 200
+    assert counts["sent"] == received["recv"] == 40 * frame
+    sender = recorder.flows(pid)
+    assert {(f.family, f.protocol) for f in sender} == {(socket.AF_PACKET, 0x88B5)}
+    assert sum(f.bytes_sent for f in sender) == 40 * frame
+    assert sum(f.bytes_recv for f in recorder.flows(receiver.pid)) == 40 * frame
+
+
+def test_renamed_process_is_tied_to_its_executable(recorder, lab):
+    peer = TcpPeer(PEER4)
+    thread = serve(lab, peer, True)
+    pid, _ = generate(sys.executable, GEN, "renamed-tcp", "innocent", PEER4, str(peer.port), "12345")
+    thread.join(5)
+
+    exe = os.stat(os.path.realpath(sys.executable))
+    flows = recorder.flows(pid)
+    assert {(f.exe_dev, f.exe_ino) for f in flows} == {(exe.st_dev, exe.st_ino)}
+    assert sum(f.bytes_sent for f in flows) == 12_345
+
+
+def test_short_lived_process_is_attributed_with_argv_and_executable(recorder, lab, netops):
+    peer = TcpPeer(PEER4)
+    thread = serve(lab, peer, True)
+    pid, counts = generate(netops, "quick", PEER4, str(peer.port), "4321")
+    thread.join(5)
+
+    recorder.settle()
+    (exec_event,) = recorder.of("exec", pid)
+    exe = os.stat(netops)
+    assert exec_event.argv == (netops, "quick", PEER4, str(peer.port), "4321")
+    assert (exec_event.exe_dev, exec_event.exe_ino) == (exe.st_dev, exe.st_ino)
+    assert exec_event.filename == netops and exec_event.ppid == os.getpid()
+    flows = recorder.flows(pid)
+    assert {(f.exe_dev, f.exe_ino) for f in flows} == {(exe.st_dev, exe.st_ino)}
+    assert sum(f.bytes_sent for f in flows) == counts["sent"] == 4321
+    assert recorder.of("exit", pid)
+
+
+def test_child_is_charged_for_its_own_sends_on_an_inherited_socket(recorder, lab):
+    echo = UdpEcho(PEER4)
+    serve(lab, echo, True)
+    pid, counts = generate(sys.executable, GEN, "fork-inherit", PEER4, str(echo.port), "3000", "7000")
+    echo.stop()
+
+    key = (socket.AF_INET, socket.IPPROTO_UDP, PEER4, echo.port)
+    assert recorder.totals(pid)[key][0] == 3000
+    assert recorder.totals(counts["child"])[key][0] == 7000
+    (fork,) = recorder.of("fork", counts["child"])
+    assert fork.ppid == pid
+
+
+def test_getaddrinfo_of_a_name_from_etc_hosts_is_reported(recorder, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.231.7.7 picosnitch-test.example\nfd00:5e:7::7 picosnitch-test.example\n")
+    script = "import socket; socket.getaddrinfo('picosnitch-test.example', 443)"
+    pid, _ = generate("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      f"mount --bind {hosts} /etc/hosts && exec {sys.executable} -c \"{script}; print('{{}}')\"")
+
+    recorder.settle()
+    answers = [d for d in recorder.of("dns", pid) if d.name == "picosnitch-test.example"]
+    assert answers and set(answers[0].addresses) == {"10.231.7.7", "fd00:5e:7::7"}
+
+
+def test_a_tiny_ring_buffer_under_an_exec_storm_reports_its_losses():
+    monitor = KernelMonitor(ring_pages=2)
+    try:
+        monitor.start()
+        subprocess.run(["sh", "-c", "for i in $(seq 200); do /bin/true; done"], check=True)
+        received = monitor.poll(0.1)
+        losses = {loss.what: loss.count for loss in monitor.losses()}
+    finally:
+        monitor.close()
+    execs = [r for r in received if r.kind == "exec"]
+    assert losses.get("ringbuf_exec", 0) > 0
+    assert len(execs) + losses["ringbuf_exec"] >= 200
+
+
+def test_a_hook_the_kernel_refuses_leaves_the_rest_working():
+    # This kernel has no BPF trampolines, so the fexit fallback for byte counting is refused.
+    monitor = KernelMonitor(byte_hooks="fallback")
+    try:
+        degraded = monitor.start()
+        subprocess.run(["/bin/true"], check=True)
+        execs = [r for r in monitor.poll(0.5) if r.kind == "exec"]
+    finally:
+        monitor.close()
+    assert [d.consequence for d in degraded] == ["no traffic will be counted"]
+    assert "inet_sendmsg_exit" in degraded[0].hook and degraded[0].reason
+    assert any(e.filename == "/bin/true" for e in execs)
+
+
+def test_missing_cgroup2_and_libc_degrade_with_a_reason():
+    monitor = KernelMonitor(cgroup_root="/nonexistent", libc="/nonexistent/libc.so.6")
+    try:
+        degraded = {d.consequence: d.reason for d in monitor.start()}
+    finally:
+        monitor.close()
+    assert set(degraded) == {"the remote address of unconnected UDP traffic will not be recorded",
+                             "domain names will not be recorded"}
+    assert all(degraded.values())
+
+
+@pytest.mark.parametrize("line,root", [
+    ("30 24 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate", "/sys/fs/cgroup"),
+    ("35 25 0:30 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw", "/sys/fs/cgroup/unified"),
+    ("36 25 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu", None),
+])
+def test_cgroup2_root_is_found_in_pure_and_hybrid_layouts(tmp_path, line, root):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("22 1 0:21 / /proc rw - proc proc rw\n" + line + "\n")
+    assert cgroup2_root(str(mountinfo)) == root
+
+
+def _picosnitch(*args, user=None, extra_mounts=""):
+    python = "/usr/bin/python3" if user else sys.executable  # pyenv's lives under /root
+    cmd = f"{extra_mounts} exec {python} -m picosnitch {' '.join(args)}"
+    base = ["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd] if extra_mounts else \
+        ["sh", "-c", cmd]
+    if user:
+        base = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *base]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    return subprocess.run(base, capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_monitor_raw_prints_records_as_json_lines(lab):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "monitor", "--raw"], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert json.loads(proc.stdout.readline())["kind"] == "ready"
+        peer = TcpPeer(PEER4)
+        thread = serve(lab, peer, True)
+        pid, _ = generate(sys.executable, GEN, "tcp", PEER4, str(peer.port), "5555")
+        thread.join(5)
+        for line in proc.stdout:
+            record = json.loads(line)
+            if record["kind"] == "flow" and record["tgid"] == pid:
+                assert record["bytes_sent"] == 5555 and record["raddr"] == PEER4
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode == 0
+
+
+def test_not_root_is_one_clear_sentence():
+    result = _picosnitch("monitor", "--raw", user="65534")
+    assert result.returncode == 1
+    assert result.stderr.startswith("picosnitch: loading BPF programs needs root")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_no_btf_is_one_clear_sentence():
+    result = _picosnitch("monitor", "--raw", extra_mounts="mount -t tmpfs none /sys/kernel/btf &&")
+    assert result.returncode == 1
+    assert "CONFIG_DEBUG_INFO_BTF" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_libbpf_is_one_clear_sentence():
+    libbpf = os.path.realpath("/usr/lib/x86_64-linux-gnu/libbpf.so.1")
+    result = _picosnitch("monitor", "--raw", extra_mounts=f"mount --bind /dev/null {libbpf} &&")
+    assert result.returncode == 1
+    assert "install libbpf1" in result.stderr and "Traceback" not in result.stderr
