@@ -1,0 +1,346 @@
+"""Read and check config.json.
+
+The file is JSON with the keys of the original picosnitch, plus `#` comments, since users paste
+the documented example (example_text()) which has them. Every value is checked for type and
+range; a bad file raises ConfigError whose message names the file, the line and the key, so the
+daemon can refuse to start with a sentence the user can act on instead of crash-looping.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+from picosnitch.sanitize import printable
+
+
+class ConfigError(Exception):
+    """config.json cannot be used; str() is one sentence naming file, line and key."""
+
+    def __init__(self, path: str | os.PathLike, problem: str,
+                 line: Optional[int] = None, column: Optional[int] = None,
+                 key: Optional[str] = None) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.line = line
+        self.column = column
+        self.key = key
+        super().__init__(_where(self.path, line, column) + problem)
+
+
+def _where(path: str, line: Optional[int], column: Optional[int] = None) -> str:
+    where = printable(path)
+    if line is not None:
+        where += " line %d" % line
+    if column is not None:
+        where += " column %d" % column
+    return where + ": "
+
+
+# A check returns None when the value is acceptable, else the complaint that follows the key.
+Check = Callable[[Any], Optional[str]]
+
+
+class Rule(NamedTuple):
+    default: Any
+    check: Check
+
+
+def _shown(value: Any) -> str:
+    """A value as it would look in the file, safe to print and short."""
+    return printable(json.dumps(value, ensure_ascii=False), limit=60)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a number
+
+
+def _boolean(value: Any) -> Optional[str]:
+    return None if isinstance(value, bool) else "must be true or false, not %s" % _shown(value)
+
+
+def _string(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) else "must be a string, not %s" % _shown(value)
+
+
+def _object(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        return None
+    return "must be an object ({} for none), not %s" % _shown(value)
+
+
+def _integer(minimum: int, note: str = "") -> Check:
+    def check(value: Any) -> Optional[str]:
+        if _is_int(value) and value >= minimum:
+            return None
+        return "must be an integer >= %d%s, not %s" % (minimum, note, _shown(value))
+    return check
+
+
+def _null_or_integer(minimum: int) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if value is None or (_is_int(value) and value >= minimum):
+            return None
+        return "must be null or an integer >= %d, not %s" % (minimum, _shown(value))
+    return check
+
+
+def _power_of_two(value: Any) -> Optional[str]:
+    if _is_int(value) and value >= 1 and value & (value - 1) == 0:
+        return None
+    return "must be a power of two (1, 2, 4, ... 256, ...), not %s" % _shown(value)
+
+
+def _seconds(value: Any) -> Optional[str]:
+    number = _is_int(value) or isinstance(value, float)
+    if number and math.isfinite(value) and value >= 0:
+        return None
+    return "must be a number of seconds >= 0, not %s" % _shown(value)
+
+
+def _ignore_list(value: Any) -> Optional[str]:
+    if not isinstance(value, list):
+        return "must be a list ([] for none), not %s" % _shown(value)
+    for index, item in enumerate(value, 1):
+        if not (isinstance(item, str) or (_is_int(item) and 0 <= item <= 65535)):
+            return "must list only strings and port numbers (0-65535), but item %d is %s" % (
+                index, _shown(item))
+    return None
+
+
+RULES: dict[str, Rule] = {
+    "DB retention (days)": Rule(30, _integer(0, " (0 keeps everything)")),
+    "DB sql log": Rule(True, _boolean),
+    "DB sql server": Rule({}, _object),
+    "DB text log": Rule(False, _boolean),
+    "DB write limit (seconds)": Rule(10, _integer(1)),
+    "Dash scroll zoom": Rule(True, _boolean),
+    "Dash theme": Rule("", _string),
+    "Desktop notifications": Rule(True, _boolean),
+    "Every exe (not just conns)": Rule(False, _boolean),
+    "Flow map entries": Rule(65536, _integer(1)),
+    "GeoIP lookup": Rule(True, _boolean),
+    "Log addresses": Rule(True, _boolean),
+    "Log commands": Rule(True, _boolean),
+    "Log ignore": Rule([], _ignore_list),
+    "Log ports": Rule(True, _boolean),
+    "Perf ring buffer (pages)": Rule(256, _power_of_two),
+    "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1)),
+    "Set st_dev mask": Rule(None, _null_or_integer(0)),
+    "VT API key": Rule("", _string),
+    "VT file upload": Rule(False, _boolean),
+    "VT request limit (seconds)": Rule(15, _seconds),
+}
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh dict of every key with its default value."""
+    return json.loads(json.dumps({key: rule.default for key, rule in RULES.items()}))
+
+
+class Config(collections.abc.Mapping):
+    """Checked settings by their config.json key names, e.g. cfg["DB write limit (seconds)"].
+
+    Keys the file leaves out hold their defaults. Unknown keys are kept as written and
+    described in `warnings` (one sentence each, for error.log), since they are most often
+    typos the user would want to hear about, yet no reason to refuse to start.
+    """
+
+    def __init__(self, values: dict[str, Any], path: str | os.PathLike = "",
+                 warnings: tuple[str, ...] = (), lines: Optional[dict[str, int]] = None) -> None:
+        self._values = values
+        self.path = str(path)
+        self.warnings = list(warnings)
+        self._lines = dict(lines or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return "Config(%r)" % self._values
+
+    def line_of(self, key: str) -> Optional[int]:
+        """The line where `key` is set in the file, or None when it took its default.
+
+        Modules that check their own part more deeply (e.g. "DB sql server") use it to raise
+        ConfigError(cfg.path, problem, cfg.line_of(key), key=key) in the same style.
+        """
+        return self._lines.get(key)
+
+
+# A JSON string (possibly unterminated, which json then reports) or a # comment up to the line end.
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"?|#[^\n]*')
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def strip_comments(text: str) -> str:
+    """`text` with each `#` comment outside JSON strings replaced by as many spaces.
+
+    Lines and columns stay where they were, so JSON errors still point into the user's file,
+    and a `#` inside a string (an API key, a path) is left alone.
+    """
+    def blank(match: "re.Match[str]") -> str:
+        token = match.group()
+        return token if token.startswith('"') else " " * len(token)
+    return _STRING_OR_COMMENT.sub(blank, text)
+
+
+def _members(text: str) -> list[tuple[str, Any, int]]:
+    """(key, value, line) of each member of the top-level object in already valid JSON `text`."""
+    decoder = json.JSONDecoder()
+    members = []
+    position = _WHITESPACE.match(text, 0).end() + 1  # past "{"
+    while True:
+        position = _WHITESPACE.match(text, position).end()
+        if text[position] == "}":
+            return members
+        line = text.count("\n", 0, position) + 1
+        key, position = json.decoder.scanstring(text, position + 1)
+        position = _WHITESPACE.match(text, position).end() + 1  # past ":"
+        position = _WHITESPACE.match(text, position).end()
+        value, position = decoder.raw_decode(text, position)
+        members.append((key, value, line))
+        position = _WHITESPACE.match(text, position).end()
+        if text[position] == ",":
+            position += 1
+
+
+def parse(text: str, path: str | os.PathLike = "config.json") -> Config:
+    """Check config `text` (as read from `path`, which only names it in messages)."""
+    path = str(path)
+    stripped = strip_comments(text)
+    try:
+        top = json.loads(stripped)
+    except json.JSONDecodeError as error:
+        raise ConfigError(path, "invalid JSON: %s" % error.msg, error.lineno, error.colno) from None
+    if not isinstance(top, dict):
+        raise ConfigError(path, "must hold one JSON object: { \"key\": value, ... }", 1)
+
+    values = defaults()
+    lines: dict[str, int] = {}
+    warnings = []
+    for key, value, line in _members(stripped):
+        if key in lines:
+            warnings.append(_where(path, line) + '"%s" is set again (first on line %d); this '
+                            "later value is used" % (printable(key), lines[key]))
+        lines[key] = line
+        rule = RULES.get(key)
+        if rule is None:
+            guess = difflib.get_close_matches(key, RULES, n=1)
+            hint = ' (did you mean "%s"?)' % guess[0] if guess else ""
+            warnings.append(_where(path, line) + 'unknown key "%s" is kept but not used%s'
+                            % (printable(key), hint))
+        else:
+            complaint = rule.check(value)
+            if complaint:
+                raise ConfigError(path, '"%s" %s' % (key, complaint), line, key=key)
+        values[key] = value
+    return Config(values, path, tuple(warnings), lines)
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and check the config file at `path`; raises ConfigError when it cannot be used."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(path, "cannot be read (%s)" % (error.strerror or error)) from None
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate the byte order mark some editors add
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(path, "is not valid UTF-8 text", line) from None
+    return parse(text, path)
+
+
+def write_default(path: str | os.PathLike) -> bool:
+    """Create `path` holding every default (sorted, indented JSON) unless it exists.
+
+    Returns whether it was created. The file appears complete or not at all: it is written
+    to a temporary name, synced, then linked into place, and linking never replaces a file.
+    The mode is 0o644 because the unprivileged readers (view, dash) read their settings here.
+    """
+    path = Path(path)
+    if path.exists():
+        return False
+    text = json.dumps(defaults(), indent=2, sort_keys=True) + "\n"
+    descriptor, temporary = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    try:
+        os.fchmod(descriptor, 0o644)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(temporary)
+    return True
+
+
+def example_text() -> str:
+    """The documented example config: every default, with a `#` comment explaining each key."""
+    return _EXAMPLE
+
+
+_EXAMPLE = """\
+# picosnitch configuration: /etc/picosnitch/config.json
+# JSON, plus comments that start with "#". A key left out takes the default shown here.
+{
+  # Days of history kept in snitch.db; 0 keeps everything.
+  "DB retention (days)": 30,
+  # Record connections in snitch.db.
+  "DB sql log": true,
+  # A remote PostgreSQL or MariaDB/MySQL server that also receives every connection; {} for none.
+  "DB sql server": {},
+  # Also append every connection to conn.log as a comma-separated line.
+  "DB text log": false,
+  # Seconds between writes: the traffic of each process and endpoint in that time becomes one row.
+  "DB write limit (seconds)": 10,
+  # Zoom the graphs of picosnitch dash with the mouse wheel.
+  "Dash scroll zoom": true,
+  # Theme of picosnitch dash; "" for the default.
+  "Dash theme": "",
+  # Tell the desktop about new executables, new names and changed executables (new sha256).
+  "Desktop notifications": true,
+  # Record every executable that runs, not only those that use the network.
+  "Every exe (not just conns)": false,
+  # Flows the kernel tracks between two reads; flows beyond this are counted and reported.
+  "Flow map entries": 65536,
+  # Show the country of remote addresses.
+  "GeoIP lookup": true,
+  # Record local and remote addresses.
+  "Log addresses": true,
+  # Record full command lines.
+  "Log commands": true,
+  # Connections not to record: sha256 hashes, domains or IP subnets (strings), ports (integers).
+  "Log ignore": [],
+  # Record local and remote ports.
+  "Log ports": true,
+  # Size of the buffer carrying kernel events, in memory pages; a power of two.
+  "Perf ring buffer (pages)": 256,
+  # Open-file limit for the daemon; null keeps the system's.
+  "Set RLIMIT_NOFILE": null,
+  # Mask applied to device numbers when caching hashes; null chooses (0 on btrfs).
+  "Set st_dev mask": null,
+  # VirusTotal API key; "" turns VirusTotal lookups off.
+  "VT API key": "",
+  # Upload executables VirusTotal has never seen (this sends your files to a third party).
+  "VT file upload": false,
+  # Seconds between VirusTotal requests; 15 fits the free API's 4 requests a minute.
+  "VT request limit (seconds)": 15
+}
+"""

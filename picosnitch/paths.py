@@ -1,0 +1,93 @@
+"""Every file and directory picosnitch reads or writes, in one place.
+
+The defaults follow the Filesystem Hierarchy Standard: configuration in /etc, state in /var/lib,
+logs in /var/log and runtime files in /run. Setting `PICOSNITCH_PREFIX=/some/dir` moves all of
+them under that directory (so `/some/dir/etc/picosnitch/config.json`, ...), which lets tests and
+side-by-side installs run without touching the real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+PREFIX_VARIABLE = "PICOSNITCH_PREFIX"
+
+# Every directory is root-owned and 0o755: nothing root writes may live somewhere a user can
+# write, yet the unprivileged readers (view, top, dash) must reach snitch.db, the live socket and
+# config.json. Logs get no tighter mode because conn.log and exe.log only repeat what snitch.db
+# already shows those readers; hiding them would add inconvenience, not privacy.
+DIRECTORY_MODE = 0o755
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Absolute locations of picosnitch's files, all below `root` ("/" unless relocated)."""
+
+    root: Path
+    config_dir: Path
+    config: Path
+    data_dir: Path
+    db: Path
+    record: Path
+    # Reserved for the remote SQL writer's disk backlog. Not made by ensure_dirs(): that writer
+    # runs unprivileged, so whoever starts it creates this directory owned by its user.
+    sql_backlog: Path
+    log_dir: Path
+    exe_log: Path
+    error_log: Path
+    conn_log: Path
+    run_dir: Path
+    pid_file: Path
+    live_socket: Path
+
+    @classmethod
+    def under(cls, root: str | os.PathLike = "/") -> Paths:
+        """The standard layout below `root` (made absolute against the current directory)."""
+        base = Path(os.path.abspath(root))
+        config_dir = base / "etc" / "picosnitch"
+        data_dir = base / "var" / "lib" / "picosnitch"
+        log_dir = base / "var" / "log" / "picosnitch"
+        run_dir = base / "run" / "picosnitch"
+        return cls(
+            root=base,
+            config_dir=config_dir,
+            config=config_dir / "config.json",
+            data_dir=data_dir,
+            db=data_dir / "snitch.db",
+            record=data_dir / "record.json",
+            sql_backlog=data_dir / "sql-backlog",
+            log_dir=log_dir,
+            exe_log=log_dir / "exe.log",
+            error_log=log_dir / "error.log",
+            conn_log=log_dir / "conn.log",
+            run_dir=run_dir,
+            pid_file=run_dir / "picosnitch.pid",
+            live_socket=run_dir / "live.sock",
+        )
+
+    @classmethod
+    def current(cls) -> Paths:
+        """The layout for this moment's environment: below $PICOSNITCH_PREFIX if set, else "/"."""
+        return cls.under(os.environ.get(PREFIX_VARIABLE) or "/")
+
+    def directories(self) -> tuple[Path, ...]:
+        """The directories ensure_dirs() creates."""
+        return (self.config_dir, self.data_dir, self.log_dir, self.run_dir)
+
+    def ensure_dirs(self) -> None:
+        """Create the directories (mode 0o755; owned by root when running as root).
+
+        An existing directory is brought back to that mode and owner too, so a directory left
+        group- or world-writable by hand cannot be used to plant files that root then writes.
+        """
+        for directory in self.directories():
+            directory.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                os.chown(directory, 0, 0)
+            os.chmod(directory, DIRECTORY_MODE)
+
+    def as_dict(self) -> dict[str, str]:
+        """Every path by field name, as strings (what `picosnitch version` prints)."""
+        return {field.name: str(getattr(self, field.name)) for field in dataclasses.fields(self)}

@@ -1,0 +1,181 @@
+"""config.json: defaults, the commented example, and messages that point at the mistake."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from picosnitch import config
+from picosnitch.config import ConfigError
+
+ORIGINAL_DEFAULTS = {
+    "DB retention (days)": 30,
+    "DB sql log": True,
+    "DB sql server": {},
+    "DB text log": False,
+    "DB write limit (seconds)": 10,
+    "Dash scroll zoom": True,
+    "Dash theme": "",
+    "Desktop notifications": True,
+    "Every exe (not just conns)": False,
+    "GeoIP lookup": True,
+    "Log addresses": True,
+    "Log commands": True,
+    "Log ignore": [],
+    "Log ports": True,
+    "Perf ring buffer (pages)": 256,
+    "Set RLIMIT_NOFILE": None,
+    "Set st_dev mask": None,
+    "VT API key": "",
+    "VT file upload": False,
+    "VT request limit (seconds)": 15,
+}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    return path
+
+
+def error_for(tmp_path, text):
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text))
+    return caught.value
+
+
+def test_defaults_keep_the_original_keys_and_add_flow_map_entries():
+    assert config.defaults() == dict(ORIGINAL_DEFAULTS, **{"Flow map entries": 65536})
+
+
+def test_write_default_creates_sorted_pretty_json_once(tmp_path):
+    path = tmp_path / "config.json"
+    assert config.write_default(path) is True
+    text = path.read_text()
+    assert text == json.dumps(config.defaults(), indent=2, sort_keys=True) + "\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert dict(config.load(path)) == config.defaults()
+
+    path.write_text('{"DB text log": true}')
+    assert config.write_default(path) is False  # an existing file is never replaced
+    assert config.load(path)["DB text log"] is True
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left behind
+
+
+def test_missing_keys_take_their_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, '{"DB write limit (seconds)": 2}'))
+    assert cfg["DB write limit (seconds)"] == 2
+    assert cfg["DB retention (days)"] == 30
+    assert cfg.line_of("DB write limit (seconds)") == 1
+    assert cfg.line_of("DB retention (days)") is None
+    assert cfg.warnings == []
+
+
+def test_the_documented_example_with_comments_loads_to_the_defaults(tmp_path):
+    example = config.example_text()
+    assert example.count("#") > len(config.defaults())  # a comment for every key
+    cfg = config.load(write(tmp_path, example))
+    assert dict(cfg) == config.defaults()
+    assert cfg.warnings == []
+
+
+def test_a_hash_sign_inside_a_string_is_not_a_comment(tmp_path):
+    cfg = config.load(write(tmp_path, """{
+      "VT API key": "abc#def",  # the key itself contains '#'
+      "Dash theme": "dark \\"#1\\" # not a comment",
+      "Log ignore": ["/opt/app#2/bin", 443]  # trailing comment
+    }"""))
+    assert cfg["VT API key"] == "abc#def"
+    assert cfg["Dash theme"] == 'dark "#1" # not a comment'
+    assert cfg["Log ignore"] == ["/opt/app#2/bin", 443]
+
+
+def test_invalid_json_names_file_line_and_column(tmp_path):
+    error = error_for(tmp_path, '{\n  # a comment\n  "DB sql log": true\n  "DB text log": true\n}')
+    assert (error.line, error.column) == (4, 3)
+    assert str(error) == "%s line 4 column 3: invalid JSON: Expecting ',' delimiter" % (
+        tmp_path / "config.json")
+
+
+def test_a_wrong_type_names_file_line_and_key(tmp_path):
+    error = error_for(tmp_path, '{\n  "DB sql log": true,\n  # how often\n'
+                                '  "DB write limit (seconds)": "ten"\n}')
+    assert str(error) == ('%s line 4: "DB write limit (seconds)" must be an integer >= 1, '
+                          'not "ten"' % (tmp_path / "config.json"))
+    assert (error.line, error.key) == (4, "DB write limit (seconds)")
+
+
+@pytest.mark.parametrize("key, value, complaint", [
+    ("DB write limit (seconds)", 0, "must be an integer >= 1, not 0"),
+    ("DB write limit (seconds)", 1.5, "must be an integer >= 1, not 1.5"),
+    ("DB retention (days)", -1, "must be an integer >= 0 (0 keeps everything), not -1"),
+    ("DB sql log", 1, "must be true or false, not 1"),
+    ("DB sql server", [], "must be an object ({} for none), not []"),
+    ("Dash theme", None, "must be a string, not null"),
+    ("Perf ring buffer (pages)", 100, "must be a power of two (1, 2, 4, ... 256, ...), not 100"),
+    ("Perf ring buffer (pages)", 0, "must be a power of two (1, 2, 4, ... 256, ...), not 0"),
+    ("Set RLIMIT_NOFILE", 0, "must be null or an integer >= 1, not 0"),
+    ("Set st_dev mask", -1, "must be null or an integer >= 0, not -1"),
+    ("Set st_dev mask", True, "must be null or an integer >= 0, not true"),
+    ("Flow map entries", 0, "must be an integer >= 1, not 0"),
+    ("VT request limit (seconds)", -5, "must be a number of seconds >= 0, not -5"),
+    ("Log ignore", "443", 'must be a list ([] for none), not "443"'),
+    ("Log ignore", ["a", 70000], "must list only strings and port numbers (0-65535), "
+                                 "but item 2 is 70000"),
+])
+def test_out_of_range_values_are_refused(tmp_path, key, value, complaint):
+    error = error_for(tmp_path, '{\n  %s: %s\n}' % (json.dumps(key), json.dumps(value)))
+    assert str(error) == '%s line 2: "%s" %s' % (tmp_path / "config.json", key, complaint)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("DB retention (days)", 0),
+    ("Perf ring buffer (pages)", 1),
+    ("Set RLIMIT_NOFILE", 4096),
+    ("Set st_dev mask", 0),
+    ("VT request limit (seconds)", 0.5),
+    ("Log ignore", ["example.com", "10.0.0.0/8", 53, 0]),
+    ("DB sql server", {"host": "db.example"}),
+])
+def test_values_within_range_are_accepted(tmp_path, key, value):
+    assert config.load(write(tmp_path, json.dumps({key: value})))[key] == value
+
+
+def test_unknown_keys_are_kept_and_reported_as_warnings(tmp_path):
+    cfg = config.load(write(tmp_path, '{\n  "Log ports": false,\n  "Log port": false\n}'))
+    assert cfg["Log port"] is False and cfg["Log ports"] is False
+    assert cfg.warnings == ['%s line 3: unknown key "Log port" is kept but not used '
+                            '(did you mean "Log ports"?)' % (tmp_path / "config.json")]
+
+
+def test_a_repeated_key_uses_the_last_value_and_warns(tmp_path):
+    cfg = config.load(write(tmp_path, '{\n  "DB text log": false,\n  "DB text log": true\n}'))
+    assert cfg["DB text log"] is True
+    assert cfg.warnings == ['%s line 3: "DB text log" is set again (first on line 2); this '
+                            "later value is used" % (tmp_path / "config.json")]
+
+
+def test_the_file_must_hold_an_object(tmp_path):
+    error = error_for(tmp_path, "[]")
+    assert str(error).endswith('line 1: must hold one JSON object: { "key": value, ... }')
+
+
+def test_a_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.json: cannot be read \(No such file"):
+        config.load(tmp_path / "config.json")
+
+
+def test_hostile_text_in_messages_is_made_printable(tmp_path):
+    # \u009b starts a terminal escape sequence on some terminals; \udcff is an undecodable byte.
+    cfg = config.load(write(tmp_path, '{"bad\\u009b31m\\n": 1}'))
+    assert cfg.warnings[0].endswith('unknown key "bad\\x9b31m\\x0a" is kept but not used')
+    error = error_for(tmp_path, '{"Dash theme": ["\\u009b31m", "\\udcff"]}')
+    assert str(error).endswith('"Dash theme" must be a string, not ["\\x9b31m", "\\xff"]')
+
+
+def test_text_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{\n "Dash theme": "\xff"\n}')
+    with pytest.raises(ConfigError, match=r"line 2: is not valid UTF-8 text$"):
+        config.load(path)
