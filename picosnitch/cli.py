@@ -1,23 +1,40 @@
 """The `picosnitch` command."""
 
 import json
+import os
+import shutil
 import signal
 import sys
 import threading
 from typing import List, Optional
 
-from picosnitch import __version__
+from picosnitch import __version__, daemon_control, systemd_unit
 from picosnitch.kernel_monitor import KernelMonitor, MonitorError
 from picosnitch.kernel_records import to_json_dict
 from picosnitch.libbpf import LibbpfError
+from picosnitch.paths import Paths
 
-USAGE = """usage: picosnitch COMMAND
+USAGE = """\
+usage: picosnitch COMMAND
+
+picosnitch tells you when a program you have not seen before connects to the network, or a
+known program's executable changes, and keeps a history of who sent what, where.
 
 commands:
-  monitor --raw   print what the kernel monitor records, as JSON lines (for bug reports)
-  version         print the version
-  help            print this text
+  start             start the daemon in the background (as root)
+  stop              stop the daemon
+  restart           stop, then start
+  start-no-daemon   run the daemon in the foreground (what the systemd unit runs)
+  systemd           install picosnitch.service for systemd
+  status            say whether the daemon runs (exit status 3 when not)
+  version           print the version and every path in use
+  monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
+  help              print this text
+
+PICOSNITCH_PREFIX=DIR relocates every path under DIR.
 """
+
+ROOT_COMMANDS = {"start", "stop", "restart", "start-no-daemon", "systemd"}
 
 
 def monitor_raw() -> int:
@@ -30,7 +47,8 @@ def monitor_raw() -> int:
         for record in monitor.start():
             print(json.dumps(to_json_dict(record)), flush=True)
         print(json.dumps({"kind": "ready", "load_seconds": round(monitor.load_seconds, 3)}), flush=True)
-        monitor.run(lambda r: print(json.dumps(to_json_dict(r)), flush=True), stop.is_set)
+        monitor.run(lambda batch: print("".join(json.dumps(to_json_dict(r)) + "\n" for r in batch),
+                                        end="", flush=True), stop.is_set)
     except BrokenPipeError:
         pass
     finally:
@@ -38,20 +56,65 @@ def monitor_raw() -> int:
     return 0
 
 
+def version(paths: Paths) -> int:
+    print(f"picosnitch {__version__}")
+    print(f"python {sys.version.split()[0]} ({sys.executable})")
+    for name, path in paths.as_dict().items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def needs_root(command: str) -> Optional[str]:
+    """The sentence to print when `command` is run without root, else None."""
+    if os.geteuid() == 0 or command not in ROOT_COMMANDS:
+        return None
+    message = f"picosnitch {command} needs root"
+    if sys.stdin.isatty():
+        helper = next((h for h in ("sudo", "doas") if shutil.which(h)), None)
+        if helper:
+            message += f": try `{helper} picosnitch {command}`"
+    return message
+
+
+def run(args: List[str]) -> int:
+    command = args[0] if args else "help"
+    paths = Paths.current()
+    if command in ("help", "--help", "-h") and len(args) <= 1:
+        print(USAGE, end="")
+        return 0
+    if command == "version" and len(args) == 1:
+        return version(paths)
+    if command == "status" and len(args) == 1:
+        return daemon_control.status(paths)
+    if command == "monitor" and args[1:] == ["--raw"]:
+        return monitor_raw()
+    if command not in ROOT_COMMANDS or len(args) != 1:
+        print(f"picosnitch: unknown command {' '.join(args)!r}\n\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    refusal = needs_root(command)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 1
+    if command == "stop":
+        return daemon_control.stop(paths)
+    if command == "systemd":
+        print(systemd_unit.install(paths.root / "etc/systemd/system"))
+        return 0
+    if command == "restart":
+        daemon_control.stop(paths)
+    config = daemon_control.prepare(paths)
+    if command == "start-no-daemon":
+        return daemon_control.run_foreground(paths, config)
+    return daemon_control.start_background(paths, config)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    command = args[0] if args else "help"
     try:
-        if command == "monitor" and args[1:] == ["--raw"]:
-            return monitor_raw()
-        if command == "version":
-            print(f"picosnitch {__version__}")
-            return 0
-        if command in ("help", "--help", "-h"):
-            print(USAGE, end="")
-            return 0
+        return run(args)
+    except daemon_control.ControlError as e:
+        print(f"picosnitch: {e}", file=sys.stderr)
+        return e.status
     except (MonitorError, LibbpfError) as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return 1
-    print(f"picosnitch: unknown command {' '.join(args)!r}\n{USAGE}", file=sys.stderr, end="")
-    return 2

@@ -81,6 +81,13 @@ def _check_privileges() -> None:
                            "missing): picosnitch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
 
 
+def preflight() -> None:
+    """Raises MonitorError when the monitor cannot run at all here (checked before forking)."""
+    _check_privileges()
+    default_object_path()
+    libbpf.lib()
+
+
 class KernelMonitor:
     def __init__(self, object_path: Optional[str] = None, ring_pages: int = 256, flow_entries: int = 65536,
                  cgroup_root: Optional[str] = None, libc: Optional[str] = None, byte_hooks: str = "auto"):
@@ -239,18 +246,17 @@ class KernelMonitor:
                 self._losses_seen[i] = value.value
         return reports
 
-    def run(self, deliver: Callable[[Record], None], should_stop: Callable[[], bool]) -> None:
-        """Delivers records until should_stop() is true, then everything still pending."""
+    def run(self, deliver: Callable[[List[Record]], None], should_stop: Callable[[], bool]) -> None:
+        """Delivers records in batches until should_stop() is true, then everything still pending."""
         next_drain = time.monotonic() + DRAIN_INTERVAL
         while not should_stop():
-            for record in self.poll(max(next_drain - time.monotonic(), 0)):
-                deliver(record)
+            batch = self.poll(max(next_drain - time.monotonic(), 0))
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
-                for record in [*self.drain(), *self.losses()]:
-                    deliver(record)
-        for record in [*self.poll(0), *self.drain_all(), *self.losses()]:
-            deliver(record)
+                batch += self.drain() + self.losses()
+            if batch:
+                deliver(batch)
+        deliver(self.poll(0) + self.drain_all() + self.losses())
 
     def close(self) -> None:
         if self.ring:

@@ -78,7 +78,7 @@ struct task_struct {
 
 struct linux_binprm {
 	struct file *file;
-	const char *filename;
+	const char *interp;  /* the file actually executed: the interpreter, for scripts */
 };
 
 #pragma clang attribute pop

@@ -434,7 +434,7 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->exe_dev = inode->i_sb->s_dev;
 	e->_pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->filename);
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->interp);
 
 	start = p->mm->arg_start;
 	len = p->mm->arg_end - start;

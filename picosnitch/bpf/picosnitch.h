@@ -77,7 +77,7 @@ struct exec_event {
 	__u32 args_truncated;
 	__u32 _pad;
 	char comm[PS_COMM_MAX];
-	char filename[PS_FILENAME_MAX];
+	char filename[PS_FILENAME_MAX];  /* path of the executed file (the interpreter, for scripts) */
 	char args[PS_ARGS_MAX];
 };
 

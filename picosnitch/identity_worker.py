@@ -1,0 +1,53 @@
+"""The identity process: kernel records in, Connections out to the writer, news to the keeper."""
+
+import signal
+import time
+from multiprocessing.connection import wait
+
+from picosnitch.fanotify_watch import ExecutableWatcher, FanotifyUnavailable
+from picosnitch.identity import IdentityResolver
+from picosnitch.messages import ErrorReport, Stop
+
+EXPIRE_EVERY = 30.0
+
+
+def window_start(now: float, limit: int) -> int:
+    """The write window a moment falls in: windows are `limit` seconds, aligned to the epoch."""
+    return int(now // limit * limit)
+
+
+def run(config, from_monitor, to_writer, to_keeper) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
+    watcher = None
+    try:
+        watcher = ExecutableWatcher()
+    except FanotifyUnavailable as e:
+        to_keeper.send(ErrorReport(f"changes to executables will not be noticed: {e}"))
+    resolver = IdentityResolver(config, to_keeper.send, watcher.watch if watcher else None)
+    resolver.table.scan()
+    limit = config["DB write limit (seconds)"]
+    next_expiry = time.monotonic() + EXPIRE_EVERY
+    sources = [from_monitor] + ([watcher] if watcher else [])
+    try:
+        while True:
+            for source in wait(sources, timeout=EXPIRE_EVERY):
+                if source is watcher:
+                    for path in watcher.read_changes():
+                        resolver.rehash(path)
+                    continue
+                batch = from_monitor.recv()
+                if isinstance(batch, Stop):
+                    to_writer.send(Stop("identity"))
+                    to_keeper.send(Stop("identity"))
+                    return 0
+                ts = window_start(time.time(), limit)
+                connections = [c for record in batch for c in resolver.handle(record, ts)]
+                if connections:
+                    to_writer.send(connections)
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRE_EVERY
+                resolver.expire()
+    finally:
+        if watcher:
+            watcher.close()

@@ -1,0 +1,30 @@
+"""The messages workers send each other over their pipes, besides kernel records and Connections."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The sender has sent everything it will: finish, pass Stop on, exit."""
+
+    sender: str
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """One line for error.log; reports with the same key are counted rather than repeated."""
+
+    message: str
+    key: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """An identity seen talking (or executing): the record keeper decides what is new about it."""
+
+    exe: str
+    name: str
+    sha256: str
+    parent_exe: str
+    parent_name: str

@@ -1,0 +1,89 @@
+"""The writer process: Connections in, one transaction per write window into snitch.db and conn.log."""
+
+import signal
+import time
+from multiprocessing.connection import wait
+from typing import Dict
+
+from picosnitch.conn_log import ConnLog
+from picosnitch.messages import ErrorReport, Stop
+from picosnitch.sqlite_store import SqliteWriter, close_db, open_db
+
+PRUNE_EVERY = 86400.0
+
+
+class Destinations:
+    """snitch.db and conn.log, each optional; a failing one is reported and the other goes on."""
+
+    def __init__(self, config, paths, report):
+        self.report = report
+        self.retention = config["DB retention (days)"]
+        self.db = self.sqlite = self.text = None
+        if config["DB sql log"]:
+            self.db, problem = open_db(str(paths.db))
+            if problem:
+                report(ErrorReport(problem))
+            self.sqlite = SqliteWriter(self.db)
+            self.prune()
+        if config["DB text log"]:
+            self.text = ConnLog(str(paths.conn_log))
+
+    def write(self, connections) -> None:
+        for name, dest in (("snitch.db", self.sqlite), ("conn.log", self.text)):
+            if dest is None:
+                continue
+            try:
+                dest.write(connections)
+            except Exception as e:  # noqa: BLE001 - any failure of one destination is reported, not fatal
+                self.report(ErrorReport(f"writing {len(connections)} rows to {name} failed: {e}", "write:" + name))
+
+    def prune(self) -> None:
+        if self.sqlite and self.retention:
+            try:
+                self.sqlite.prune(self.retention)
+            except Exception as e:  # noqa: BLE001
+                self.report(ErrorReport(f"pruning snitch.db failed: {e}", "prune"))
+
+    def close(self) -> None:
+        if self.db:
+            close_db(self.db)
+        if self.text:
+            self.text.close()
+
+
+def run(config, paths, from_identity, to_keeper) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after writing what is pending
+    limit = config["DB write limit (seconds)"]
+    destinations = Destinations(config, paths, to_keeper.send)
+    pending: Dict[tuple, object] = {}
+    next_write = time.monotonic() + limit
+    next_prune = time.monotonic() + PRUNE_EVERY
+
+    def flush():
+        if pending:
+            destinations.write(list(pending.values()))
+            pending.clear()
+
+    try:
+        while True:
+            if wait([from_identity], timeout=max(next_write - time.monotonic(), 0)):
+                message = from_identity.recv()
+                if isinstance(message, Stop):
+                    flush()
+                    return 0
+                for c in message:
+                    same = pending.get(c.key())
+                    if same is None:
+                        pending[c.key()] = c
+                    else:
+                        same.add(c)
+            if time.monotonic() >= next_write:
+                next_write = time.monotonic() + limit
+                flush()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_EVERY
+                destinations.prune()
+    finally:
+        destinations.close()
+        to_keeper.send(Stop("writer"))
