@@ -87,9 +87,7 @@ class ProcessTable:
             if old:
                 history = dict(old.history)
                 history[(old.image.dev, old.image.ino)] = old.image
-            exe = event.filename
-            if not exe.startswith("/"):  # a relative execve path: resolve it while we can
-                exe = self._live_exe(event.tgid) or exe
+            exe = self._canonical_exe(event)
             name = event.comm
             image = Image(exe, event.exe_dev, event.exe_ino, name, event.argv, not event.argv_truncated)
             self.processes[event.tgid] = Process(event.tgid, event.ppid, image, history)
@@ -150,8 +148,14 @@ class ProcessTable:
         for tgid in [t for t, p in self.processes.items() if p.exited and now - p.exited > EXITED_KEEP_SECONDS]:
             del self.processes[tgid]
 
-    def _live_exe(self, tgid: int) -> Optional[str]:
+    def _canonical_exe(self, event: Exec) -> str:
+        """The executable's real path, as /proc/PID/exe shows it: execve's path may be relative or
+        a symlink (/usr/bin/python3), and one executable must have one name."""
         try:
-            return os.readlink(f"{self.proc}/{tgid}/exe")
+            live = os.readlink(f"{self.proc}/{event.tgid}/exe")
+            st = os.stat(f"{self.proc}/{event.tgid}/exe")
+            if (st.st_dev, st.st_ino) == (event.exe_dev, event.exe_ino):
+                return live
         except OSError:
-            return None
+            pass  # already gone (or exec'd again): resolve the path it was started by
+        return os.path.realpath(event.filename) if event.filename.startswith("/") else event.filename

@@ -1,0 +1,111 @@
+"""Runs the real daemon (`picosnitch start-no-daemon`) under a private PICOSNITCH_PREFIX."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from picosnitch.paths import Paths
+from picosnitch.sqlite_store import decode_text
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Daemon:
+    """A daemon in its own prefix. `settings` override config.json keys (write limit 1 s by default)."""
+
+    def __init__(self, prefix: Path, **settings):
+        self.prefix = Path(prefix)
+        self.paths = Paths.under(self.prefix)
+        self.settings = {"DB write limit (seconds)": 1, **settings}
+        self.proc = None
+
+    def env(self) -> dict:
+        return dict(os.environ, PICOSNITCH_PREFIX=str(self.prefix), PYTHONPATH=str(REPO))
+
+    def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        """Runs `picosnitch ARGS` against this prefix."""
+        return subprocess.run([sys.executable, "-m", "picosnitch", *args], capture_output=True, text=True,
+                              env=self.env(), timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def write_config(self) -> None:
+        self.paths.config.parent.mkdir(parents=True, exist_ok=True)
+        config = json.loads(self.paths.config.read_text()) if self.paths.config.exists() else {}
+        config.update(self.settings)
+        self.paths.config.write_text(json.dumps(config, indent=2))
+
+    def start(self) -> "Daemon":
+        """Starts in the foreground (in its own process group) and waits until the BPF programs are attached."""
+        self.write_config()
+        self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "start-no-daemon"], env=self.env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("daemon did not become ready")
+
+    def ready(self) -> bool:
+        """True once every worker runs and the monitor has attached (a monitor process exists and
+        the supervisor wrote its pid file)."""
+        if not self.paths.pid_file.exists():
+            return False
+        children = subprocess.run(["pgrep", "-f", "-g", str(self.proc.pid), "picosnitch"], capture_output=True,
+                                  text=True).stdout.split()
+        return len(children) >= 5 and self._monitor_attached()
+
+    def _monitor_attached(self) -> bool:
+        # The monitor's BPF links show up as bpf-link fds in its /proc/PID/fd.
+        for pid in subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf_link":
+                        return True
+                except OSError:
+                    pass
+        return False
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as systemd would; waits for a clean exit and returns the status."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def kill_group(self) -> None:
+        """kill -9 of the whole process group: no chance to clean up."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def rows(self, where: str = "1", params=()) -> list:
+        """Rows of the connections view as dicts."""
+        conn = sqlite3.connect(f"file:{self.paths.db}?mode=ro", uri=True)
+        conn.text_factory = decode_text
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(f"SELECT * FROM connections WHERE {where}", params)]
+        finally:
+            conn.close()
+
+    def error_log(self) -> str:
+        return self.paths.error_log.read_text(errors="surrogateescape") if self.paths.error_log.exists() else ""
+
+    def __enter__(self) -> "Daemon":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.stop()
