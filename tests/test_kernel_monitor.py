@@ -242,6 +242,22 @@ def test_a_tiny_ring_buffer_under_an_exec_storm_reports_its_losses():
     assert len(execs) + losses["ringbuf_exec"] >= 200
 
 
+def test_a_full_flow_map_reports_the_flows_and_bytes_it_dropped():
+    monitor = KernelMonitor(flow_entries=2)
+    try:
+        monitor.start()
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(20)]
+        for s in senders:  # 20 distinct flows (local ports) in a map with room for 2
+            s.sendto(b"z" * 100, receiver.getsockname())
+        losses = {loss.what: loss.count for loss in monitor.losses()}
+    finally:
+        monitor.close()
+    assert losses["flow_map_full"] >= 10
+    assert losses["flow_map_bytes"] >= 100 * 10
+
+
 def test_a_hook_the_kernel_refuses_leaves_the_rest_working():
     # This kernel has no BPF trampolines, so the fexit fallback for byte counting is refused.
     monitor = KernelMonitor(byte_hooks="fallback")
