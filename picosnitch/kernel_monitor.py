@@ -32,6 +32,8 @@ HOOK_GROUPS = {
     "fork": (("sched_process_fork",), "parents of processes that fork without exec may be unknown"),
     "exit": (("sched_process_exit",), "process exits will be noticed late"),
     "dns": (("getaddrinfo_enter", "getaddrinfo_exit"), "domain names will not be recorded"),
+    "socket_counters": (("sock_release", "flush_sockets"),
+                        "bytes are added to the flow map on every send and receive, which costs more"),
 }
 GROUP_OF = {prog: group for group, (progs, _) in HOOK_GROUPS.items() for prog in progs}
 
@@ -102,6 +104,7 @@ class KernelMonitor:
         self.obj: Optional[libbpf.BpfObject] = None
         self.ring: Optional[libbpf.RingBuffer] = None
         self.degraded: List[Degraded] = []
+        self.socket_flush: Optional[libbpf.MapIterator] = None
         self.load_seconds = 0.0
         self._slot = 0
         self._pending: List[Record] = []
@@ -129,6 +132,8 @@ class KernelMonitor:
                         disabled.setdefault(other, f"the kernel refused {prog}: {_reason(str(e), prog)}")
         self._attach(disabled)
         self._report_disabled(disabled)
+        if not any(p in disabled for p in HOOK_GROUPS["socket_counters"][0]):
+            self.obj.map(".data.counters_on").update(ctypes.c_uint32(0), ctypes.c_uint32(1))
         self.ring = libbpf.RingBuffer(self.obj.map("events"), self._on_event)
         self.load_seconds = time.monotonic() - begin
         return list(self.degraded)
@@ -181,6 +186,9 @@ class KernelMonitor:
                         if cgroup_fd < 0:
                             cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
                         self.obj.keep_link(prog.attach_cgroup(cgroup_fd))
+                    elif kind == "iter":
+                        self.socket_flush = libbpf.attach_map_iterator(prog, self.obj.map("sock_states"))
+                        self.obj.keep_link(self.socket_flush.link)
                     elif kind in ("uprobe", "uretprobe"):
                         if libc is None:
                             raise libbpf.LibbpfError("the C library could not be found")
@@ -221,7 +229,10 @@ class KernelMonitor:
         """Flow totals since the previous drain but one; switches the kernel to the drained map.
 
         The map drained here stopped receiving updates at the previous call, so no increment can
-        race with reading and deleting it."""
+        race with reading and deleting it. Bytes waiting in sockets' counters are first moved
+        into the active map, to be drained next time."""
+        if self.socket_flush:
+            self.socket_flush.run()
         flows_map = self.obj.map("flows_1" if self._slot == 0 else "flows_0")
         flows = [Flow.from_c(k, v) for k, v in flows_map.pop_all(FlowKey, FlowValue)]
         self._slot ^= 1

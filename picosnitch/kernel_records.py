@@ -23,7 +23,7 @@ LOSS_KINDS = (
     ("ringbuf_other", "fork/exit/DNS events lost (ring buffer full)"),
     ("flow_map_full", "flow records dropped (flow map full)"),
     ("flow_map_bytes", "bytes not attributed because the flow map was full"),
-    ("peer_map_full", "unconnected UDP peers not recorded (map full)"),
+    ("peer_storage", "unconnected UDP peers not recorded (socket storage failed)"),
     ("socket_storage", "TCP sockets whose received bytes could not be tracked"),
 )
 

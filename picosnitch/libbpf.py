@@ -29,6 +29,10 @@ class _UprobeOpts(ctypes.Structure):
                 ("retprobe", ctypes.c_bool), ("func_name", c_char_p)]
 
 
+class _IterAttachOpts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("link_info", c_void_p), ("link_info_len", c_uint32)]
+
+
 class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
@@ -89,6 +93,9 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_program__attach_uprobe_opts": (c_void_p, [c_void_p, c_int, c_char_p, c_size_t,
                                                        ctypes.POINTER(_UprobeOpts)]),
         "bpf_link__destroy": (c_int, [c_void_p]),
+        "bpf_link__fd": (c_int, [c_void_p]),
+        "bpf_program__attach_iter": (c_void_p, [c_void_p, ctypes.POINTER(_IterAttachOpts)]),
+        "bpf_iter_create": (c_int, [c_int]),
         "bpf_map__fd": (c_int, [c_void_p]),
         "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
         "bpf_map__initial_value": (c_void_p, [c_void_p, ctypes.POINTER(c_size_t)]),
@@ -177,6 +184,22 @@ class Program:
                                                                ctypes.byref(opts)))
 
 
+class MapIterator:
+    """A BPF iterator over one map's elements; run() executes the program once over all of them."""
+
+    def __init__(self, link: int, name: str):
+        self.link = link
+        self.name = name
+
+    def run(self) -> None:
+        fd = _call_int(f"starting iterator {self.name}", lib().bpf_iter_create(lib().bpf_link__fd(self.link)))
+        try:
+            while os.read(fd, 4096):
+                pass
+        finally:
+            os.close(fd)
+
+
 class Map:
     """A BPF map of a loaded object, addressed by fd, with fixed-size ctypes keys and values."""
 
@@ -223,6 +246,16 @@ class Map:
             if err == errno.ENOENT:
                 return
             in_batch = ctypes.byref(token)
+
+
+def attach_map_iterator(prog: "Program", target: "Map") -> MapIterator:
+    """Attaches an iter/ program to the elements of `target` (union bpf_iter_link_info.map)."""
+    map_fd = c_uint32(target.fd)
+    opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts), link_info=ctypes.addressof(map_fd),
+                           link_info_len=ctypes.sizeof(map_fd))
+    link = _call_ptr(f"attaching {prog.name} to map {target.name}",
+                     lib().bpf_program__attach_iter(prog.ptr, ctypes.byref(opts)))
+    return MapIterator(link, prog.name)
 
 
 class BpfObject:

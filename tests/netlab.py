@@ -6,14 +6,20 @@ generators' own processes are the only ones on the host side of the conversation
 """
 
 import ctypes
+import ipaddress
 import os
 import socket
 import subprocess
 import threading
 from typing import Callable, List
 
-HOST4, PEER4 = "10.231.0.1", "10.231.0.2"
-HOST6, PEER6 = "fd00:5e:1::1", "fd00:5e:1::2"
+# A /30 and a /64 of their own per test session, so that sessions running side by side (several
+# developers on one machine) do not route into each other's namespace.
+_SESSION = os.getpid() % 65536
+_BASE4 = ipaddress.ip_address("10.232.0.0") + 4 * _SESSION  # within 10.232.0.0/14
+SUBNET4 = f"{_BASE4}/30"
+HOST4, PEER4 = str(_BASE4 + 1), str(_BASE4 + 2)
+HOST6, PEER6 = f"fd00:5e:{_SESSION:x}::1", f"fd00:5e:{_SESSION:x}::2"
 CLONE_NEWNET = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)

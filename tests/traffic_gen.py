@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 import tempfile
+import time
 
 CHUNK = 65536
 
@@ -38,6 +39,16 @@ def tcp(host, port, size):
     s.sendall(b"u" * int(size))
     s.shutdown(socket.SHUT_WR)
     return {"sent": int(size), "recv": read_to_eof(s)}
+
+
+def tcp_late_read(host, port, size, delay):
+    """As `tcp`, but reads only `delay` seconds after half-closing, when the peer has long sent
+    everything and closed: the connection is over before the application reads its last bytes."""
+    s = connect(host, port)
+    s.sendall(b"u" * int(size))
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(float(delay))
+    return {"sent": int(size), "recv": read_to_eof(s), "lport": s.getsockname()[1]}
 
 
 def udp_connected(host, port, count, size):
@@ -151,11 +162,35 @@ def fork_inherit(host, port, parent_size, child_size):
     return {"sent": int(parent_size), "recv": 0, "child": pid, "child_sent": int(child_size)}
 
 
+def resolve_tcp(name, family, port, size):
+    """getaddrinfo(name) for IPv`family` (4 or 6), then `tcp` to the first address it returns."""
+    af = socket.AF_INET6 if family == "6" else socket.AF_INET
+    address = socket.getaddrinfo(name, int(port), af, socket.SOCK_STREAM)[0][4][0]
+    return {**tcp(address, port, size), "address": address}
+
+
 SCENARIOS = {
     "tcp": tcp, "udp-connected": udp_connected, "udp-unconnected": udp_unconnected, "sendfile": sendfile,
     "splice": splice, "ping": ping, "raw": raw, "packet-send": packet_send, "packet-recv": packet_recv,
-    "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit,
+    "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit, "resolve-tcp": resolve_tcp,
+    "tcp-late-read": tcp_late_read,
 }
 
+
+def main(argv):
+    """`SCENARIO ARGS... [-- IGNORED...]`: arguments after `--` only make the command line longer
+    or stranger. `gated SCENARIO ARGS...` prints "ready", waits for a line on stdin before running
+    the scenario, and after printing its result waits for stdin to close before exiting."""
+    gated = argv[0] == "gated"
+    if gated:
+        argv = argv[1:]
+        print("ready", flush=True)
+        sys.stdin.readline()
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    print(json.dumps(SCENARIOS[argv[0]](*args)), flush=True)
+    if gated:
+        sys.stdin.read()
+
+
 if __name__ == "__main__":
-    print(json.dumps(SCENARIOS[sys.argv[1]](*sys.argv[2:])), flush=True)
+    main(sys.argv[1:])

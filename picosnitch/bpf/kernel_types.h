@@ -52,7 +52,16 @@ struct tcp_sock {
 
 struct socket { struct sock *sk; };
 
-struct packet_sock { __be16 num; };  /* AF_PACKET: the ethertype it was opened or bound for */
+struct packet_sock { __be16 num; };
+
+struct bpf_iter_meta;
+struct bpf_map;
+struct bpf_iter__bpf_sk_storage_map {
+	struct bpf_iter_meta *meta;
+	struct bpf_map *map;
+	struct sock *sk;
+	void *value;
+};  /* AF_PACKET: the ethertype it was opened or bound for */
 
 struct super_block { u32 s_dev; };
 struct inode { unsigned long i_ino; struct super_block *i_sb; };

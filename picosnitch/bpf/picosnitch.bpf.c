@@ -22,7 +22,11 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define AF_UNIX 1
+#define AF_KEY 15
+#define AF_NETLINK 16
 #define AF_PACKET 17
+#define AF_ALG 38
 #define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
@@ -70,35 +74,51 @@ struct {
 	__uint(max_entries, 256 * 4096);
 } events SEC(".maps");
 
-/* Peer of the datagram a thread is sending or receiving on an unconnected UDP socket, left by
- * the cgroup hook and taken by the sock tracepoint that fires later in the same syscall. */
+/* Peer of the datagram a thread is sending or receiving on an unconnected UDP socket, left in the
+ * socket's state by the cgroup hook and taken by the sock tracepoint that fires later in the same
+ * syscall. `owner` (pid_tgid) pairs the two: if another thread's hook overwrote it in between,
+ * the datagram is still counted, without its peer, rather than charged to a wrong one. */
 struct peer {
+	__u64 owner;
 	__u16 family;
 	__u16 port;
 	__u8 addr[16];
 };
 
-#define PEER_MAP(name)                                  \
-	struct {                                        \
-		__uint(type, BPF_MAP_TYPE_HASH);        \
-		__uint(max_entries, 16384);             \
-		__type(key, __u64);                     \
-		__type(value, struct peer);             \
-	} name SEC(".maps")
-PEER_MAP(send_peers);
-PEER_MAP(recv_peers);
+/* The counters of one process on one socket. Sends and receives add to `pending` with a few
+ * cheap checks instead of a flow map lookup; pending bytes move into the flow map when user
+ * space runs the flush_sockets iterator (every drain), when the socket is released, and when
+ * the key no longer describes the traffic (exec, new parent, new uid, new endpoint). */
+struct owner_slot {
+	__u32 tgid;      /* 0: free; claimed with compare-and-swap */
+	__u32 _pad;
+	__u64 exe_file;  /* task->mm->exe_file when the key was made */
+	__u64 parent;    /* task->real_parent when the key was made */
+	struct flow_key key;
+	struct flow_value pending;
+};
 
-/* Per TCP socket: the copied_seq up to which received bytes have been counted. */
-struct tcp_rx {
-	__u32 counted_seq;
+#define OWNER_SLOTS 2  /* processes sharing a socket beyond this use the flow map directly */
+
+struct sock_state {
+	__u32 counted_seq;  /* TCP: copied_seq up to which received bytes have been counted */
+	__u16 seq_known;
+	__u16 lport;        /* the local port, kept: the kernel zeroes it when a TCP socket closes */
+	struct peer send_peer;
+	struct peer recv_peer;
+	struct owner_slot slots[OWNER_SLOTS];
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct tcp_rx);
-} tcp_rx_state SEC(".maps");
+	__type(value, struct sock_state);
+} sock_states SEC(".maps");
+
+/* Set by user space once flush_sockets and sock_release are attached: only then may bytes wait
+ * in a socket's state without being lost when it closes. */
+volatile __u32 socket_counters_on SEC(".data.counters_on") = 0;
 
 struct gai_call {
 	__u64 node;  /* const char * in the caller */
@@ -126,7 +146,8 @@ static __always_inline void *active_flows(void)
 	return slot && *slot ? (void *)&flows_1 : (void *)&flows_0;
 }
 
-static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk, const struct peer *peer)
+static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk, struct sock_state *st,
+					  const struct peer *peer)
 {
 	struct sock_common *c = &sk->__sk_common;
 	__u16 type = sk->sk_type;
@@ -150,6 +171,10 @@ static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk,
 	/* Raw sockets keep the protocol number in skc_num and ICMP sockets an echo id: no ports. */
 	if (type != SOCK_RAW && key->protocol != IPPROTO_ICMP && key->protocol != IPPROTO_ICMPV6) {
 		key->lport = c->skc_num;
+		if (st && !key->lport)  /* closed, with data still to read */
+			key->lport = st->lport;
+		else if (st && st->lport != key->lport)
+			st->lport = key->lport;
 		key->rport = bpf_ntohs(c->skc_dport);
 	}
 	if (peer && peer->family == key->family) {
@@ -158,44 +183,162 @@ static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk,
 	}
 }
 
-/* Adds bytes to the flow of the current task on socket sk. */
-static __always_inline void account(struct sock *sk, const struct peer *peer, __u64 bytes, bool sent)
+static __always_inline void add_to_flow(const struct flow_key *key, const struct flow_value *add)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct inode *exe = task->mm->exe_file->f_inode;
-	struct flow_key key;
-	struct flow_value *v;
 	void *flows = active_flows();
+	struct flow_value *v = bpf_map_lookup_elem(flows, key);
 
-	__builtin_memset(&key, 0, sizeof(key));
-	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	key.ppid = task->real_parent->tgid;
-	key.uid = (__u32)bpf_get_current_uid_gid();
-	key.exe_ino = exe->i_ino;
-	key.exe_dev = exe->i_sb->s_dev;
-	fill_endpoint(&key, sk, peer);
-
-	v = bpf_map_lookup_elem(flows, &key);
 	if (!v) {
-		struct flow_value zero = {};
-		long err = bpf_map_update_elem(flows, &key, &zero, BPF_NOEXIST);
+		long err = bpf_map_update_elem(flows, key, add, BPF_NOEXIST);
 
-		if (err && err != -EEXIST) {
+		if (!err)
+			return;
+		if (err != -EEXIST || !(v = bpf_map_lookup_elem(flows, key))) {
 			count_loss(LOSS_FLOW_MAP_FULL, 1);
-			count_loss(LOSS_FLOW_MAP_BYTES, bytes);
+			count_loss(LOSS_FLOW_MAP_BYTES, add->bytes_sent + add->bytes_recv);
 			return;
 		}
-		v = bpf_map_lookup_elem(flows, &key);
-		if (!v)
-			return;
+	}
+	__sync_fetch_and_add(&v->bytes_sent, add->bytes_sent);
+	__sync_fetch_and_add(&v->bytes_recv, add->bytes_recv);
+	__sync_fetch_and_add(&v->packets_sent, add->packets_sent);
+	__sync_fetch_and_add(&v->packets_recv, add->packets_recv);
+}
+
+static __always_inline void fill_key(struct flow_key *key, struct task_struct *task, struct sock *sk,
+				     struct sock_state *st, const struct peer *peer)
+{
+	struct inode *exe = task->mm->exe_file->f_inode;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	key->tgid = task->tgid;
+	key->ppid = task->real_parent->tgid;
+	key->uid = (__u32)bpf_get_current_uid_gid();
+	key->exe_ino = exe->i_ino;
+	key->exe_dev = exe->i_sb->s_dev;
+	fill_endpoint(key, sk, st, peer);
+}
+
+/* Moves a slot's pending counters into the flow map (atomically: adds may run meanwhile). */
+static __always_inline void flush_slot(struct owner_slot *slot)
+{
+	struct flow_value moved;
+
+	moved.bytes_sent = __sync_lock_test_and_set(&slot->pending.bytes_sent, 0);
+	moved.bytes_recv = __sync_lock_test_and_set(&slot->pending.bytes_recv, 0);
+	moved.packets_sent = __sync_lock_test_and_set(&slot->pending.packets_sent, 0);
+	moved.packets_recv = __sync_lock_test_and_set(&slot->pending.packets_recv, 0);
+	if (moved.packets_sent || moved.packets_recv)
+		add_to_flow(&slot->key, &moved);
+}
+
+static __always_inline void flush_state(struct sock_state *st)
+{
+	flush_slot(&st->slots[0]);
+	flush_slot(&st->slots[1]);
+}
+
+/* This process's slot in the socket state, claiming a free one if needed (NULL: none left). */
+static __always_inline struct owner_slot *slot_of(struct sock_state *st, __u32 tgid)
+{
+	for (int i = 0; i < OWNER_SLOTS; i++) {
+		struct owner_slot *slot = &st->slots[i];
+
+		if (slot->tgid == tgid || (slot->tgid == 0 && __sync_val_compare_and_swap(&slot->tgid, 0, tgid) == 0))
+			return slot;
+	}
+	return NULL;
+}
+
+static __always_inline bool same16(const void *a, const void *b)
+{
+	const __u32 *x = a, *y = b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* Whether the slot's key still describes traffic of this task on this socket. */
+static __always_inline bool key_current(const struct owner_slot *slot, struct task_struct *task, struct sock *sk,
+					const struct peer *peer)
+{
+	const struct flow_key *key = &slot->key;
+	struct sock_common *c = &sk->__sk_common;
+	__u32 raddr4 = c->skc_daddr;
+
+	if (slot->exe_file != (__u64)task->mm->exe_file || slot->parent != (__u64)task->real_parent ||
+	    key->uid != (__u32)bpf_get_current_uid_gid())
+		return false;
+	if (peer)
+		return key->rport == peer->port && same16(key->raddr, peer->addr);
+	if (key->family == AF_INET6) {
+		struct in6_addr_k laddr = c->skc_v6_rcv_saddr, raddr = c->skc_v6_daddr;
+
+		if (!same16(key->laddr, &laddr) || !same16(key->raddr, &raddr))
+			return false;
+	} else if (*(__u32 *)key->laddr != c->skc_rcv_saddr || *(__u32 *)key->raddr != raddr4) {
+		return false;
+	}
+	/* A port of 0 in the socket: closed, and the key made while it was open still holds. */
+	return key->lport == 0 || c->skc_num == 0 ||
+	       (key->lport == c->skc_num && key->rport == bpf_ntohs(c->skc_dport));
+}
+
+static __always_inline bool local_only_family(__u16 family)
+{
+	return family == AF_UNIX || family == AF_NETLINK || family == AF_KEY || family == AF_ALG;
+}
+
+/* Adds bytes to the flow of the current task on socket sk. */
+static __always_inline void account(struct sock *sk, struct sock_state *st, const struct peer *peer, __u64 bytes,
+				    bool sent)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct owner_slot *slot = NULL;
+
+	if (st && socket_counters_on)
+		slot = slot_of(st, task->tgid);
+	if (!slot) {
+		struct flow_value add = {};
+		struct flow_key key;
+
+		if (sent) {
+			add.bytes_sent = bytes;
+			add.packets_sent = 1;
+		} else {
+			add.bytes_recv = bytes;
+			add.packets_recv = 1;
+		}
+		fill_key(&key, task, sk, st, peer);
+		add_to_flow(&key, &add);
+		return;
+	}
+	if (!key_current(slot, task, sk, peer)) {
+		flush_slot(slot);
+		slot->exe_file = (__u64)task->mm->exe_file;
+		slot->parent = (__u64)task->real_parent;
+		fill_key(&slot->key, task, sk, st, peer);
 	}
 	if (sent) {
-		__sync_fetch_and_add(&v->bytes_sent, bytes);
-		__sync_fetch_and_add(&v->packets_sent, 1);
+		__sync_fetch_and_add(&slot->pending.bytes_sent, bytes);
+		__sync_fetch_and_add(&slot->pending.packets_sent, 1);
 	} else {
-		__sync_fetch_and_add(&v->bytes_recv, bytes);
-		__sync_fetch_and_add(&v->packets_recv, 1);
+		__sync_fetch_and_add(&slot->pending.bytes_recv, bytes);
+		__sync_fetch_and_add(&slot->pending.packets_recv, 1);
 	}
+}
+
+/* The state of an IP socket (created on first use), or NULL for other families. */
+static __always_inline struct sock_state *state_of(struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	struct sock_state *st;
+
+	if (family != AF_INET && family != AF_INET6)
+		return NULL;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		count_loss(LOSS_SOCKET_STORAGE, 1);
+	return st;
 }
 
 static __always_inline bool is_udp(struct sock *sk)
@@ -215,37 +358,30 @@ static __always_inline bool is_tcp(struct sock *sk)
 }
 
 /* Takes the peer a cgroup hook left for this thread, if any, into *out. */
-static __always_inline bool take_peer(void *map, struct peer *out)
+static __always_inline bool take_peer(struct peer *p, struct peer *out)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct peer *p = bpf_map_lookup_elem(map, &id);
-
-	if (!p)
+	if (p->owner != bpf_get_current_pid_tgid())
 		return false;
 	*out = *p;
-	bpf_map_delete_elem(map, &id);
+	p->owner = 0;
 	return true;
 }
 
 static __always_inline void on_send(struct sock *sk, int ret)
 {
-	struct peer peer;
-	bool has_peer = is_udp(sk) && take_peer(&send_peers, &peer);
+	struct sock_state *st = state_of(sk);
+	struct peer peer = {};
+	bool has_peer = st && is_udp(sk) && take_peer(&st->send_peer, &peer);
 
-	if (ret > 0)
-		account(sk, has_peer ? &peer : NULL, ret, true);
+	if (ret > 0 && !local_only_family(sk->__sk_common.skc_family))
+		account(sk, st, has_peer ? &peer : NULL, ret, true);
 }
 
 /* TCP data consumed so far, as a sequence number: copied_seq, less the FIN once read. */
-static __always_inline __u32 tcp_consumed_seq(struct sock *sk)
+static __always_inline __u32 tcp_consumed_seq(struct sock *sk, struct tcp_sock *tp)
 {
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	unsigned long flags;
-	__u32 seq;
-
-	if (!tp)
-		return 0;
-	seq = tp->copied_seq;
+	__u32 seq = tp->copied_seq;
 
 	if (bpf_core_field_exists(sk->__sk_common.skc_flags))
 		flags = sk->__sk_common.skc_flags;
@@ -258,38 +394,39 @@ static __always_inline __u32 tcp_consumed_seq(struct sock *sk)
 
 /* Counts the TCP bytes the current task consumed since the last count on this socket. A socket
  * first seen here (opened before the monitor started) only sets the baseline. */
-static __always_inline void tcp_count_consumed(struct sock *sk)
+static __always_inline void tcp_count_consumed(struct sock *sk, struct sock_state *st)
 {
-	struct tcp_rx *rx = bpf_sk_storage_get(&tcp_rx_state, sk, 0, 0);
-	__u32 seq = tcp_consumed_seq(sk);
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	__u32 seq;
 	__s32 delta;
 
-	if (!rx) {
-		rx = bpf_sk_storage_get(&tcp_rx_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!rx)
-			count_loss(LOSS_SOCKET_STORAGE, 1);
-		else
-			rx->counted_seq = seq;
+	if (!tp || !st)
+		return;
+	seq = tcp_consumed_seq(sk, tp);
+	if (!st->seq_known) {
+		st->counted_seq = seq;
+		st->seq_known = 1;
 		return;
 	}
-	delta = (__s32)(seq - rx->counted_seq);
+	delta = (__s32)(seq - st->counted_seq);
 	if (delta <= 0)
 		return;
-	rx->counted_seq = seq;
-	account(sk, NULL, delta, false);
+	st->counted_seq = seq;
+	account(sk, st, NULL, delta, false);
 }
 
 static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 {
-	struct peer peer;
-	bool has_peer = is_udp(sk) && take_peer(&recv_peers, &peer);
+	struct sock_state *st = state_of(sk);
+	struct peer peer = {};
+	bool has_peer = st && is_udp(sk) && take_peer(&st->recv_peer, &peer);
 
-	if (flags & MSG_PEEK)
+	if (flags & MSG_PEEK || local_only_family(sk->__sk_common.skc_family))
 		return;
 	if (cfg.tcp_rx_by_seq && is_tcp(sk))
-		tcp_count_consumed(sk);
+		tcp_count_consumed(sk, st);
 	else if (ret > 0)
-		account(sk, has_peer ? &peer : NULL, ret, false);
+		account(sk, st, has_peer ? &peer : NULL, ret, false);
 }
 
 SEC("tp_btf/sock_send_length")
@@ -310,7 +447,7 @@ int BPF_PROG(sock_recv_length, struct sock *sk, int ret, int flags)
 SEC("tp_btf/tcp_rcv_space_adjust")
 int BPF_PROG(tcp_rcv_space_adjust, struct sock *sk)
 {
-	tcp_count_consumed(sk);
+	tcp_count_consumed(sk, state_of(sk));
 	return 0;
 }
 
@@ -318,15 +455,40 @@ int BPF_PROG(tcp_rcv_space_adjust, struct sock *sk)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(inet_sock_set_state, struct sock *sk, int oldstate, int newstate)
 {
-	struct tcp_rx *rx;
+	struct sock_state *st;
+	struct tcp_sock *tp;
 
 	if (newstate != TCP_ESTABLISHED || !is_tcp(sk))
 		return 0;
-	rx = bpf_sk_storage_get(&tcp_rx_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (rx)
-		rx->counted_seq = tcp_consumed_seq(sk);
-	else
-		count_loss(LOSS_SOCKET_STORAGE, 1);
+	st = state_of(sk);
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (st && tp) {
+		st->counted_seq = tcp_consumed_seq(sk, tp);
+		st->seq_known = 1;
+		st->lport = sk->__sk_common.skc_num;
+	}
+	return 0;
+}
+
+/* A socket is closing: its pending counters go to the flow map before its state is freed. */
+SEC("cgroup/sock_release")
+int sock_release(struct bpf_sock *sk)
+{
+	struct sock_state *st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+
+	if (st)
+		flush_state(st);
+	return 1;
+}
+
+/* Run by user space before every drain: moves every socket's pending counters to the flow map. */
+SEC("iter/bpf_sk_storage_map")
+int flush_sockets(struct bpf_iter__bpf_sk_storage_map *ctx)
+{
+	struct sock_state *st = ctx->value;
+
+	if (st)
+		flush_state(st);
 	return 0;
 }
 
@@ -361,16 +523,24 @@ int BPF_PROG(inet6_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int
 	return 0;
 }
 
-static __always_inline void leave_peer(void *map, __u16 family, __u32 port_be, const __u32 *ip)
+static __always_inline void leave_peer(struct bpf_sock_addr *ctx, bool sending, __u16 family, const __u32 *ip)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct peer p = {};
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_state *st;
+	struct peer *p;
 
-	p.family = family;
-	p.port = bpf_ntohs((__u16)port_be);
-	__builtin_memcpy(p.addr, ip, family == AF_INET ? 4 : 16);
-	if (bpf_map_update_elem(map, &id, &p, BPF_ANY))
-		count_loss(LOSS_PEER_MAP_FULL, 1);
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count_loss(LOSS_PEER_STORAGE, 1);
+		return;
+	}
+	p = sending ? &st->send_peer : &st->recv_peer;
+	p->owner = bpf_get_current_pid_tgid();
+	p->family = family;
+	p->port = bpf_ntohs((__u16)ctx->user_port);
+	__builtin_memcpy(p->addr, ip, 16);
 }
 
 SEC("cgroup/sendmsg4")
@@ -378,7 +548,7 @@ int sendmsg4(struct bpf_sock_addr *ctx)
 {
 	__u32 ip[4] = {ctx->user_ip4};
 
-	leave_peer(&send_peers, AF_INET, ctx->user_port, ip);
+	leave_peer(ctx, true, AF_INET, ip);
 	return 1;
 }
 
@@ -387,7 +557,7 @@ int sendmsg6(struct bpf_sock_addr *ctx)
 {
 	__u32 ip[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
 
-	leave_peer(&send_peers, AF_INET6, ctx->user_port, ip);
+	leave_peer(ctx, true, AF_INET6, ip);
 	return 1;
 }
 
@@ -396,7 +566,7 @@ int recvmsg4(struct bpf_sock_addr *ctx)
 {
 	__u32 ip[4] = {ctx->user_ip4};
 
-	leave_peer(&recv_peers, AF_INET, ctx->user_port, ip);
+	leave_peer(ctx, false, AF_INET, ip);
 	return 1;
 }
 
@@ -405,7 +575,7 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 {
 	__u32 ip[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
 
-	leave_peer(&recv_peers, AF_INET6, ctx->user_port, ip);
+	leave_peer(ctx, false, AF_INET6, ip);
 	return 1;
 }
 
@@ -436,11 +606,13 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->interp);
 
+	/* Up to PS_ARGS_MAX - 1 bytes: a power-of-two mask is what the verifier accepts as a bound. */
 	start = p->mm->arg_start;
 	len = p->mm->arg_end - start;
-	e->args_truncated = len > PS_ARGS_MAX;
-	if (len > PS_ARGS_MAX)
-		len = PS_ARGS_MAX;
+	e->args_truncated = len >= PS_ARGS_MAX;
+	if (len >= PS_ARGS_MAX)
+		len = PS_ARGS_MAX - 1;
+	len &= PS_ARGS_MAX - 1;
 	if (bpf_probe_read_user(e->args, len, (void *)start))
 		len = 0;
 	e->args_len = len;

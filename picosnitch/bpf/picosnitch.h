@@ -43,7 +43,7 @@ enum loss_kind {
 	LOSS_RINGBUF_OTHER,     /* fork/exit/dns events lost: ring buffer full */
 	LOSS_FLOW_MAP_FULL,     /* flow records not stored: flow map full */
 	LOSS_FLOW_MAP_BYTES,    /* bytes carried by those records */
-	LOSS_PEER_MAP_FULL,     /* unconnected-UDP peers not stored: map full */
+	LOSS_PEER_STORAGE,      /* unconnected-UDP peers not stored: socket storage failed */
 	LOSS_SOCKET_STORAGE,    /* TCP receive counts not stored: socket storage failed */
 	LOSS_KINDS,
 };
