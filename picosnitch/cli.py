@@ -28,6 +28,8 @@ commands:
   systemd           install picosnitch.service for systemd
   status            say whether the daemon runs (exit status 3 when not)
   version           print the version and every path in use
+  view              browse the history in snitch.db (terminal UI; no root needed)
+  top               live traffic per executable (terminal UI; root or "Live feed group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
@@ -86,6 +88,12 @@ def run(args: List[str]) -> int:
         return version(paths)
     if command == "status" and len(args) == 1:
         return daemon_control.status(paths)
+    if command == "view" and len(args) == 1:
+        from picosnitch import view_tui  # curses is loaded only for the UIs
+        return view_tui.main(paths)
+    if command == "top" and len(args) == 1:
+        from picosnitch import top_tui
+        return top_tui.main(paths)
     if command == "monitor" and args[1:] == ["--raw"]:
         return monitor_raw()
     if command not in ROOT_COMMANDS or len(args) != 1:
@@ -98,7 +106,7 @@ def run(args: List[str]) -> int:
     if command == "stop":
         return daemon_control.stop(paths)
     if command == "systemd":
-        print(systemd_unit.install(paths.root / "etc/systemd/system"))
+        print(systemd_unit.install(paths.root))
         return 0
     if command == "restart":
         daemon_control.stop(paths)

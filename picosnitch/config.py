@@ -115,25 +115,46 @@ def _ignore_list(value: Any) -> Optional[str]:
     return None
 
 
+def _user_list(value: Any) -> Optional[str]:
+    if not isinstance(value, list):
+        return "must be a list of user names or uids ([] for the logged-in users), not %s" % (
+            _shown(value))
+    for index, item in enumerate(value, 1):
+        if not ((isinstance(item, str) and item) or (_is_int(item) and item >= 0)):
+            return "must list only user names and uids, but item %d is %s" % (index, _shown(item))
+    return None
+
+
+def _http_url(value: Any) -> Optional[str]:
+    if isinstance(value, str) and re.match(r"https?://[^/\s]+", value):
+        return None
+    return "must be an http:// or https:// URL, not %s" % _shown(value)
+
+
 RULES: dict[str, Rule] = {
     "DB retention (days)": Rule(30, _integer(0, " (0 keeps everything)")),
+    "DB sql backlog (MB)": Rule(100, _integer(1)),
     "DB sql log": Rule(True, _boolean),
     "DB sql server": Rule({}, _object),
     "DB text log": Rule(False, _boolean),
     "DB write limit (seconds)": Rule(10, _integer(1)),
     "Dash scroll zoom": Rule(True, _boolean),
     "Dash theme": Rule("", _string),
+    "Desktop notification users": Rule([], _user_list),
     "Desktop notifications": Rule(True, _boolean),
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1)),
+    "GeoIP database": Rule("", _string),
     "GeoIP lookup": Rule(True, _boolean),
     "Log addresses": Rule(True, _boolean),
     "Log commands": Rule(True, _boolean),
     "Log ignore": Rule([], _ignore_list),
+    "Live feed group": Rule("", _string),
     "Log ports": Rule(True, _boolean),
     "Perf ring buffer (pages)": Rule(256, _power_of_two),
     "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1)),
     "Set st_dev mask": Rule(None, _null_or_integer(0)),
+    "VT API URL": Rule("https://www.virustotal.com/api/v3", _http_url),
     "VT API key": Rule("", _string),
     "VT file upload": Rule(False, _boolean),
     "VT request limit (seconds)": Rule(15, _seconds),
@@ -302,9 +323,16 @@ _EXAMPLE = """\
 {
   # Days of history kept in snitch.db; 0 keeps everything.
   "DB retention (days)": 30,
+  # Disk space for rows waiting while the "DB sql server" is unreachable; when it is full the
+  # oldest rows are dropped, counted and reported in error.log.
+  "DB sql backlog (MB)": 100,
   # Record connections in snitch.db.
   "DB sql log": true,
   # A remote PostgreSQL or MariaDB/MySQL server that also receives every connection; {} for none.
+  # "client" is "psycopg" or "pymysql" ("psycopg2", "mariadb" if installed), "table_name" is
+  # optional ("connections"), every other key is a connection parameter: {"client": "psycopg",
+  # "host": "db.example", "dbname": "picosnitch", "user": "snitch", "password": "...",
+  # "sslmode": "verify-full"}
   "DB sql server": {},
   # Also append every connection to conn.log as a comma-separated line.
   "DB text log": false,
@@ -314,12 +342,17 @@ _EXAMPLE = """\
   "Dash scroll zoom": true,
   # Theme of picosnitch dash; "" for the default.
   "Dash theme": "",
+  # Users whose desktops get notifications (names or uids); [] for every user with an active
+  # local graphical session, as systemd-logind reports.
+  "Desktop notification users": [],
   # Tell the desktop about new executables, new names and changed executables (new sha256).
   "Desktop notifications": true,
   # Record every executable that runs, not only those that use the network.
   "Every exe (not just conns)": false,
   # Flows the kernel tracks between two reads; flows beyond this are counted and reported.
   "Flow map entries": 65536,
+  # A DB-IP or MaxMind country database (.mmdb) for GeoIP lookup; "" for none. Never downloaded.
+  "GeoIP database": "",
   # Show the country of remote addresses.
   "GeoIP lookup": true,
   # Record local and remote addresses.
@@ -328,6 +361,8 @@ _EXAMPLE = """\
   "Log commands": true,
   # Connections not to record: sha256 hashes, domains or IP subnets (strings), ports (integers).
   "Log ignore": [],
+  # Group that may read the live feed of picosnitch top; "" lets only root read it.
+  "Live feed group": "",
   # Record local and remote ports.
   "Log ports": true,
   # Size of the buffer carrying kernel events, in memory pages; a power of two.
@@ -336,6 +371,8 @@ _EXAMPLE = """\
   "Set RLIMIT_NOFILE": null,
   # Mask applied to device numbers when caching hashes; null chooses (0 on btrfs).
   "Set st_dev mask": null,
+  # Where the VirusTotal API (v3) is; only a test or a proxy needs another.
+  "VT API URL": "https://www.virustotal.com/api/v3",
   # VirusTotal API key; "" turns VirusTotal lookups off.
   "VT API key": "",
   # Upload executables VirusTotal has never seen (this sends your files to a third party).

@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 from picosnitch import config as config_file
+from picosnitch import sql_server_config
 from picosnitch.kernel_monitor import preflight
 from picosnitch.paths import Paths
 from picosnitch.supervisor import Supervisor
@@ -57,6 +58,9 @@ def load_config(paths: Paths):
     try:
         config_file.write_default(paths.config)
         config = config_file.load(paths.config)
+        server = sql_server_config.parse(config)
+        if server:
+            sql_server_config.load_driver(server, config)  # a missing driver names the extra to install
     except config_file.ConfigError as e:
         raise ControlError(f"{e}; picosnitch will not start until it is fixed", EXIT_CONFIG) from None
     for warning in config.warnings:

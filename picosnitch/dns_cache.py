@@ -4,6 +4,7 @@ A process's own lookups win over other processes' (it may have asked for a diffe
 that resolves to the same address); the most recent lookup wins; lookups expire.
 """
 
+import ipaddress
 import time
 from typing import Dict, Optional, Tuple
 
@@ -17,6 +18,15 @@ def reverse_domain(name: str) -> str:
     return ".".join(reversed(name.rstrip(".").split("."))) if name else ""
 
 
+def is_address(name: str) -> bool:
+    """True for a numeric IPv4/IPv6 address (with an optional %scope), which is not a domain."""
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 class DnsCache:
     def __init__(self, expiry: float = EXPIRY_SECONDS):
         self.expiry = expiry
@@ -24,6 +34,8 @@ class DnsCache:
         self.by_address: Dict[str, Tuple[str, float]] = {}
 
     def add(self, record: Dns) -> None:
+        if is_address(record.name):
+            return  # getaddrinfo("10.0.0.1") converts an address; no name was looked up
         for address in record.addresses:
             self.by_process[(record.tgid, address)] = (record.name, record.time)
             self.by_address[address] = (record.name, record.time)

@@ -1,9 +1,9 @@
 """Notice when a hashed executable changes, so it can be hashed again.
 
-An executable changes in two ways: it is written in place (same inode: FAN_MODIFY, FAN_CLOSE_WRITE
-on the file), or a new file is renamed over it, which is what package managers do (new inode: only
-the directory sees it, as FAN_MOVED_TO or FAN_CREATE). So both the file and its directory are
-marked, in an fanotify group that reports file handles (FID mode) instead of open files, because
+An executable changes in two ways: it is written in place (same inode: FAN_CLOSE_WRITE on the file,
+once the writer is done; FAN_MODIFY would have it hashed half-written), or a new file is renamed
+over it, which is what package managers do (new inode: only the directory sees it, as FAN_MOVED_TO
+or FAN_CREATE). So both the file and its directory are marked, in an fanotify group that reports file handles (FID mode) instead of open files, because
 directory events exist only in that mode. Handles are mapped back to paths with the handles
 name_to_handle_at(2) gave for the same files and directories when they were watched.
 
@@ -30,7 +30,6 @@ from typing import Dict, List, Optional, Set
 from .sanitize import from_bytes
 
 # <linux/fanotify.h>
-FAN_MODIFY = 0x2
 FAN_CLOSE_WRITE = 0x8
 FAN_MOVED_TO = 0x80
 FAN_CREATE = 0x100
@@ -49,7 +48,7 @@ AT_FDCWD = -100
 AT_HANDLE_FID = 0x200
 MAX_HANDLE_SZ = 128
 
-FILE_EVENTS = FAN_MODIFY | FAN_CLOSE_WRITE
+FILE_EVENTS = FAN_CLOSE_WRITE
 DIR_EVENTS = FAN_MOVED_TO | FAN_CREATE
 
 _METADATA = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid

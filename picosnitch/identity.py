@@ -38,6 +38,7 @@ class IdentityResolver:
         self.containers: Dict[int, str] = {}
         self.watched: Set[str] = set()
         self.observed: Set[Tuple[str, str, str, str, str]] = set()
+        self.batch_identities: Dict[Tuple[int, ...], Identity] = {}
         self.names: Dict[str, str] = {}  # last name seen per exe, for re-hash reports
 
     # --- kernel records in, Connections out ---
@@ -64,11 +65,14 @@ class IdentityResolver:
     def connection(self, flow: Flow, ts: int) -> Optional[Connection]:
         identity = self.identity(flow.tgid, flow.ppid, flow.exe_dev, flow.exe_ino, flow.uid, flow.netns)
         domain = self.dns.domain(flow.tgid, flow.raddr)
+        # As in the original, "Log addresses" false hides where the traffic went: the remote
+        # address and the domain it was looked up as. The local address is still recorded.
+        # "Log ignore" rules are matched against the real values, whatever is recorded.
         endpoint = Endpoint(
             flow.family, flow.protocol,
-            flow.laddr if self.log_addresses else "", flow.lport if self.log_ports else -1,
+            flow.laddr, flow.lport if self.log_ports else -1,
             flow.raddr if self.log_addresses else "", flow.rport if self.log_ports else -1,
-            domain)
+            domain if self.log_addresses else "")
         if self.ignore and self.ignore.ignores(identity.process.sha256, domain, flow.laddr, flow.raddr,
                                                flow.lport, flow.rport):
             return None
@@ -81,7 +85,19 @@ class IdentityResolver:
             return []
         return [Connection(identity, Endpoint(), ts)]
 
+    def new_batch(self) -> None:
+        """Identities are worked out once per batch of kernel records (half a second), however
+        many flows of the same process the batch holds: a connection storm costs one lookup."""
+        self.batch_identities.clear()
+
     def identity(self, tgid: int, ppid: int, dev: int, ino: int, uid: int, netns: int) -> Identity:
+        key = (tgid, ppid, dev, ino, uid, netns)
+        known = self.batch_identities.get(key)
+        if known is None:
+            known = self.batch_identities[key] = self._identity(*key)
+        return known
+
+    def _identity(self, tgid: int, ppid: int, dev: int, ino: int, uid: int, netns: int) -> Identity:
         process = self.describe(tgid, self.table.image(tgid, dev, ino), dev, ino, live=True)
         parent_proc = self.table.get(ppid)
         parent = self.describe(ppid, parent_proc.image) if parent_proc else ProcessInfo()
@@ -118,7 +134,13 @@ class IdentityResolver:
                                     f"hash:{image.exe}:{result.sha256}"))
         elif self.watch and image.exe not in self.watched:
             self.watched.add(image.exe)
-            self.watch(image.exe)
+            try:
+                self.watch(image.exe)
+            except OSError as e:
+                # Hashed through /proc/PID/exe, but not reachable by its path here: deleted since,
+                # a memfd, or a path inside another mount namespace (a container).
+                self.report(ErrorReport(f"changes to {image.exe} will not be noticed: {e.strerror or e}",
+                                        f"watch:{image.exe}"))
         return result.sha256
 
     def container(self, tgid: int, ppid: int) -> str:

@@ -16,7 +16,8 @@ def window_start(now: float, limit: int) -> int:
     return int(now // limit * limit)
 
 
-def run(config, from_monitor, to_writer, to_keeper) -> int:
+def run(config, from_monitor, consumers, to_keeper) -> int:
+    """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
     watcher = None
@@ -38,13 +39,16 @@ def run(config, from_monitor, to_writer, to_keeper) -> int:
                     continue
                 batch = from_monitor.recv()
                 if isinstance(batch, Stop):
-                    to_writer.send(Stop("identity"))
+                    for consumer in consumers:
+                        consumer.send(Stop("identity"))
                     to_keeper.send(Stop("identity"))
                     return 0
                 ts = window_start(time.time(), limit)
+                resolver.new_batch()
                 connections = [c for record in batch for c in resolver.handle(record, ts)]
                 if connections:
-                    to_writer.send(connections)
+                    for consumer in consumers:
+                        consumer.send(connections)
             if time.monotonic() >= next_expiry:
                 next_expiry = time.monotonic() + EXPIRE_EVERY
                 resolver.expire()

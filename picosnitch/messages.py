@@ -28,3 +28,22 @@ class Observed:
     sha256: str
     parent_exe: str
     parent_name: str
+
+
+@dataclass(frozen=True)
+class VtRequest:
+    """The keeper asks for the VirusTotal status of `sha256`, a hash of `exe`."""
+
+    exe: str
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class VtResult:
+    """The VirusTotal status of `sha256`, a hash of `exe` (see virustotal's statuses)."""
+
+    exe: str
+    name: str
+    sha256: str
+    status: str

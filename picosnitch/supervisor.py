@@ -1,8 +1,12 @@
 """Starts the worker processes, wires their pipes, restarts a crashed one, and stops them in order.
 
-    monitor ──► identity ──► writer ──┐
-                   └───────────────► keeper ◄── supervisor (its own errors)
+    monitor ──► identity ──► writer (snitch.db, conn.log) ──┐
+                   ├──────► live (picosnitch top's feed) ────┤
+                   ├──────► sql (remote server; optional) ───┤
+                   └────────────────────────────────────────► keeper ──► notifier (optional)
+                                        supervisor's errors ──┘    └───► vt (optional) ──┘
 
+Every worker also reports errors to the keeper, which owns record.json, exe.log and error.log.
 Stopping: SIGTERM to the monitor, which drains the kernel and sends Stop down the pipeline; each
 worker finishes what it holds and passes Stop on, so nothing pending is lost.
 """
@@ -16,45 +20,65 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Dict, Optional
 
-from picosnitch import identity_worker, keeper_worker, monitor_worker, writer_worker
+from picosnitch import (identity_worker, keeper_worker, live_feed, monitor_worker, notifier_worker, sql_worker,
+                        vt_worker, writer_worker)
 from picosnitch.messages import ErrorReport, Stop
 
 RESTARTS_ALLOWED = 5  # within RESTART_WINDOW seconds, per worker; more is a crash loop
 RESTART_WINDOW = 60.0
 STOP_TIMEOUT = 30.0
-ORDER = ("keeper", "writer", "identity", "monitor")  # start order; stop order is the reverse
 
 _ctx = multiprocessing.get_context("fork")
 
 
 def sd_notify(state: str) -> None:
-    """Tells systemd (Type=notify) about our state, when it runs us."""
+    """Tells systemd (Type=notify) about our state, when it runs us. Best effort: a notification
+    socket that has gone away is no reason to stop (or to fail to stop the workers)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), address)
+        try:
+            s.sendto(state.encode(), address)
+        except OSError:
+            pass
 
 
 class Supervisor:
     def __init__(self, config, paths):
         self.config, self.paths = config, paths
         self.ready = _ctx.Event()
-        mon_in, self.mon_out = _ctx.Pipe(duplex=False)
-        writer_in, self.writer_out = _ctx.Pipe(duplex=False)
-        keeper_from_id, id_to_keeper = _ctx.Pipe(duplex=False)
-        keeper_from_writer, writer_to_keeper = _ctx.Pipe(duplex=False)
-        keeper_from_sup, self.to_keeper = _ctx.Pipe(duplex=False)
-        self.targets: Dict[str, tuple] = {
-            "keeper": (keeper_worker.run, (paths, [keeper_from_id, keeper_from_writer, keeper_from_sup])),
-            "writer": (writer_worker.run, (config, paths, writer_in, writer_to_keeper)),
-            "identity": (identity_worker.run, (config, mon_in, self.writer_out, id_to_keeper)),
-            "monitor": (monitor_worker.run, (config, self.mon_out, self.ready)),
+        consumers = ["writer", "live"] + (["sql"] if config["DB sql server"] else [])
+        helpers = (["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
+        self.order = (*helpers, "keeper", *consumers, "identity", "monitor")  # start order; stop: reversed
+        # Each worker's inbox, and who speaks for its upstream when that died without saying Stop.
+        inbox = {name: _ctx.Pipe(duplex=False) for name in ("identity", *consumers, *helpers)}
+        self.inbox_out = {name: sender for name, (_, sender) in inbox.items()}
+        self.upstream = {"identity": "monitor", **{c: "identity" for c in consumers}, **{h: "keeper" for h in helpers}}
+        to_keeper = {name: _ctx.Pipe(duplex=False) for name in ("supervisor", "identity", *consumers, *helpers)}
+        self.to_keeper = to_keeper["supervisor"][1]
+        self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
+        to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
+        targets = {
+            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready)),
+            "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
+                                               to_keeper["identity"][1])),
+            "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
+            "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
+            "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
+                                           to_helper["notifier"], to_helper["vt"])),
         }
+        if "sql" in inbox:
+            targets["sql"] = (sql_worker.run, (config, paths, inbox["sql"][0], to_keeper["sql"][1]))
+        if "notifier" in inbox:
+            targets["notifier"] = (notifier_worker.run, (config, paths, inbox["notifier"][0], to_keeper["notifier"][1]))
+        if "vt" in inbox:
+            targets["vt"] = (vt_worker.run, (config, inbox["vt"][0], to_keeper["vt"][1]))
+        self.targets: Dict[str, tuple] = targets
         self.processes: Dict[str, multiprocessing.process.BaseProcess] = {}
-        self.restarts: Dict[str, deque] = {name: deque() for name in ORDER}
+        self.restarts: Dict[str, deque] = {name: deque() for name in self.order}
         self.stopping = False
 
     def _start(self, name: str) -> None:
@@ -70,28 +94,32 @@ class Supervisor:
         """Runs until SIGTERM/SIGINT; returns the exit status."""
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
-        for name in ORDER:
+        for name in self.order:
             self._start(name)
+        for warning in self.config.warnings:
+            self.report(warning)
         announced = False
         status = 0
-        while not self.stopping:
-            if not announced and self.ready.is_set():
-                announced = True
-                sd_notify("READY=1")
-                if on_ready:
-                    on_ready()
-            sentinels = {p.sentinel: name for name, p in self.processes.items()}
-            for sentinel in wait(list(sentinels), timeout=0.2):
-                name = sentinels[sentinel]
-                if self.stopping:
-                    break
-                if self.processes[name].exitcode == 0:  # finished: its upstream stopped
-                    self._request_stop()
-                elif not self._restart(name):
-                    status = 1
-                    self._request_stop()
-        sd_notify("STOPPING=1")
-        self._stop_all()
+        try:
+            while not self.stopping:
+                if not announced and self.ready.is_set():
+                    announced = True
+                    sd_notify("READY=1")
+                    if on_ready:
+                        on_ready()
+                sentinels = {p.sentinel: name for name, p in self.processes.items()}
+                for sentinel in wait(list(sentinels), timeout=0.2):
+                    name = sentinels[sentinel]
+                    if self.stopping:
+                        break
+                    if self.processes[name].exitcode == 0:  # finished: its upstream stopped
+                        self._request_stop()
+                    elif not self._restart(name):
+                        status = 1
+                        self._request_stop()
+        finally:  # even after a bug here: workers left running would keep the exit waiting forever
+            sd_notify("STOPPING=1")
+            self._stop_all()
         return status
 
     def _request_stop(self) -> None:
@@ -122,18 +150,16 @@ class Supervisor:
     def _stop_all(self) -> None:
         """Stops the pipeline from its head. A worker whose upstream died without saying Stop is
         sent one by the supervisor instead (a duplicate Stop is never read, so it is harmless)."""
-        stand_ins = {
-            "identity": lambda: self.mon_out.send(Stop("monitor")),
-            "writer": lambda: self.writer_out.send(Stop("identity")),
-            "keeper": lambda: (self.to_keeper.send(Stop("identity")), self.to_keeper.send(Stop("writer"))),
-        }
         monitor = self.processes["monitor"]
         if monitor.is_alive():
             os.kill(monitor.pid, signal.SIGTERM)
-        for name in reversed(ORDER):
+        for name in reversed(self.order):
             process = self.processes[name]
-            if name in stand_ins and process.is_alive():
-                stand_ins[name]()
+            if process.is_alive() and name == "keeper":
+                for producer in self.keeper_waits_for:
+                    self.to_keeper.send(Stop(producer))
+            elif process.is_alive() and name in self.inbox_out:
+                self.inbox_out[name].send(Stop(self.upstream[name]))
             process.join(STOP_TIMEOUT)
             if process.is_alive():
                 self.report(f"the {name} worker did not stop within {STOP_TIMEOUT:.0f} s; killing it")

@@ -29,13 +29,15 @@ WantedBy=multi-user.target
 """
 
 
-def install(unit_dir: Path) -> str:
-    """Writes the unit into unit_dir and reloads systemd when it runs; returns what was done."""
+def install(root: Path) -> str:
+    """Writes the unit into root's etc/systemd/system; returns what was done. When root is "/" and
+    systemd runs, it is reloaded (a unit written below a PICOSNITCH_PREFIX is not systemd's)."""
+    unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True, exist_ok=True)
     path = unit_dir / UNIT_NAME
     path.write_text(UNIT)
     done = f"wrote {path}"
-    if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
+    if root == Path("/") and Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
         subprocess.run(["systemctl", "daemon-reload"], check=False)
         done += "; systemd reloaded: enable it with `systemctl enable --now picosnitch`"
     return done

@@ -3,7 +3,7 @@
 set -euo pipefail
 want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make)
 if [ "${1:-run}" = test ]; then
-    want+=(iproute2 tmux procps psmisc gcc liburing-dev)
+    want+=(iproute2 tmux procps psmisc gcc liburing-dev dbus-daemon libnotify-bin passwd util-linux postgresql mariadb-server)
 fi
 missing=()
 for pkg in "${want[@]}"; do

@@ -15,7 +15,7 @@ scripts/install-system-deps.sh run
 prefix=/opt/picosnitch
 python3 -m venv "$prefix"
 "$prefix/bin/pip" install --quiet --upgrade pip
-"$prefix/bin/pip" install --quiet .
+"$prefix/bin/pip" install --quiet ".[notify,virustotal]"
 ln -sf "$prefix/bin/picosnitch" /usr/local/bin/picosnitch
 
 if [ "${1:-}" = --no-start ]; then

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +24,7 @@ class Daemon:
         self.paths = Paths.under(self.prefix)
         self.settings = {"DB write limit (seconds)": 1, **settings}
         self.proc = None
+        self.notify = None  # the $NOTIFY_SOCKET the daemon reports READY=1 and STOPPING=1 on
 
     def env(self) -> dict:
         return dict(os.environ, PICOSNITCH_PREFIX=str(self.prefix), PYTHONPATH=str(REPO))
@@ -38,57 +40,55 @@ class Daemon:
         config.update(self.settings)
         self.paths.config.write_text(json.dumps(config, indent=2))
 
-    def start(self) -> "Daemon":
-        """Starts in the foreground (in its own process group) and waits until the BPF programs are attached."""
+    def start(self, timeout: float = 30) -> "Daemon":
+        """Starts in the foreground (in its own process group) and waits until the daemon tells
+        systemd it is ready (READY=1 on $NOTIFY_SOCKET): every worker runs and the BPF programs
+        are attached."""
         self.write_config()
-        self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "start-no-daemon"], env=self.env(),
+        # The socket stays open until the daemon has exited, as systemd's does: the daemon also
+        # sends STOPPING=1 on it, and a closed socket would refuse that.
+        self.notify = notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = f"picosnitch-test-{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
+        notify.bind("\0" + address)
+        notify.settimeout(0.1)
+        self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "start-no-daemon"],
+                                     env=dict(self.env(), NOTIFY_SOCKET="@" + address),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            if self.ready():
-                return self
-            time.sleep(0.1)
+            try:
+                if b"READY=1" in notify.recv(4096).split(b"\n"):
+                    return self
+            except socket.timeout:
+                pass
         raise RuntimeError("daemon did not become ready")
 
-    def ready(self) -> bool:
-        """True once every worker runs and the monitor has attached (a monitor process exists and
-        the supervisor wrote its pid file)."""
-        if not self.paths.pid_file.exists():
-            return False
-        children = subprocess.run(["pgrep", "-f", "-g", str(self.proc.pid), "picosnitch"], capture_output=True,
-                                  text=True).stdout.split()
-        return len(children) >= 5 and self._monitor_attached()
-
-    def _monitor_attached(self) -> bool:
-        # The monitor's BPF links show up as bpf-link fds in its /proc/PID/fd.
-        for pid in subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True,
-                                  text=True).stdout.split():
-            try:
-                fds = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf_link":
-                        return True
-                except OSError:
-                    pass
-        return False
+    def workers(self) -> list:
+        """Pids of the daemon's processes other than the supervisor."""
+        found = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in found.split() if int(pid) != self.proc.pid]
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, as systemd would; waits for a clean exit and returns the status."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout)
+        self._close_notify()
         return self.proc.returncode
+
+    def _close_notify(self) -> None:
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
 
     def kill_group(self) -> None:
         """kill -9 of the whole process group: no chance to clean up."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        self._close_notify()
 
     def rows(self, where: str = "1", params=()) -> list:
         """Rows of the connections view as dicts."""

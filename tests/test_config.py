@@ -45,8 +45,18 @@ def error_for(tmp_path, text):
     return caught.value
 
 
-def test_defaults_keep_the_original_keys_and_add_flow_map_entries():
-    assert config.defaults() == dict(ORIGINAL_DEFAULTS, **{"Flow map entries": 65536})
+def test_defaults_keep_the_original_keys_and_add_the_new_ones():
+    assert config.defaults() == dict(ORIGINAL_DEFAULTS, **{
+        "DB sql backlog (MB)": 100, "Flow map entries": 65536, "GeoIP database": "", "Live feed group": "",
+        "Desktop notification users": [], "VT API URL": "https://www.virustotal.com/api/v3"})
+
+
+@pytest.mark.parametrize("key", ["GeoIP database", "Live feed group"])
+def test_the_ui_keys_take_strings(tmp_path, key):
+    assert config.load(write(tmp_path, json.dumps({key: "x"})))[key] == "x"
+    error = error_for(tmp_path, '{\n  "%s": 5\n}' % key)
+    assert str(error).endswith('line 2: "%s" must be a string, not 5' % key)
+    assert error.key == key
 
 
 def test_write_default_creates_sorted_pretty_json_once(tmp_path):
@@ -119,10 +129,19 @@ def test_a_wrong_type_names_file_line_and_key(tmp_path):
     ("Set st_dev mask", -1, "must be null or an integer >= 0, not -1"),
     ("Set st_dev mask", True, "must be null or an integer >= 0, not true"),
     ("Flow map entries", 0, "must be an integer >= 1, not 0"),
+    ("DB sql backlog (MB)", 0, "must be an integer >= 1, not 0"),
     ("VT request limit (seconds)", -5, "must be a number of seconds >= 0, not -5"),
     ("Log ignore", "443", 'must be a list ([] for none), not "443"'),
     ("Log ignore", ["a", 70000], "must list only strings and port numbers (0-65535), "
                                  "but item 2 is 70000"),
+    ("Desktop notification users", "alice", "must be a list of user names or uids ([] for the "
+                                            'logged-in users), not "alice"'),
+    ("Desktop notification users", ["alice", -1], "must list only user names and uids, but "
+                                                  "item 2 is -1"),
+    ("Desktop notification users", [""], 'must list only user names and uids, but item 1 is ""'),
+    ("VT API URL", "ftp://example.com", 'must be an http:// or https:// URL, not '
+                                        '"ftp://example.com"'),
+    ("VT API URL", "", 'must be an http:// or https:// URL, not ""'),
 ])
 def test_out_of_range_values_are_refused(tmp_path, key, value, complaint):
     error = error_for(tmp_path, '{\n  %s: %s\n}' % (json.dumps(key), json.dumps(value)))
@@ -137,6 +156,9 @@ def test_out_of_range_values_are_refused(tmp_path, key, value, complaint):
     ("VT request limit (seconds)", 0.5),
     ("Log ignore", ["example.com", "10.0.0.0/8", 53, 0]),
     ("DB sql server", {"host": "db.example"}),
+    ("DB sql backlog (MB)", 1),
+    ("Desktop notification users", ["alice", 1000]),
+    ("VT API URL", "http://127.0.0.1:8080/api/v3"),
 ])
 def test_values_within_range_are_accepted(tmp_path, key, value):
     assert config.load(write(tmp_path, json.dumps({key: value})))[key] == value
