@@ -13,7 +13,6 @@ for each time range, and prints a table.
 import argparse
 import os
 import random
-import sqlite3
 import statistics
 import time
 

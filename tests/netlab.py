@@ -80,6 +80,15 @@ def family_of(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def listen(host: str) -> socket.socket:
+    """A TCP socket listening on an ephemeral port of host, created in the calling thread's
+    namespace (so a peer thread must call it itself, after entering the lab)."""
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+
+
 class TcpPeer:
     """Accepts one connection, sends `reply` bytes, reads until EOF (counting), closes."""
 
@@ -88,10 +97,7 @@ class TcpPeer:
         self.ready = threading.Event()
 
     def serve(self) -> None:
-        # Created here, in the serving thread, so that it belongs to that thread's namespace.
-        self.sock = socket.socket(family_of(self.host), socket.SOCK_STREAM)
-        self.sock.bind((self.host, 0))
-        self.sock.listen()
+        self.sock = listen(self.host)
         self.port = self.sock.getsockname()[1]
         self.ready.set()
         conn, _ = self.sock.accept()

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 import pytest
 
 from daemon_harness import Daemon
-from netlab import HOST4, HOST6, PEER4, PEER6, SUBNET4, TcpPeer, UdpEcho, family_of
+from netlab import HOST4, HOST6, PEER4, PEER6, SUBNET4, TcpPeer, UdpEcho, listen
 
 TESTS = Path(__file__).resolve().parent
 GEN = str(TESTS / "traffic_gen.py")
@@ -110,9 +110,7 @@ class HttpPeer:
         self.ready = threading.Event()
 
     def serve(self) -> None:
-        self.sock = socket.socket(family_of(self.host), socket.SOCK_STREAM)
-        self.sock.bind((self.host, 0))
-        self.sock.listen()
+        self.sock = listen(self.host)
         self.port = self.sock.getsockname()[1]
         self.ready.set()
         conn, _ = self.sock.accept()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab import HOST4, HOST6, PEER4, PEER6, TcpPeer, UdpEcho
+from netlab import HOST4, PEER4, PEER6, TcpPeer, UdpEcho
 from picosnitch.kernel_monitor import KernelMonitor, cgroup2_root
 
 GEN = str(Path(__file__).parent / "traffic_gen.py")
