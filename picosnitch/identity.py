@@ -39,6 +39,7 @@ class IdentityResolver:
         self.watched: Set[str] = set()
         self.observed: Set[Tuple[str, str, str, str, str]] = set()
         self.batch_identities: Dict[Tuple[int, ...], Identity] = {}
+        self.loss_totals: Dict[str, int] = {}
         self.names: Dict[str, str] = {}  # last name seen per exe, for re-hash reports
 
     # --- kernel records in, Connections out ---
@@ -56,7 +57,10 @@ class IdentityResolver:
             conn = self.connection(record, ts)
             return [conn] if conn else []
         elif kind == "loss":
-            self.report(ErrorReport(f"the kernel dropped {record.count} {record.description}", "loss:" + record.what))
+            # With the running total: error.log collapses repeats of a key into one line.
+            total = self.loss_totals[record.what] = self.loss_totals.get(record.what, 0) + record.count
+            self.report(ErrorReport(f"the kernel dropped {record.count} {record.description} ({total} since "
+                                    "the daemon started)", "loss:" + record.what))
         elif kind == "degraded":
             self.report(ErrorReport(f"{record.consequence}: {record.hook} could not be used ({record.reason})",
                                     "degraded:" + record.hook))
