@@ -29,7 +29,11 @@ commands:
   status            say whether the daemon runs (exit status 3 when not)
   version           print the version and every path in use
   view              browse the history in snitch.db (terminal UI; no root needed)
+  view --db URL     browse the central server instead: postgresql://USER@HOST/DB or
+                    mysql://USER@HOST/DB (?table=NAME; password from $PICOSNITCH_DB_PASSWORD),
+                    or --db config for config.json's "DB sql server"
   top               live traffic per executable (terminal UI; root or "Live feed group")
+  dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
@@ -91,9 +95,21 @@ def run(args: List[str]) -> int:
     if command == "view" and len(args) == 1:
         from picosnitch import view_tui  # curses is loaded only for the UIs
         return view_tui.main(paths)
+    if command == "view" and (len(args) == 3 and args[1] == "--db" or
+                              len(args) == 2 and args[1].startswith("--db=")):
+        from picosnitch import view_tui
+        return view_tui.main(paths, db=args[2] if len(args) == 3 else args[1][len("--db="):])
     if command == "top" and len(args) == 1:
         from picosnitch import top_tui
         return top_tui.main(paths)
+    if command == "dash" and len(args) == 1:
+        try:
+            from picosnitch import dash_app  # starlette and uvicorn only for the dashboard
+        except ImportError as e:
+            print(f"picosnitch dash needs the optional packages starlette and uvicorn "
+                  f"(pip install 'picosnitch[dash]'): {e}", file=sys.stderr)
+            return 1
+        return dash_app.main(paths)
     if command == "monitor" and args[1:] == ["--raw"]:
         return monitor_raw()
     if command not in ROOT_COMMANDS or len(args) != 1:
@@ -126,3 +142,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (MonitorError, LibbpfError) as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `picosnitch version | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

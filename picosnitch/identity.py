@@ -49,8 +49,13 @@ class IdentityResolver:
         kind = record.kind
         if kind in ("exec", "fork", "exit"):
             self.table.apply(record)
-            if kind == "exec" and self.every_exe:
-                return self._exec_row(record, ts)
+            if kind == "exec":
+                # Now, while it most likely still runs: its traffic may come after it exited.
+                container = container_of_pid(record.tgid)
+                if container:
+                    self.containers[record.tgid] = container
+                if self.every_exe:
+                    return self._exec_row(record, ts)
         elif kind == "dns":
             self.dns.add(record)
         elif kind == "flow":

@@ -121,11 +121,29 @@ def parse(cfg: Config) -> Optional[ServerConfig]:
     return ServerConfig(client, table, dict(CLIENTS[client].defaults, **params))
 
 
+class DriverMissing(ImportError):
+    """A client's driver module is not installed; the message says what to install."""
+
+    def __init__(self, client: str, error: ImportError):
+        self.client, self.install = client, CLIENTS[client].install
+        super().__init__('the client "%s" is not installed (%s); install it with: %s'
+                         % (client, error, self.install))
+        self.reason = str(error)
+
+
+def import_driver(client: str) -> ModuleType:
+    """Import the driver module of `client` (a key of CLIENTS); DriverMissing when it is not
+    installed."""
+    try:
+        return importlib.import_module(CLIENTS[client].module)
+    except ImportError as error:
+        raise DriverMissing(client, error) from None
+
+
 def load_driver(server: ServerConfig, cfg: Config) -> ModuleType:
     """Import the driver module; a missing one is a ConfigError that says what to install."""
-    client = CLIENTS[server.client]
     try:
-        return importlib.import_module(client.module)
-    except ImportError as error:
+        return import_driver(server.client)
+    except DriverMissing as missing:
         raise _problem(cfg, 'uses the client "%s", which is not installed (%s); install it with: %s'
-                       % (server.client, error, client.install)) from None
+                       % (server.client, missing.reason, missing.install)) from None

@@ -6,8 +6,10 @@ never makes its sender wait: the main thread only reads the inbox and appends to
 a second thread sends the backlog to the server, backing off while the server is unreachable.
 
 Rows are grouped like snitch.db's: one row per (identity, endpoint, write window), the window
-being the `ts` the identity worker stamped. A window is sent once it is over plus GRACE seconds
-(traffic of a window keeps arriving until its end), and at Stop whatever is pending is stored.
+being the `ts` the identity worker stamped. The identity worker stamps its batches in order, so a
+window is complete, and sent, once traffic of a later window arrives; on a quiet machine, LATE
+seconds after its end (a batch stamped earlier but held up longer than that, by hashing a huge
+executable say, becomes a second row on the server). At Stop whatever is pending is stored.
 So the server holds the rows of snitch.db's `connections` view, one for one, except that a window
 cut by a restart of the daemon is two rows there (snitch.db adds them up): sum by
 (host, ts, identity, endpoint) when that matters.
@@ -29,7 +31,7 @@ from picosnitch.sql_server_config import load_driver, parse
 from picosnitch.sql_server_writer import (BatchRejected, ServerError, ServerWriter, hostname,
                                           machine_id, make_row)
 
-GRACE = 2.0  # seconds after a window ends before it is sent
+LATE = 30.0  # seconds after a window ends before it is sent though no later window was seen
 TICK = 0.5
 STOP_DRAIN = 5.0  # seconds at Stop to send what the backlog holds; the rest waits on disk
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
@@ -73,9 +75,12 @@ class Windows:
     def __init__(self, limit: int):
         self.limit = limit
         self.pending: dict = {}  # ts -> {key: Connection}
+        self.latest = None  # the latest ts seen
 
     def add(self, connections) -> None:
         for c in connections:
+            if self.latest is None or c.ts > self.latest:
+                self.latest = c.ts
             window = self.pending.setdefault(c.ts, {})
             same = window.get(c.key())
             if same is None:
@@ -84,8 +89,10 @@ class Windows:
                 same.add(c)
 
     def take(self, now: float = None) -> list:
-        """The Connections of every window over by GRACE at `now` (all windows if None)."""
-        done = [ts for ts in self.pending if now is None or ts + self.limit + GRACE <= now]
+        """The Connections of every complete window at `now` (all windows if None): a later
+        window has begun arriving, or it ended LATE seconds ago."""
+        done = [ts for ts in self.pending
+                if now is None or ts < self.latest or ts + self.limit + LATE <= now]
         return [c for ts in sorted(done) for c in self.pending.pop(ts).values()]
 
 

@@ -15,6 +15,7 @@ Documentation=man:picosnitch(1)
 After=local-fs.target
 
 [Service]
+# READY=1 once the BPF programs are attached.
 Type=notify
 ExecStart=picosnitch start-no-daemon
 Restart=on-failure
@@ -23,6 +24,50 @@ RestartSec=5
 RestartPreventExitStatus=78
 KillMode=mixed
 TimeoutStopSec=90
+
+# The only places it writes: /etc/picosnitch, /var/lib/picosnitch, /var/log/picosnitch,
+# /run/picosnitch (created root-owned, mode 0755: the unprivileged readers need them).
+ConfigurationDirectory=picosnitch
+StateDirectory=picosnitch
+LogsDirectory=picosnitch
+RuntimeDirectory=picosnitch
+UMask=0022
+ProtectSystem=strict
+# Read-only, not hidden: executables under /home are hashed, the desktop buses in /run/user reached.
+ProtectHome=read-only
+# Not private: a program run from /tmp that exits before it is hashed is hashed by its path,
+# which a private /tmp would hide (its sha256 would be "!missing").
+PrivateTmp=no
+
+# Capabilities, each found needed by running the daemon without it:
+#   CAP_SYS_ADMIN        the getaddrinfo uprobes (domain names); it also covers CAP_BPF,
+#                        CAP_PERFMON and CAP_NET_ADMIN (BPF loading, tracepoints, cgroup hooks),
+#                        and fanotify on kernels before 5.13
+#   CAP_SYS_PTRACE       /proc/PID/exe of other users' processes and of more privileged ones
+#   CAP_DAC_READ_SEARCH  hashing executables root may not read by their permissions
+#   CAP_SETUID/SETGID    workers that become `nobody` or the desktop user
+#   CAP_CHOWN, CAP_FOWNER  the SQL backlog handed to its unprivileged writer; the live socket's group
+#   CAP_KILL             stopping those workers once they run as another user
+CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID CAP_CHOWN CAP_FOWNER CAP_KILL
+NoNewPrivileges=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectClock=yes
+ProtectControlGroups=yes
+ProtectHostname=yes
+ProtectKernelLogs=yes
+ProtectKernelModules=yes
+ProtectKernelTunables=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service bpf perf_event_open fanotify_init fanotify_mark
+SystemCallErrorNumber=EPERM
 
 [Install]
 WantedBy=multi-user.target

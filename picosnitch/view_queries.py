@@ -15,6 +15,13 @@ Only a new window (another range, a step back in history, a refresh) repeats the
 
 Filters on the entry time tab narrow the window instead (they are time ranges); every other
 filter becomes a condition on the identity or endpoint id.
+
+The central server (the table the daemons' "DB sql server" writers fill, one flat row per
+snitch.db row with `host` and `machine_id` in front) is read by ServerHistory, with the same
+tabs plus `host`, the same filters and the same figures; its SQL comes from server_tab_query(),
+written for PostgreSQL or MySQL/MariaDB and the driver's paramstyle, so a web dashboard can
+run the same queries. There a pair is (machine, identity, endpoint) and the window is grouped in
+one query (no rollup table on the server: its (ts) and (host, ts) indexes bound the scan).
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ DIMENSIONS: tuple[Dimension, ...] = tuple(
        Dimension("contime", "entry time", "time", "")])
 
 BY_COLUMN = {d.column: d for d in DIMENSIONS}
+
+# The central server has one more tab, first: the machine that sent the rows.
+HOST = Dimension("host", "host", "host", "host")
+SERVER_DIMENSIONS: tuple[Dimension, ...] = (HOST,) + DIMENSIONS
 
 _IDENTITY_JOINS = """JOIN processes AS p ON p.id = i.process_id
 JOIN processes AS pp ON pp.id = i.parent_id
@@ -180,6 +191,9 @@ def bucket_width(start: Optional[int], end: Optional[int]) -> int:
 class History:
     """Tabs over one read-only snitch.db connection (see sqlite_store.open_readonly)."""
 
+    dimensions = DIMENSIONS
+    label = ""  # where the rows come from, when not this machine's snitch.db
+
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.conn.execute("PRAGMA temp_store = MEMORY")
@@ -236,3 +250,344 @@ class History:
     def bounds(self) -> tuple[Optional[int], Optional[int]]:
         """Unix times of the first and last stored write window (None when empty)."""
         return self.conn.execute("SELECT min(ts), max(ts) FROM traffic").fetchone()
+
+
+# ---- time series, bounds and first/last seen, for `picosnitch dash` ----
+# Kept apart from the tab queries above: these sum per (time bucket, value) in one pass over the
+# window, reusing _window, _ranges and _id_condition.
+
+SERIES_POINTS = 240  # aim for at most about this many buckets on a chart
+# Below a day, raw write windows give finer buckets; from there whole hours of the rollup.
+SERIES_RAW_LIMIT = 12 * HOUR
+_SERIES_BUCKETS = (10, 20, 30, 60, 120, 300, 600, 900, 1800, HOUR, 2 * HOUR, 3 * HOUR,
+                   6 * HOUR, 12 * HOUR, 24 * HOUR, 2 * 24 * HOUR, 7 * 24 * HOUR, 30 * 24 * HOUR)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One value's bytes per bucket (lists aligned with SeriesResult.times)."""
+
+    value: object
+    send: list
+    recv: list
+
+    @property
+    def total(self) -> int:
+        return sum(self.send) + sum(self.recv)
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    """Traffic of [start, end) per bucket of `bucket` seconds, one Series per top value.
+
+    `times[k]` is the start of bucket k (unix seconds; a multiple of `bucket`, so the first
+    bucket may begin before `start`). `other` sums every value beyond the top ones (None when
+    there are none), `values` is how many distinct values had traffic, and `send`/`recv` are
+    the totals of the whole window under the filters.
+    """
+
+    start: int
+    end: int
+    bucket: int
+    times: list
+    series: list
+    other: Optional[Series]
+    values: int
+    send: int
+    recv: int
+
+
+def series_bucket(start: int, end: int, points: int = SERIES_POINTS) -> int:
+    """Bucket length for [start, end): the smallest step giving at most `points` buckets.
+
+    Windows longer than SERIES_RAW_LIMIT get whole hours (or more), so that they are read from
+    the hourly rollup.
+    """
+    length = max(end - start, 1)
+    floor = HOUR if length > SERIES_RAW_LIMIT else 0
+    for step in _SERIES_BUCKETS:
+        if step >= floor and length / step <= points:
+            return step
+    return _SERIES_BUCKETS[-1]
+
+
+def _grouped_pieces(start: int, end: int, filters: list[Filter], bucket: int, key: str,
+                    where: str, where_params: list) -> tuple[str, list]:
+    """A SELECT of (t, key, send, recv) summed per stored time and `key` (identity_id or
+    endpoint_id) over the window, where the id conditions `where` hold.
+
+    Each piece groups by its table's own time column first, which follows the primary key's
+    order (no sorting for identity_id); callers cut `t` down to buckets afterwards. Whole
+    hours come from the rollup only when `bucket` is a multiple of an hour.
+    """
+    start, end, excluded = _window(start, end, filters)
+    pieces = (_ranges(start, end) if bucket % HOUR == 0
+              else [("traffic", start, end)] if start < end else [])
+    parts, params = [], []
+    for table, low, high in pieces:
+        column = "hour" if table == "traffic_hourly" else "ts"
+        sql = (f"SELECT {column} AS t, {key}, sum(send) AS send, sum(recv) AS recv "
+               f"FROM {table} WHERE {column} >= ? AND {column} < ?")
+        params += [low, high]
+        for ex_low, ex_high in excluded:
+            sql += f" AND NOT ({column} >= ? AND {column} < ?)"
+            params += [ex_low, ex_high]
+        parts.append(f"{sql} AND {where} GROUP BY {column}, {key}")
+        params += where_params
+    if not parts:
+        parts.append(f"SELECT 0 AS t, 0 AS {key}, 0 AS send, 0 AS recv WHERE 0")
+    return " UNION ALL ".join(parts), params
+
+
+def series(conn: sqlite3.Connection, column: str, start: int, end: int, filters: list[Filter],
+           bucket: int = 0, top: int = 10) -> SeriesResult:
+    """Sent and received bytes per bucket of [start, end), by value of dimension `column`.
+
+    Exact: whole hours come from the rollup only when `bucket` is a multiple of an hour, so
+    every bucket sums the same rows the `connections` view holds for it. `bucket` 0 chooses
+    with series_bucket(). The `top` values with most traffic get a Series each, most first.
+    """
+    dimension = BY_COLUMN[column]
+    if dimension.side == "time":
+        raise ValueError("the entry time is the x axis of a series, not a breakdown")
+    bucket = bucket or series_bucket(start, end)
+    conditions, where_params = [], []
+    for f in filters:
+        if f.column != "contime":
+            sql, values = _id_condition(f)
+            conditions.append(sql)
+            where_params += values
+    where = " AND ".join(conditions) or "1"
+    if dimension.side == "identity":
+        key, joins = "identity_id", "JOIN identities AS i ON i.id = s.identity_id " + _IDENTITY_JOINS
+    else:
+        key, joins = "endpoint_id", "JOIN endpoints AS e ON e.id = s.endpoint_id"
+    source, params = _grouped_pieces(start, end, filters, bucket, key, where, where_params)
+    sql = f"""SELECT s.t - s.t % {bucket:d} AS b, {dimension.expression} AS value,
+        sum(s.send), sum(s.recv) FROM ({source}) AS s {joins}
+        GROUP BY b, value"""
+    first = start - start % bucket
+    times = list(range(first, end, bucket))
+    count = len(times)
+    per_value: dict = {}
+    for t, value, sent, received in conn.execute(sql, params):
+        slot = per_value.get(value)
+        if slot is None:
+            slot = per_value[value] = ([0] * count, [0] * count)
+        k = (t - first) // bucket
+        slot[0][k] += sent
+        slot[1][k] += received
+    ranked = sorted(per_value.items(), key=lambda item: (-(sum(item[1][0]) + sum(item[1][1])),
+                                                         item[0]))
+    chosen = [Series(value, sent, received) for value, (sent, received) in ranked[:top]]
+    other = None
+    if len(ranked) > top:
+        sent, received = [0] * count, [0] * count
+        for _, (s, r) in ranked[top:]:
+            for k in range(count):
+                sent[k] += s[k]
+                received[k] += r[k]
+        other = Series(None, sent, received)
+    total_send = sum(sum(s) for s, _ in per_value.values())
+    total_recv = sum(sum(r) for _, r in per_value.values())
+    return SeriesResult(start, end, bucket, times, chosen, other, len(per_value),
+                        total_send, total_recv)
+
+
+def time_bounds(conn: sqlite3.Connection) -> tuple[Optional[int], Optional[int]]:
+    """Like History.bounds, from the primary key's two ends: (min, max) in one SELECT reads the
+    whole table (SQLite optimises a lone min() or max() only), ~0.5 s at 10M rows."""
+    return tuple(conn.execute(
+        "SELECT (SELECT min(ts) FROM traffic), (SELECT max(ts) FROM traffic)").fetchone())
+
+
+def first_last_seen(conn: sqlite3.Connection,
+                    filters: list[Filter]) -> tuple[Optional[int], Optional[int]]:
+    """Unix times of the first and last write window with traffic under `filters`, over all
+    history (time filters are ignored). (None, None) when there is none.
+
+    Filters on identity columns only (the drill-down's exe) are answered per identity from the
+    traffic_identity index, without scanning their traffic.
+    """
+    conditions, params = [], []
+    for f in filters:
+        if f.column != "contime":
+            sql, values = _id_condition(f)
+            conditions.append(sql)
+            params += values
+    if conditions and all(BY_COLUMN[f.column].side == "identity"
+                          for f in filters if f.column != "contime"):
+        where = " AND ".join(c.replace("identity_id", "ids.id", 1) for c in conditions)
+        sql = f"""SELECT min(first), max(last) FROM (SELECT
+            (SELECT min(ts) FROM traffic WHERE identity_id = ids.id) AS first,
+            (SELECT max(ts) FROM traffic WHERE identity_id = ids.id) AS last
+            FROM identities AS ids WHERE {where})"""
+    else:
+        sql = f"SELECT min(ts), max(ts) FROM traffic WHERE {' AND '.join(conditions) or '1'}"
+    return tuple(conn.execute(sql, params).fetchone())
+
+
+# ---- the central server ----
+
+class QueryError(Exception):
+    """The server could not answer (gone away, no such table, no permission): one sentence."""
+
+
+# A pair on the server: the machine, the identity and the endpoint (every column but the
+# figures and the time).
+_PAIR_COLUMNS = ("host", "machine_id", "exe", "name", "cmdline", "sha256", "pexe", "pname",
+                 "pcmdline", "psha256", "gpexe", "gpname", "gpcmdline", "gpsha256", "uid", "netns",
+                 "container", "family", "protocol", "laddr", "lport", "raddr", "rport", "domain")
+_INTEGER_COLUMNS = {"uid", "netns", "family", "protocol", "lport", "rport", "ts"}
+
+
+@dataclass(frozen=True)
+class ServerSQL:
+    """How to write SQL for one server: its dialect ("postgres" or "mysql"), the driver's
+    parameter marker, and the table."""
+
+    dialect: str
+    table: str
+    mark: str = "%s"  # "?" for qmark drivers (mariadb); never write a literal % in the SQL
+
+    @classmethod
+    def for_driver(cls, dialect: str, table: str, paramstyle: str) -> "ServerSQL":
+        return cls(dialect, table, "?" if paramstyle == "qmark" else "%s")
+
+    def quote(self, name: str) -> str:
+        mark = '"' if self.dialect == "postgres" else "`"
+        return ".".join(mark + part + mark for part in name.split("."))
+
+    def column(self, name: str) -> str:
+        """A column as grouped and compared: exactly, byte for byte. MySQL's default collations
+        fold case and trailing spaces, so text is compared there as its binary string."""
+        quoted = self.quote(name)
+        if self.dialect == "mysql" and name not in _INTEGER_COLUMNS:
+            return "CAST(%s AS BINARY)" % quoted
+        return quoted
+
+    def parameter(self, name: str) -> str:
+        if self.dialect == "mysql" and name not in _INTEGER_COLUMNS:
+            return "CAST(%s AS BINARY)" % self.mark
+        return self.mark
+
+
+def _server_where(sql: ServerSQL, start: Optional[int], end: Optional[int],
+                  filters: list[Filter]) -> tuple[str, list]:
+    start, end, excluded = _window(start, end, filters)
+    ts = sql.quote("ts")
+    conditions, params = [], []
+    if start is not None:
+        conditions.append("%s >= %s" % (ts, sql.mark))
+        params.append(start)
+    if end is not None:
+        conditions.append("%s < %s" % (ts, sql.mark))
+        params.append(end)
+    for low, high in excluded:
+        conditions.append("NOT (%s >= %s AND %s < %s)" % (ts, sql.mark, ts, sql.mark))
+        params += [low, high]
+    for f in filters:
+        if f.column == "contime":
+            continue
+        if f.column not in _PAIR_COLUMNS:
+            raise ValueError("no such column: %r" % f.column)
+        condition = "%s = %s" % (sql.column(f.column), sql.parameter(f.column))
+        conditions.append("NOT (%s)" % condition if f.exclude else condition)
+        params.append(f.value)
+    return " AND ".join(conditions) or "1 = 1", params
+
+
+def server_tab_query(sql: ServerSQL, column: str, start: Optional[int], end: Optional[int],
+                     filters: list[Filter]) -> tuple[str, list]:
+    """SQL and parameters giving (value, send, recv, conns) rows of tab `column` for
+    [start, end) (None: open) under `filters`, most traffic first, on the central server.
+
+    The entry time tab groups by write window, or by hour when the window uses whole hours
+    (bucket_width), as History does.
+    """
+    where, params = _server_where(sql, start, end, filters)
+    pair = ", ".join(sql.column(name) for name in _PAIR_COLUMNS)
+    send, recv = sql.quote("send"), sql.quote("recv")
+    if BY_COLUMN.get(column, HOST).side == "time":
+        ts, bucket = sql.quote("ts"), bucket_width(start, end)
+        value = "%s - MOD(%s, %d)" % (ts, ts, bucket) if bucket else ts
+        order = "val DESC"
+    else:
+        if column not in _PAIR_COLUMNS:
+            raise ValueError("no such column: %r" % column)
+        value = sql.column(column)
+        order = "val"
+    query = ("SELECT val, sum(sent), sum(received), count(*) FROM ("
+             "SELECT %s AS val, sum(%s) AS sent, sum(%s) AS received FROM %s WHERE %s "
+             "GROUP BY %s, %s) AS pairs "
+             "GROUP BY val ORDER BY sum(sent) + sum(received) DESC, %s") % (
+        value, send, recv, sql.quote(sql.table), where, value, pair, order)
+    return query, params
+
+
+def server_bounds_query(sql: ServerSQL) -> tuple[str, list]:
+    """SQL giving the first and last write window on the server (NULLs when it is empty)."""
+    ts = sql.quote("ts")
+    return "SELECT min(%s), max(%s) FROM %s" % (ts, ts, sql.quote(sql.table)), []
+
+
+def _plain(value: object) -> object:
+    """A value as the UI shows it: text as str (MySQL's binary strings decoded), sums as int."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    if value is None or isinstance(value, (str, int)):
+        return value
+    return int(value)  # Decimal sums
+
+
+class ServerHistory:
+    """Tabs over the central server, with the interface of History (plus `host`).
+
+    `connect()` returns a new DB-API connection; `errors` are the exception classes that mean
+    the server could not answer. A failed query drops the connection; the next one reconnects.
+    Every read ends its transaction, so a refresh sees rows written since.
+    """
+
+    dimensions = SERVER_DIMENSIONS
+
+    def __init__(self, connect, errors: tuple, sql: ServerSQL, label: str = ""):
+        self._connect, self.errors, self.sql, self.label = connect, errors, sql, label
+        self.conn = None
+
+    def _query(self, query: str, params: list) -> list:
+        try:
+            if self.conn is None:
+                self.conn = self._connect()
+            cursor = self.conn.cursor()
+            try:
+                cursor.execute(query, params)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+            self.conn.rollback()
+            return [tuple(_plain(v) for v in row) for row in rows]
+        except self.errors as error:
+            self.close()
+            text = " ".join(str(error).split()) or type(error).__name__
+            if "SQL server" not in text:
+                text = "the SQL server %s: %s" % (self.label, text)
+            raise QueryError(text[:400]) from None
+
+    def tab(self, column: str, start: Optional[int], end: Optional[int],
+            filters: list[Filter]) -> list[Row]:
+        return [Row(*row) for row in
+                self._query(*server_tab_query(self.sql, column, start, end, filters))]
+
+    def bounds(self) -> tuple[Optional[int], Optional[int]]:
+        return self._query(*server_bounds_query(self.sql))[0]
+
+    def forget_window(self) -> None:
+        """Nothing is cached: every tab is read afresh."""
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except self.errors:
+                pass
+            self.conn = None

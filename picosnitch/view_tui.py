@@ -30,7 +30,8 @@ from picosnitch import record_keeper
 from picosnitch.paths import Paths
 from picosnitch.sanitize import printable
 from picosnitch.sqlite_store import open_readonly
-from picosnitch.view_queries import DIMENSIONS, HOUR, Filter, History, Row, bucket_width
+from picosnitch.view_queries import (DIMENSIONS, HOUR, Dimension, Filter, History, QueryError, Row,
+                                     bucket_width)
 
 # ---- text that is safe to show and fits its cells (also used by top_tui) ----
 
@@ -212,10 +213,11 @@ class State:
     top: int = 0
     search: str = ""
     message: str = ""
+    dimensions: tuple[Dimension, ...] = DIMENSIONS  # the tabs (the central server adds host)
 
     @property
     def column(self) -> str:
-        return DIMENSIONS[self.tab].column
+        return self.dimensions[self.tab].column
 
     @property
     def range_name(self) -> str:
@@ -253,7 +255,7 @@ class ViewUI:
         self.screen = screen
         self.history = history
         self.annotations = annotations
-        self.state = State()
+        self.state = State(dimensions=history.dimensions)
         self.showing_help = False
         self.keys: dict[object, Callable[[], None]] = {
             curses.KEY_LEFT: lambda: self.switch_tab(-1),
@@ -279,7 +281,11 @@ class ViewUI:
     def load(self) -> None:
         s = self.state
         start, end = s.window()
-        s.rows = self.history.tab(s.column, start, end, s.filters)
+        try:
+            s.rows = self.history.tab(s.column, start, end, s.filters)
+        except QueryError as error:  # the central server went away: say so, keep running
+            s.rows = []
+            s.message = f"{safe(str(error))} (r: retry)"
         s.cursor = min(s.cursor, max(len(s.rows) - 1, 0))
 
     def refresh(self, keep_time: bool = False) -> None:
@@ -291,7 +297,7 @@ class ViewUI:
     # -- actions --
 
     def switch_tab(self, step: int) -> None:
-        self.state.tab = (self.state.tab + step) % len(DIMENSIONS)
+        self.state.tab = (self.state.tab + step) % len(self.state.dimensions)
         self.state.cursor = self.state.top = 0
         self.load()
 
@@ -310,7 +316,7 @@ class ViewUI:
         width = (bucket_width(*s.window()) or 1) if s.column == "contime" else 0
         s.filters.append(Filter(s.column, s.rows[s.cursor].value, exclude, width))
         if not exclude:
-            s.tab = (s.tab + 1) % len(DIMENSIONS)
+            s.tab = (s.tab + 1) % len(s.dimensions)
         s.cursor = s.top = 0
         self.load()
 
@@ -403,22 +409,24 @@ class ViewUI:
         history = f"  (history -{s.offset})" if s.offset else ""
         title = (f"picosnitch view │ range: {s.range_name}{history} │ {when} │ "
                  f"units: {UNITS[s.unit]}")
+        if self.history.label:
+            title += f" │ server: {safe(self.history.label)}"
         put(self.screen, 0, 0, fit(title, width - 1), curses.A_BOLD)
         self._draw_tabs(1, width)
         described = []
         for f in s.filters:
             shown = show_value(f.column, f.value, f.width if f.width == HOUR else 0)
-            title = next(d.title for d in DIMENSIONS if d.column == f.column)
+            title = next(d.title for d in s.dimensions if d.column == f.column)
             described.append(f"{title} {'≠' if f.exclude else '='} {shown}")
         line = "filters: " + (" · ".join(described) if described else "none")
         put(self.screen, 2, 0, fit(line, width - 1), curses.A_BOLD if described else 0)
-        title = DIMENSIONS[s.tab].title
+        title = s.dimensions[s.tab].title
         head = f"{fit('sent', 11, True)} {fit('received', 11, True)} {fit('conns', 7, True)}  "
         put(self.screen, 3, 0, fit(head + title, width - 1), curses.A_UNDERLINE)
 
     def _draw_tabs(self, y: int, width: int) -> None:
         """The tab titles on one line, scrolled so the current one shows, current reversed."""
-        titles = [f" {d.title} " for d in DIMENSIONS]
+        titles = [f" {d.title} " for d in self.state.dimensions]
         first = self.state.tab
         used = cells(titles[first])
         while first > 0 and used + cells(titles[first - 1]) + 4 <= width - 1:
@@ -508,23 +516,49 @@ def ownership(path) -> str:
     return ""
 
 
-def main(paths: Paths) -> int:
-    """Run the UI; returns an exit status. Errors opening snitch.db are one plain sentence."""
-    try:
-        conn = open_readonly(str(paths.db))
-    except FileNotFoundError as exc:
-        print(f"picosnitch view: {printable(str(exc))}")
-        return 1
-    except PermissionError as exc:
-        print(f"picosnitch view: {printable(str(exc))}{ownership(paths.db)}")
-        return 1
+def _open_server(target: str, paths: Paths):
+    """A ServerHistory for `target` (a URL, or "config"); the first read checks it works."""
+    from picosnitch import central_db
+    from picosnitch.view_queries import ServerHistory, ServerSQL
+    server, driver = central_db.open_server(target, paths.config)
+    sql = ServerSQL.for_driver(server.dialect, server.table, getattr(driver, "paramstyle", ""))
+    history = ServerHistory(lambda: central_db.connect(server, driver), (driver.Error, OSError,
+                            central_db.CentralError), sql, server.describe())
+    history.bounds()
+    return history
+
+
+def main(paths: Paths, db: Optional[str] = None) -> int:
+    """Run the UI; returns an exit status. Errors opening snitch.db are one plain sentence.
+
+    `db` is a central server's URL (or "config" for config.json's "DB sql server") to browse
+    instead of this machine's snitch.db.
+    """
+    if db is not None:
+        from picosnitch.central_db import CentralError
+        try:
+            history = _open_server(db, paths)
+        except (CentralError, QueryError) as exc:
+            print(f"picosnitch view: {printable(str(exc))}")
+            return 1
+        close = history.close
+    else:
+        try:
+            conn = open_readonly(str(paths.db))
+        except FileNotFoundError as exc:
+            print(f"picosnitch view: {printable(str(exc))}")
+            return 1
+        except PermissionError as exc:
+            print(f"picosnitch view: {printable(str(exc))}{ownership(paths.db)}")
+            return 1
+        history = History(conn)
+        close = conn.close
     locale.setlocale(locale.LC_ALL, "")
-    history = History(conn)
     annotations = Annotations.load(paths)
     try:
         curses.wrapper(lambda screen: ViewUI(screen, history, annotations).run())
     except KeyboardInterrupt:
         pass
     finally:
-        conn.close()
+        close()
     return 0

@@ -16,4 +16,8 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet -e '.[test]'
 make -s -C picosnitch/bpf
 
+# The Debian package, built the way Debian builds it; tests/test_packaging.py installs and runs it.
+PICOSNITCH_DEB=$(scripts/build-deb.sh dist)
+export PICOSNITCH_DEB
+
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

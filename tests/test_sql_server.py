@@ -6,6 +6,10 @@ process; the test plays the identity worker and sends both the same lists of Con
 
 import json
 import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -362,3 +366,174 @@ def test_a_full_backlog_during_an_outage_reports_the_loss(server, prefix, table)
         server.start()
     assert any("the SQL backlog" in e and "is full" in e and "dropped the oldest" in e
                for e in rig.errors())
+
+
+# -- the real daemon -----------------------------------------------------------------------------
+#
+# `picosnitch start-no-daemon` under a private prefix, with "DB sql server" set to the fixture's
+# server. A copied python named KNOWN_NAME sends known amounts over loopback to a server of the
+# test; everything else the machine does (the daemon's own SQL traffic included) is recorded too,
+# and the comparison covers every row, not only the known ones.
+
+from daemon_harness import Daemon  # noqa: E402
+
+KNOWN_NAME = "psql-known"
+KNOWN_SEND, KNOWN_REPLY = 2345, 678
+CLIENT = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"q" * int(sys.argv[2]))
+s.shutdown(socket.SHUT_WR)
+while s.recv(65536):
+    pass
+"""
+
+
+class KnownTraffic:
+    """A loopback server answering KNOWN_REPLY bytes, and a client executable of our own."""
+
+    def __init__(self, prefix: Path):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        (prefix / "bin").mkdir(exist_ok=True)
+        self.exe = prefix / "bin" / KNOWN_NAME
+        shutil.copy("/usr/bin/python3.11", self.exe)
+        self.clients = 0  # completed client runs
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                while conn.recv(65536):
+                    pass
+                conn.sendall(b"r" * KNOWN_REPLY)
+
+    def run_client(self) -> None:
+        subprocess.run([self.exe, "-c", CLIENT, str(self.port), str(KNOWN_SEND)], check=True,
+                       timeout=30)
+        self.clients += 1
+
+    def keep_going(self, seconds: float, every: float = 0.3) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.run_client()
+            time.sleep(every)
+
+    def expected(self) -> tuple:
+        return self.clients * KNOWN_SEND, self.clients * KNOWN_REPLY
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.listener.close()
+
+
+def daemon_local_rows(paths: Paths) -> Counter:
+    conn = open_readonly(str(paths.db))
+    try:
+        rows = conn.execute("SELECT %s FROM connections" % ", ".join(NAMES)).fetchall()
+    finally:
+        conn.close()
+    return Counter(tuple(printable(v) if isinstance(v, str) else v for v in row) for row in rows)
+
+
+def known_sums(rows: Counter) -> tuple:
+    name, send, recv = (NAMES.index(n) for n in ("name", "send", "recv"))
+    found = [(row, count) for row, count in rows.items() if row[name] == KNOWN_NAME]
+    return (sum(row[send] * count for row, count in found),
+            sum(row[recv] * count for row, count in found))
+
+
+def wait_until(check, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - e.g. the table is not created yet
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.3)
+
+
+@pytest.fixture
+def daemon_rig(server, prefix, table):
+    """start(): a real daemon logging to `server`'s `table`; known: the known traffic."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs the daemon")
+    known = KnownTraffic(prefix)
+    started = []
+
+    def start() -> Daemon:
+        daemon = Daemon(prefix, **{"DB sql server": server.params(table_name=table)}).start()
+        started.append(daemon)
+        return daemon
+
+    start.known = known
+    yield start
+    for daemon in started:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.kill_group()
+    known.close()
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+def test_the_daemon_writes_the_rows_of_snitch_db_to_the_server(server, table, daemon_rig):
+    daemon = daemon_rig()
+    known = daemon_rig.known
+    known.keep_going(3)
+    # the known traffic has reached the server, so what is left to send is the last windows
+    wait_until(lambda: known_sums(server_rows(server, table)) == known.expected(),
+               "the known traffic on the server")
+    assert daemon.stop() == 0
+    local = daemon_local_rows(daemon.paths)
+    assert known_sums(local) == known.expected()
+    assert_exactly_once(server, table, local)
+    host = server.query("SELECT DISTINCT host FROM %s" % table)[0][0]
+    assert host == socket.gethostname()
+    assert "SQL server" not in daemon.error_log(), daemon.error_log()
+
+
+def test_the_daemon_recovers_from_an_outage_across_a_restart(server, table, daemon_rig):
+    daemon = daemon_rig()
+    known = daemon_rig.known
+    known.keep_going(2)
+    wait_until(lambda: known_sums(server_rows(server, table)) == known.expected(),
+               "the known traffic on the server")
+    server.stop()
+    try:
+        known.keep_going(3)  # windows complete while the server is down
+        assert daemon.stop() == 0  # the daemon stops and starts while the server is down
+        backlog = daemon.paths.sql_backlog
+        assert list(backlog.glob("segment-*"))
+        assert "rows wait in the backlog" in daemon.error_log()
+        daemon = daemon_rig()
+        known.keep_going(2)
+    finally:
+        server.start()
+    known.keep_going(2)
+    wait_until(lambda: known_sums(server_rows(server, table)) == known.expected(),
+               "the backlog and the new traffic on the server", timeout=120)
+    assert daemon.stop() == 0
+    local = daemon_local_rows(daemon.paths)
+    assert known_sums(local) == known.expected()
+    assert_exactly_once(server, table, local)
+    assert "accepts rows again" in daemon.error_log()
+
+
+def test_a_window_is_sent_once_a_later_one_arrives_or_late_after_its_end():
+    windows = sql_worker.Windows(10)
+    windows.add([connection(1, 1000, 5)])
+    assert windows.take(1015) == []  # its end is past, but a batch stamped 1000 may still come
+    windows.add([connection(1, 1000, 7), connection(2, 1010, 1)])
+    taken = windows.take(1015)
+    assert [(c.ts, c.send) for c in taken] == [(1000, 12)]  # one row, both batches summed
+    assert windows.take(1010 + 10 + sql_worker.LATE) != []  # a quiet machine: sent LATE s on

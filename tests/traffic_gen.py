@@ -169,11 +169,121 @@ def resolve_tcp(name, family, port, size):
     return {**tcp(address, port, size), "address": address}
 
 
+def tcp_duplex(host, port, size):
+    """Sends `size` bytes from a second thread while the main thread reads until EOF: both
+    directions at once on one connection."""
+    import threading
+    s = connect(host, port)
+
+    def upload():
+        s.sendall(b"x" * int(size))
+        s.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    recv = read_to_eof(s)
+    sender.join()
+    return {"sent": int(size), "recv": recv}
+
+
+def tcp_many(host, port, count, size):
+    """`count` connections one after another, each sends `size` bytes, half-closes and reads to EOF."""
+    sent = recv = 0
+    for _ in range(int(count)):
+        s = connect(host, port)
+        s.sendall(b"n" * int(size))
+        sent += int(size)
+        s.shutdown(socket.SHUT_WR)
+        recv += read_to_eof(s)
+        s.close()
+    return {"sent": sent, "recv": recv}
+
+
+def drip(host, port, seconds, size, interval):
+    """Low and slow: `size` bytes every `interval` seconds for `seconds` seconds on one connection."""
+    s = connect(host, port)
+    sent, end = 0, time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        s.sendall(b"d" * int(size))
+        sent += int(size)
+        time.sleep(float(interval))
+    s.shutdown(socket.SHUT_WR)
+    return {"sent": sent, "recv": read_to_eof(s)}
+
+
+def udp_flood(host, port, count, size):
+    """`count` datagrams of `size` bytes with sendto() on an unconnected socket, as fast as
+    possible, not waiting for any answer."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    payload, sent = b"q" * int(size), 0
+    for _ in range(int(count)):
+        while True:
+            try:
+                sent += s.sendto(payload, (host, int(port)))
+                break
+            except BlockingIOError:  # pragma: no cover - a full queue on a blocking socket
+                time.sleep(0.001)
+    return {"sent": sent, "recv": 0, "lport": s.getsockname()[1]}
+
+
+def udp_pull(host, port, count, size):
+    """Asks the peer (one datagram "pull COUNT SIZE") for `count` datagrams and reads them until
+    it has them all or none arrives for a second."""
+    s = connect(host, port, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    request = f"pull {int(count)} {int(size)}".encode()
+    sent, recv, got = s.send(request), 0, 0
+    while got < int(count):
+        try:
+            recv += len(s.recv(CHUNK))
+        except socket.timeout:
+            break
+        got += 1
+    return {"sent": sent, "recv": recv, "datagrams": got}
+
+
+def ping_raw(host, count, size):
+    """ICMP echo through a raw socket (root; needs no ping_group_range), one request at a time.
+    Every byte read from the socket counts (a raw socket delivers the IP header too)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.settimeout(2)
+    ident, sent, recv = os.getpid() & 0xFFFF, 0, 0
+    for seq in range(int(count)):
+        body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"p" * int(size)
+        padded = body + b"\0" * (len(body) % 2)
+        total = sum(struct.unpack(f"!{len(padded) // 2}H", padded))
+        total = (total >> 16) + (total & 0xFFFF)
+        checksum = ~(total + (total >> 16)) & 0xFFFF
+        sent += s.sendto(body[:2] + struct.pack("!H", checksum) + body[4:], (host, 0))
+        while True:
+            try:
+                data = s.recv(CHUNK)
+            except socket.timeout:
+                break
+            recv += len(data)
+            header = (data[0] & 0x0F) * 4
+            if data[header] == 0 and struct.unpack("!HH", data[header + 4:header + 8]) == (ident, seq):
+                break
+    return {"sent": sent, "recv": recv}
+
+
+def sctp(host, port, size):
+    """SCTP one-to-one socket: send `size` bytes, then close."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+    s.connect((host, int(port)))
+    s.sendall(b"s" * int(size))
+    s.close()
+    return {"sent": int(size), "recv": 0}
+
+
 SCENARIOS = {
     "tcp": tcp, "udp-connected": udp_connected, "udp-unconnected": udp_unconnected, "sendfile": sendfile,
     "splice": splice, "ping": ping, "raw": raw, "packet-send": packet_send, "packet-recv": packet_recv,
     "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit, "resolve-tcp": resolve_tcp,
-    "tcp-late-read": tcp_late_read,
+    "tcp-late-read": tcp_late_read, "tcp-duplex": tcp_duplex, "tcp-many": tcp_many, "drip": drip,
+    "udp-flood": udp_flood, "udp-pull": udp_pull, "ping-raw": ping_raw, "sctp": sctp,
 }
 
 

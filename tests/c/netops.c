@@ -3,6 +3,11 @@
  *   netops uring HOST PORT SIZE         io_uring send SIZE bytes, then io_uring recv until EOF
  *   netops mmsg HOST PORT COUNT SIZE    sendmmsg COUNT datagrams, recvmmsg COUNT echoes
  *   netops quick HOST PORT SIZE         connect, send SIZE bytes, exit
+ *   netops mmsg-send HOST PORT ROUNDS COUNT SIZE
+ *                                       ROUNDS sendmmsg calls of COUNT datagrams each, nothing read
+ *   netops mmsg-recv HOST PORT COUNT SIZE
+ *                                       send "pull COUNT SIZE", recvmmsg until COUNT datagrams
+ *                                       arrived or none for a second
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -11,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 static int connect_to(const char *host, int port, int type)
@@ -126,6 +132,73 @@ static int quick(const char *host, int port, long size)
 	return 0;
 }
 
+static int mmsg_send(const char *host, int port, long rounds, int count, int size)
+{
+	struct mmsghdr msgs[64];
+	struct iovec iov[64];
+	static char buf[2048];
+	long sent = 0;
+	int fd = connect_to(host, port, SOCK_DGRAM);
+
+	if (count > 64 || size > 2048)
+		return 1;
+	memset(msgs, 0, sizeof(msgs));
+	memset(buf, 'M', sizeof(buf));
+	for (int i = 0; i < count; i++) {
+		iov[i].iov_base = buf;
+		iov[i].iov_len = size;
+		msgs[i].msg_hdr.msg_iov = &iov[i];
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	for (long r = 0; r < rounds; r++) {
+		int done = 0;
+		while (done < count) {
+			int n = sendmmsg(fd, msgs + done, count - done, 0);
+			if (n < 0) {
+				perror("sendmmsg");
+				return 1;
+			}
+			for (int i = done; i < done + n; i++)
+				sent += msgs[i].msg_len;
+			done += n;
+		}
+	}
+	printf("{\"sent\": %ld, \"recv\": 0}\n", sent);
+	return 0;
+}
+
+static int mmsg_recv(const char *host, int port, long count, int size)
+{
+	struct mmsghdr msgs[64];
+	struct iovec iov[64];
+	static char bufs[64][2048];
+	struct timeval tv = {1, 0};
+	char request[64];
+	long sent, recv = 0, got = 0;
+	int fd = connect_to(host, port, SOCK_DGRAM), n;
+
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	memset(msgs, 0, sizeof(msgs));
+	for (int i = 0; i < 64; i++) {
+		iov[i].iov_base = bufs[i];
+		iov[i].iov_len = sizeof(bufs[i]);
+		msgs[i].msg_hdr.msg_iov = &iov[i];
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	snprintf(request, sizeof(request), "pull %ld %d", count, size);
+	sent = send(fd, request, strlen(request), 0);
+	while (got < count) {
+		n = recvmmsg(fd, msgs, count - got < 64 ? count - got : 64, MSG_WAITFORONE, NULL);
+		if (n <= 0)
+			break;
+		for (int i = 0; i < n; i++)
+			recv += msgs[i].msg_len;
+		got += n;
+	}
+	printf("{\"sent\": %ld, \"recv\": %ld, \"datagrams\": %ld}\n", sent, recv, got);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 5 && !strcmp(argv[1], "uring"))
@@ -134,6 +207,10 @@ int main(int argc, char **argv)
 		return mmsg(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
 	if (argc >= 5 && !strcmp(argv[1], "quick"))
 		return quick(argv[2], atoi(argv[3]), atol(argv[4]));
-	fprintf(stderr, "usage: netops uring|mmsg|quick HOST PORT ...\n");
+	if (argc >= 7 && !strcmp(argv[1], "mmsg-send"))
+		return mmsg_send(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
+	if (argc >= 6 && !strcmp(argv[1], "mmsg-recv"))
+		return mmsg_recv(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
+	fprintf(stderr, "usage: netops uring|mmsg|quick|mmsg-send|mmsg-recv HOST PORT ...\n");
 	return 2;
 }

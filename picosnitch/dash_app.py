@@ -1,0 +1,249 @@
+"""`picosnitch dash`: the web dashboard's Starlette app, its security checks, and the server.
+
+Safe by default:
+- It binds the loopback name `localhost` (HOST and PORT environment variables change the address,
+  default port 5100). A bind that reaches beyond loopback is refused unless the user configured
+  a token (PICOSNITCH_DASH_TOKEN, at least 16 characters); every request must then carry it, as
+  `Authorization: Bearer <token>` or the cookie set by opening `/?token=<token>` once.
+- Requests whose Host header is not the bound name (or, on a loopback bind, a loopback name) are
+  refused: a web page cannot reach the dashboard by rebinding its own domain name to 127.0.0.1.
+- Only GET and HEAD exist. Responses forbid framing, sniffing, inline script and any other
+  origin (Content-Security-Policy); the page inserts every value as text, never as HTML.
+- It only reads snitch.db (sqlite_store.open_readonly), as the user who runs it; under sudo it
+  drops to the invoking user first.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import socket
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Optional
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from picosnitch import dash_api
+
+STATIC = Path(__file__).parent / "dash_static"
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 5100
+TOKEN_VARIABLE = "PICOSNITCH_DASH_TOKEN"
+TOKEN_MIN_LENGTH = 16
+COOKIE = "picosnitch_dash_token"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+     b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class DashError(Exception):
+    """The dashboard cannot start as asked; str() is one sentence for the user."""
+
+
+def is_loopback_bind(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_bind(host: str, token: Optional[str]) -> None:
+    """Refuse a non-loopback bind without a usable token (DashError says what to do)."""
+    if token is not None and len(token) < TOKEN_MIN_LENGTH:
+        raise DashError(f"{TOKEN_VARIABLE} is too short: use at least {TOKEN_MIN_LENGTH} "
+                        "random characters (e.g. from `openssl rand -hex 16`)")
+    if not is_loopback_bind(host) and not token:
+        raise DashError(f"HOST={host} is reachable from beyond this machine: set "
+                        f"{TOKEN_VARIABLE} to a secret of at least {TOKEN_MIN_LENGTH} characters "
+                        "to serve there (every request must then carry it)")
+
+
+def allowed_hosts(host: str, port: int) -> frozenset:
+    """Host header values accepted for a server bound to `host`:`port` (lower case)."""
+    names = {host.lower().strip("[]")}
+    if is_loopback_bind(host):
+        names.update(LOOPBACK_NAMES)
+    found = set()
+    for name in names:
+        shown = f"[{name}]" if ":" in name else name
+        found.add(f"{shown}:{port}")
+        if port == 80:
+            found.add(shown)
+    return frozenset(found)
+
+
+class SecurityMiddleware:
+    """Host-header check, optional token, GET/HEAD only, security headers (pure ASGI)."""
+
+    def __init__(self, app, hosts: frozenset, token: Optional[str] = None):
+        self.app = app
+        self.hosts = hosts
+        self.token = token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                return await self.app(scope, receive, send)
+            return  # no websockets
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await self._with_headers(refusal)(scope, receive, send)
+        if self.token and scope["path"] == "/" and b"token=" in scope.get("query_string", b""):
+            # The token as a link: keep it in a cookie, and out of the address bar and history.
+            given = parse_qs(scope["query_string"].decode("latin-1")).get("token", [""])[0]
+            if hmac.compare_digest(given.encode(), self.token.encode()):
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+                return await self._with_headers(response)(scope, receive, send)
+            response = PlainTextResponse("wrong token\n", status_code=401)
+            return await self._with_headers(response)(scope, receive, send)
+        if self.token and not self._has_token(headers):
+            response = PlainTextResponse(
+                "this dashboard needs its token: open /?token=<token> once, or send "
+                "Authorization: Bearer <token>\n", status_code=401)
+            return await self._with_headers(response)(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _refusal(self, scope, headers):
+        host = headers.get("host", "").lower()
+        if host not in self.hosts:
+            return PlainTextResponse(
+                "refused: the Host header does not name this dashboard\n", status_code=421)
+        if scope["method"] not in ("GET", "HEAD"):
+            return PlainTextResponse("only GET and HEAD\n", status_code=405,
+                                     headers={"Allow": "GET, HEAD"})
+        return None
+
+    def _has_token(self, headers) -> bool:
+        expected = self.token.encode()
+        authorization = headers.get("authorization", "")
+        if authorization.startswith("Bearer ") and hmac.compare_digest(
+                authorization[7:].strip().encode(), expected):
+            return True
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except Exception:  # a malformed Cookie header is just no token
+            return False
+        given = cookie.get(COOKIE)
+        return given is not None and hmac.compare_digest(given.value.encode(), expected)
+
+    @staticmethod
+    def _with_headers(response):
+        for name, value in SECURITY_HEADERS:
+            response.headers[name.decode()] = value.decode()
+        return response
+
+
+def create_app(dash: dash_api.Dash, hosts: frozenset, token: Optional[str] = None):
+    """The ASGI app: "/" the page, /static/* its files, /api/<name> the JSON endpoints."""
+
+    def index(request):
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+    def no_icon(request):
+        return Response(status_code=204)
+
+    routes = [Route("/", index, methods=["GET", "HEAD"]),
+              Route("/favicon.ico", no_icon, methods=["GET", "HEAD"]),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    routes += [Route(f"/api/{name}", dash_api.endpoint(dash, name), methods=["GET", "HEAD"])
+               for name in dash_api.ENDPOINTS]
+    app = Starlette(routes=routes)
+    return SecurityMiddleware(app, hosts, token)
+
+
+def settings(environ=None) -> tuple[str, int, Optional[str]]:
+    """(host, port, token) from HOST, PORT and PICOSNITCH_DASH_TOKEN."""
+    environ = os.environ if environ is None else environ
+    host = environ.get("HOST") or DEFAULT_HOST
+    try:
+        port = int(environ.get("PORT") or DEFAULT_PORT)
+        if not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise DashError(f"PORT must be a TCP port number, not {environ.get('PORT')!r}") from None
+    return host, port, environ.get(TOKEN_VARIABLE) or None
+
+
+def drop_privileges(environ=None) -> None:
+    """Under sudo, become the invoking user (the dashboard never needs root)."""
+    environ = os.environ if environ is None else environ
+    if os.geteuid() != 0 or not environ.get("SUDO_UID"):
+        return
+    uid, gid = int(environ["SUDO_UID"]), int(environ.get("SUDO_GID") or environ["SUDO_UID"])
+    import pwd
+    try:
+        user = pwd.getpwuid(uid).pw_name
+        os.initgroups(user, gid)
+    except KeyError:
+        os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def load(paths, environ=None):
+    """(Dash, host, port, token) for `paths`: checks the bind, opens snitch.db read-only."""
+    from picosnitch import config as config_module
+    from picosnitch.sqlite_store import open_readonly
+    from picosnitch.view_tui import Annotations
+
+    host, port, token = settings(environ)
+    check_bind(host, token)
+    try:
+        cfg = config_module.load(paths.config)
+    except (config_module.ConfigError, OSError):
+        cfg = config_module.defaults()
+    open_readonly(str(paths.db)).close()  # fail now, with a clear message, if it cannot be read
+    options = {"theme": cfg["Dash theme"], "scroll_zoom": cfg["Dash scroll zoom"]}
+    dash = dash_api.Dash(lambda: open_readonly(str(paths.db)), Annotations.load(paths), options,
+                         paths.live_socket)
+    return dash, host, port, token
+
+
+def main(paths) -> int:
+    """`picosnitch dash`: serve until interrupted."""
+    import sys
+
+    import uvicorn
+
+    drop_privileges()
+    try:
+        dash, host, port, token = load(paths)
+    except (DashError, FileNotFoundError, PermissionError) as exc:
+        print(f"picosnitch dash: {exc}", file=sys.stderr)
+        return 1
+    shown = f"[{host}]" if ":" in host else host
+    print(f"picosnitch dash: http://{shown}:{port}/" + ("  (token required)" if token else ""),
+          flush=True)
+    app = create_app(dash, allowed_hosts(host, port), token)
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
+                proxy_headers=False, access_log=False)
+    return 0
