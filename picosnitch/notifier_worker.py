@@ -46,13 +46,26 @@ NOTIFICATIONS = "org.freedesktop.Notifications"
 JEEPNEY, NOTIFY_SEND = "jeepney", "notify-send"
 
 
-def choose_method() -> Optional[str]:
-    """JEEPNEY when it can be imported, else NOTIFY_SEND when installed, else None."""
+def load_jeepney() -> bool:
+    """Import every part of jeepney the children use, now, while still root; False without it.
+
+    A child that has become a user may not be allowed to read the directory picosnitch's
+    dependencies are installed in (a virtualenv under /root, say), so it must find them loaded.
+    """
     try:
         import jeepney  # noqa: F401
-        return JEEPNEY
+        import jeepney.io.blocking  # noqa: F401
+        import jeepney.wrappers  # noqa: F401
+        return True
     except ImportError:
-        return NOTIFY_SEND if shutil.which("notify-send") else None
+        return False
+
+
+def choose_method() -> Optional[str]:
+    """JEEPNEY when it can be imported, else NOTIFY_SEND when installed, else None."""
+    if load_jeepney():
+        return JEEPNEY
+    return NOTIFY_SEND if shutil.which("notify-send") else None
 
 
 class BurstGate:
@@ -186,6 +199,7 @@ def ask_logind_unprivileged() -> list[int]:
 
     Raises OSError with the child's reason when it could not answer.
     """
+    load_jeepney()  # nobody may not be able to import it
     reader, writer = os.pipe()
 
     def answer() -> None:
@@ -338,8 +352,10 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the keeper
     enabled = config["Desktop notifications"]
-    desktops = Desktops(config, lambda message, key: report.send(ErrorReport(message, key)),
-                        choose_method() if method == "auto" else method)
+    method = choose_method() if method == "auto" else method
+    if method == JEEPNEY:
+        load_jeepney()
+    desktops = Desktops(config, lambda message, key: report.send(ErrorReport(message, key)), method)
     bursts, errors = BurstGate(settle, window), ErrorGate(error_window)
     exe_log, error_log = str(paths.exe_log), str(paths.error_log)
     try:

@@ -112,6 +112,9 @@ class Supervisor:
                     name = sentinels[sentinel]
                     if self.stopping:
                         break
+                    self.processes[name].join(5)  # reaped, so that its exit code is known
+                    if self.processes[name].exitcode is None:  # still exiting: next round
+                        continue
                     if self.processes[name].exitcode == 0:  # finished: its upstream stopped
                         self._request_stop()
                     elif not self._restart(name):

@@ -201,10 +201,12 @@ class RootSide:
             try:
                 ours.close()
                 desktop_sessions.close_fds_except({theirs.fileno()})
-                desktop_sessions.become(desktop_sessions.lookup(self.user))
                 timeout, retry_base, analysis_wait = self.checker_args
+                # Made (and `requests` imported) before becoming the user, who may not be
+                # allowed to read where it is installed (a virtualenv under /root, say).
                 client = Client(self.config["VT API key"], self.config["VT API URL"],
                                 self.config["VT request limit (seconds)"], timeout)
+                desktop_sessions.become(desktop_sessions.lookup(self.user))
                 Checker(theirs, client, self.config["VT file upload"], retry_base,
                         analysis_wait).run()
                 status = 0
@@ -278,7 +280,7 @@ class RootSide:
 
     def _restart(self) -> bool:
         self.sock.close()
-        _pid, code = os.waitpid(self.pid, 0)
+        code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])  # -N: killed by signal N
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
         if len(self.restarts) > RESTARTS_ALLOWED:
@@ -312,17 +314,19 @@ def run(config, inbox, outbox, user: str = UNPRIVILEGED_USER,
         analysis_wait: float = ANALYSIS_WAIT) -> int:
     """Serve VtRequests from `inbox` until Stop; results and errors go to `outbox`.
 
-    Start it only when "VT API key" is set. Exits 1 when the checker keeps crashing.
+    Start it only when "VT API key" is set. When the checker keeps crashing (reported), lookups
+    stop but the worker still drains `inbox` until Stop: exiting would make the supervisor
+    restart it into the same crash loop, or (status 0) stop the daemon.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the keeper
     root = RootSide(config, outbox, user, timeout, retry_base, analysis_wait)
+    checking = True
     try:
         while True:
-            for source in wait([inbox, root.sock]):
+            for source in wait([inbox, root.sock] if checking else [inbox]):
                 if source is root.sock:
-                    if not root.answer():
-                        return 1
+                    checking = root.answer()
                     continue
                 try:
                     message = inbox.recv()
@@ -330,7 +334,7 @@ def run(config, inbox, outbox, user: str = UNPRIVILEGED_USER,
                     return 0
                 if isinstance(message, Stop):
                     return 0
-                if isinstance(message, VtRequest):
+                if isinstance(message, VtRequest) and checking:
                     root.request(message)
     finally:
         root.stop()

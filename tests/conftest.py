@@ -1,5 +1,6 @@
 """Shared fixtures: the real kernel monitor, a private veth/netns lab, compiled C generators."""
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -16,6 +17,14 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 from netlab import NetLab  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that failed half-way may leave a worker process behind; Python would wait for it at
+    exit (multiprocessing joins its children), and the run would never end."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
 
 
 def needs_root():

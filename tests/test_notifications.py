@@ -2,10 +2,12 @@
 notification server (org.freedesktop.Notifications) running as that user, a stand-in logind on
 a private system bus, and the real notifier worker fed through real pipes."""
 
+import hashlib
 import json
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import subprocess
 import tempfile
@@ -172,11 +174,12 @@ def serve_notifications(user, calls):
                 pid, = unwrap_msg(connection.send_and_get_reply(
                     message_bus.GetConnectionUnixProcessID(sender)))
                 with open("/proc/%d/status" % pid) as status:
-                    ids = {line.split(":")[0]: line.split(":")[1].split()
-                           for line in status if line.startswith(("Uid:", "Gid:", "Groups:"))}
+                    ids = {line.split(":")[0]: line.split(":")[1].split() for line in status
+                           if line.startswith(("Uid:", "Gid:", "Groups:", "PPid:"))}
                 app, _replaces, _icon, summary, body = message.body[:5]
                 calls.put({"at": time.monotonic(), "app": app, "summary": summary,
-                           "body": body, "bus_uid": uid, "pid": pid, "ids": ids})
+                           "body": body, "bus_uid": uid, "pid": pid, "ids": ids,
+                           "pgid": os.getpgid(pid)})
                 serial += 1
                 connection.send(new_method_return(message, "u", (serial,)))
             else:
@@ -347,7 +350,7 @@ def test_a_burst_of_thirty_new_programs_is_one_summary(notifier, server):
     for i in range(30):
         worker.observe("/usr/lib/update/tool%02d" % i, "tool%02d" % i, "%064x" % i)
     call, = received(server, 1)
-    assert call["summary"] == "picosnitch: 30 changes"
+    assert call["summary"] == "picosnitch: 30 changes", call
     assert call["body"].startswith("30 new executables: tool00, tool01, tool02, tool03, tool04")
     assert call["body"].endswith("See picosnitch view or %s" % worker.paths.exe_log)
 
@@ -432,3 +435,249 @@ def test_with_no_graphical_session_it_skips_and_says_so_once(notifier, server, l
     worker.stop()
     assert worker.reports() == [ErrorReport("desktop notifications skipped: no active "
                                             "graphical session", "desktop notifications: session")]
+
+
+# ---------------------------------------------------------------- through the real daemon
+#
+# The daemon runs as systemd would run it (tests/daemon_harness.py), with "Desktop notification
+# users" naming the test user (so no logind is needed) and a write window of a minute: a toast
+# must not wait for the database. Programs are copies of the compiled `netops` helper, named for
+# each test, talking to a loopback sink in this process. A daemon started on an empty record
+# would find this very process (the sink's receiver) new as well, so each run starts from the
+# record.json of a first run that has already met it (`known_record`).
+#
+# Other programs on this machine may be new at the same moment (other tests, benchmarks): the
+# daemon rightly counts them in, and a notice meant for one program becomes part of a summary.
+# So a run whose check fails while its exe.log names executables that are not ours is tried
+# again (`without_noise`); a failure on a quiet machine is a failure.
+
+DAEMON_WINDOW = 60  # "DB write limit (seconds)"
+TOAST_WITHIN = 4.0  # seconds from the traffic to the notification, at most
+TRIES = 3
+ERROR_SUMMARY = r"picosnitch: (error|\d+ more errors?)"
+
+
+@pytest.fixture(scope="module")
+def sink():
+    from test_daemon_lifecycle import Sink
+    s = Sink()
+    yield s
+    s.sock.close()
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """A short directory for the test programs (so their paths are never cut in a notice)."""
+    directory = tempfile.mkdtemp(prefix="psn-")
+    yield directory
+    shutil.rmtree(directory)
+
+
+def install(netops, directory, name, extra=b""):
+    """A copy of netops named `name` (with `extra` bytes appended: another sha256)."""
+    path = os.path.join(directory, name)
+    with open(netops, "rb") as original, open(path, "wb") as copy:
+        copy.write(original.read() + extra)
+    os.chmod(path, 0o755)
+    return path
+
+
+def talk(program, port, size=100):
+    subprocess.run([program, "quick", "127.0.0.1", str(port), str(size)], check=True,
+                   capture_output=True)
+
+
+def drain(server):
+    found = []
+    while True:
+        try:
+            found.append(server.get(timeout=0.1))
+        except queue.Empty:
+            return found
+
+
+@pytest.fixture(scope="module")
+def known_record(tmp_path_factory, netops, sink, programs):
+    """record.json of a first run (notifications off) that met this process and the program
+    `psn-changing`; returns (record.json text, psn-changing's path)."""
+    needs_root()
+    from daemon_harness import Daemon
+    changing = install(netops, programs, "psn-changing")
+    daemon = Daemon(tmp_path_factory.mktemp("warm-up") / "prefix", **{
+        "Desktop notifications": False, "DB write limit (seconds)": DAEMON_WINDOW})
+    with daemon:
+        talk(changing, sink.port)
+        deadline = time.monotonic() + 15
+        while not (daemon.paths.exe_log.exists()
+                   and changing in daemon.paths.exe_log.read_text()):
+            assert time.monotonic() < deadline, "the first run never saw psn-changing"
+            time.sleep(0.1)
+        time.sleep(1)  # whatever else talks now is known too
+        assert daemon.stop() == 0
+    return daemon.paths.record.read_text(), changing
+
+
+@pytest.fixture
+def notifying_daemon(tmp_path, known_record, server, desktop_user):
+    """Starts the real daemon, notifying the test user, in a new prefix from the known record."""
+    from daemon_harness import Daemon
+    made = []
+
+    def start(**settings):
+        daemon = Daemon(tmp_path / ("prefix%d" % len(made)), **{
+            "Desktop notification users": [desktop_user.name],
+            "DB write limit (seconds)": DAEMON_WINDOW, **settings})
+        daemon.paths.data_dir.mkdir(parents=True, exist_ok=True)
+        daemon.paths.record.write_text(known_record[0])
+        drain(server)
+        made.append(daemon.start())
+        return daemon
+    yield start
+    for daemon in made:
+        daemon.stop()
+    drain(server)
+
+
+class Run:
+    """What one daemon run showed: every Notify call, and the daemon's processes."""
+
+    def __init__(self, daemon, server, started):
+        self.daemon, self.started = daemon, started
+        calls, deadline = [], time.monotonic() + 10
+        while not any(not re.fullmatch(ERROR_SUMMARY, c["summary"]) for c in calls):
+            try:
+                calls.append(server.get(timeout=max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                daemon.stop()
+                pytest.fail("no notification; error.log:\n%s\nstderr:\n%s" % (
+                    daemon.error_log(), daemon.proc.stderr.read()))
+        self.workers = daemon.workers()
+        time.sleep(1)  # company for the first one may be a moment later
+        assert daemon.stop() == 0  # its notifier sends what it still holds
+        time.sleep(0.5)
+        calls += drain(server)
+        # Error notices have their own rate limit and never hold back news; the daemon's errors
+        # about other processes (which come and go on this machine) are not this test's business.
+        self.calls = [c for c in calls if not re.fullmatch(ERROR_SUMMARY, c["summary"])]
+        self.errors = [c for c in calls if re.fullmatch(ERROR_SUMMARY, c["summary"])]
+
+    def about(self, text):
+        return [call for call in self.calls if text in call["body"]]
+
+
+def foreign(daemon, programs):
+    """exe.log lines about executables that are not ours (not in `programs`)."""
+    log = daemon.paths.exe_log
+    lines = log.read_text(errors="surrogateescape").splitlines() if log.exists() else []
+    return [line for line in lines if ", %s/" % programs not in line]
+
+
+def without_noise(start, programs, scenario, check):
+    """check(scenario(daemon)) for a new daemon; tried again when a failed check could be
+    the doing of other programs that were new at the same time."""
+    for attempt in range(1, TRIES + 1):
+        run = scenario(start())
+        try:
+            assert not [e for e in run.errors if programs in e["body"]], run.errors
+            return check(run)
+        except AssertionError as error:
+            others = foreign(run.daemon, programs)
+            print("attempt %d failed (%s); new at the same time: %s" % (attempt, error, others))
+            if not others:
+                raise
+            if attempt == TRIES:
+                raise AssertionError("%s\n(other programs were new at the same time, in each of "
+                                     "%d runs; the last: %s)" % (error, TRIES, others)) from error
+
+
+def assert_sent_by_the_desktop_user(call, run, desktop_user):
+    """The D-Bus sender is a process of the daemon that has become the desktop user."""
+    uid, gid = str(desktop_user.uid), str(desktop_user.gid)
+    assert call["bus_uid"] == desktop_user.uid
+    assert call["ids"]["Uid"] == [uid] * 4 and call["ids"]["Gid"] == [gid] * 4
+    assert call["ids"]["Groups"] in ([], [gid])
+    assert call["pgid"] == run.daemon.proc.pid  # one of the daemon's processes, no impostor
+    assert call["pid"] in run.workers
+    notifier, = call["ids"]["PPid"]
+    assert int(notifier) in run.workers  # forked by the notifier worker
+
+
+def test_daemon_notifies_a_new_program_at_once_as_the_desktop_user(
+        notifying_daemon, server, desktop_user, sink, netops, programs):
+    fresh = install(netops, programs, "psn-neverseen")
+    hostile = install(netops, programs, "\x1b[1m<b>&lt;\x07")  # 12 bytes: all of it is the name
+    shown = "\\x1b[1m&lt;b&gt;&amp;lt;\\x07"  # printable, and the markup this server reads escaped
+
+    def scenario(daemon):
+        started = time.monotonic()
+        talk(fresh, sink.port)
+        talk(hostile, sink.port)
+        return Run(daemon, server, started)
+
+    def check(run):
+        call, = run.about("psn-neverseen")
+        assert (call["app"], call["summary"]) == ("picosnitch", "picosnitch: new executable")
+        assert call["body"] == "psn-neverseen\n" + fresh
+        assert call["at"] - run.started < TOAST_WITHIN  # long before the write window ends
+        assert_sent_by_the_desktop_user(call, run, desktop_user)
+        call, = run.about(shown)
+        assert call["summary"] == "picosnitch: new executable"
+        assert call["body"] == "%s\n%s/%s" % (shown, programs, shown)
+        assert not any("\x1b" in c["body"] or "\x07" in c["body"] or "<b>" in c["body"]
+                       for c in run.calls)
+        assert len(run.calls) == 2, run.calls  # nothing else was new
+
+    without_noise(notifying_daemon, programs, scenario, check)
+
+
+def test_daemon_notifies_a_modified_executable_once(notifying_daemon, server, desktop_user,
+                                                    sink, known_record, programs):
+    changing = known_record[1]
+
+    def scenario(daemon):
+        talk(changing, sink.port)  # as known: nothing new, but now watched
+        time.sleep(1.5)
+        with open(changing, "ab") as program:  # modified in place
+            program.write(b"\0modified")
+        started = time.monotonic()
+        talk(changing, sink.port)  # and it runs again, as the modified program
+        return Run(daemon, server, started)
+
+    def check(run):
+        with open(changing, "rb") as program:
+            new_sha256 = hashlib.sha256(program.read()).hexdigest()
+        assert len(run.calls) == 1, run.calls
+        call, = run.calls
+        assert call["summary"] == "picosnitch: executable changed"
+        assert call["body"] == "psn-changing\n%s\nnew sha256 %s…" % (changing, new_sha256[:15])
+        assert call["at"] - run.started < TOAST_WITHIN
+        assert_sent_by_the_desktop_user(call, run, desktop_user)
+        assert ", new sha256, psn-changing, %s, %s\n" % (changing, new_sha256) in \
+            run.daemon.paths.exe_log.read_text()
+
+    without_noise(notifying_daemon, programs, scenario, check)
+
+
+def test_daemon_sums_up_a_burst_of_thirty_new_programs(notifying_daemon, server, desktop_user,
+                                                       sink, netops, programs):
+    burst = [install(netops, programs, "psn-burst-%02d" % i) for i in range(30)]
+
+    def scenario(daemon):
+        started = time.monotonic()
+        running = [subprocess.Popen([program, "quick", "127.0.0.1", str(sink.port), "100"],
+                                    stdout=subprocess.DEVNULL) for program in burst]
+        assert [process.wait() for process in running] == [0] * 30
+        return Run(daemon, server, started)
+
+    def check(run):
+        assert len(run.calls) == 1, run.calls
+        call, = run.calls
+        assert call["summary"] == "picosnitch: 30 changes", call
+        head, tail = call["body"].split("\n")
+        listed = head.removeprefix("30 new executables: ").removesuffix(", …").split(", ")
+        assert len(listed) == 5 and set(listed) <= {os.path.basename(p) for p in burst}, head
+        assert tail == "See picosnitch view or %s" % run.daemon.paths.exe_log
+        assert call["at"] - run.started < TOAST_WITHIN
+        assert_sent_by_the_desktop_user(call, run, desktop_user)
+
+    without_noise(notifying_daemon, programs, scenario, check)

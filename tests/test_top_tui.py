@@ -1,12 +1,15 @@
 """`picosnitch top` and the live feed, driven in tmux.
 
-The live-feed worker (live_feed.run) runs in its own process as the daemon will run it, fed the
-Connections the real daemon recorded from known traffic (test_view_tui's daemon_db: read back
+Most tests run the live-feed worker (live_feed.run) in its own process as the daemon runs it, fed
+the Connections the real daemon recorded from known traffic (test_view_tui's daemon_db: read back
 from snitch.db with connection.from_row) twice a second, as the identity worker would send them.
+The last one runs the whole daemon and a program that keeps talking.
 """
 
+import grp
 import multiprocessing
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -166,3 +169,73 @@ def test_top_shows_rates_sorts_pauses_and_quits(daemon_db, feed):
         assert "EXIT=0" in top.wait_for("EXIT=")
     finally:
         top.close()
+
+
+# ---- through the real daemon ----
+
+RATE = re.compile(r"\s*(\d+(?:\.\d+)?) (B|kB|MB|GB)\b")
+
+
+def sending(screen: str, name: str) -> float:
+    """The send/s figure on the line of `name` (0 when there is no such line)."""
+    for line in screen.splitlines():
+        if name in line:
+            match = RATE.match(line)
+            return float(match.group(1)) if match else 0.0
+    return 0.0
+
+
+@pytest.fixture
+def feed_group():
+    """A new group, and its gid; removed afterwards."""
+    name = "pstop%d" % os.getpid()
+    subprocess.run(["groupadd", "--system", name], check=True)
+    try:
+        yield name, grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=True)
+
+
+def test_top_through_the_daemon_shows_a_steady_program_to_the_feed_group(netops, feed_group):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs the daemon")
+    from daemon_harness import Daemon
+    from test_daemon_lifecycle import Sink
+    group, gid = feed_group
+    prefix = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    os.chmod(prefix, 0o755)  # so the group's users reach the socket
+    steady = prefix / "psn-top-steady"
+    shutil.copy(netops, steady)
+    sink = Sink()
+    # About 50 kB every 50 ms, from a copy of netops only this test runs.
+    loop = subprocess.Popen(["bash", "-c", 'while :; do "$0" quick 127.0.0.1 "$1" 50000 '
+                             '>/dev/null || exit; sleep 0.05; done', str(steady), str(sink.port)])
+    top = None
+    try:
+        with Daemon(prefix / "root", **{"Live feed group": group}) as daemon:
+            st = os.stat(daemon.paths.live_socket)
+            assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o660, 0, gid)
+            denied = run_top(daemon.prefix, as_nobody=True)  # nobody, not in the group
+            assert denied.returncode == 1
+            assert "permission denied" in denied.stdout and repr(group) in denied.stdout
+            # `env -u`: this process's environment has COLUMNS=80 and LINES=24 (set by the
+            # readline module when something imported it), which curses would believe.
+            top = Tmux(["env", "-u", "COLUMNS", "-u", "LINES",
+                        "setpriv", "--reuid=65534", "--regid=65534", f"--groups={gid}",
+                        "/usr/bin/python3", "-m", "picosnitch", "top"],
+                       {"PICOSNITCH_PREFIX": str(daemon.prefix), "PYTHONPATH": str(REPO)}, 150, 30)
+            screen = top.wait_for(lambda s: sending(s, "psn-top-steady") > 0
+                                  and f" {steady}  ← bash " in s, timeout=15)
+            line = line_with(screen, "psn-top-steady")
+            assert line.split()[:2] != ["0", "B"], line
+            assert "Traceback" not in screen
+            top.keys("q")
+            assert "EXIT=0" in top.wait_for("EXIT=")
+            assert daemon.stop() == 0
+    finally:
+        if top:
+            top.close()
+        loop.kill()
+        loop.wait()
+        sink.sock.close()
+        shutil.rmtree(prefix)

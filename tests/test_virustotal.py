@@ -19,6 +19,14 @@ from picosnitch.record_keeper import SHA256_BY_EXE, RecordKeeper  # noqa: E402
 from picosnitch.messages import VtRequest, VtResult  # noqa: E402
 from picosnitch.vt_worker import UPLOADED  # noqa: E402
 
+try:  # the private session bus and notification server, for the test through the daemon
+    from test_notifications import desktop_user, server  # noqa: E402,F401 - fixtures
+except pytest.skip.Exception:  # no jeepney
+    @pytest.fixture
+    def desktop_user():
+        pytest.skip("needs jeepney")
+    server = desktop_user
+
 LIMIT = 0.4  # "VT request limit (seconds)" in these tests
 NOBODY = 65534
 _ctx = multiprocessing.get_context("fork")
@@ -277,3 +285,89 @@ def test_transient_failures_are_retried_later_never_uploaded(tmp_path, fake_vt, 
     report, = worker.errors
     assert report.key == "virustotal: retry"
     assert report.message.startswith("VirusTotal lookup of %s failed (" % sha)
+
+
+def test_a_checker_that_keeps_failing_turns_lookups_off_but_the_worker_stays(tmp_path, fake_vt):
+    """Exiting would make the supervisor restart the worker into the same crash loop (and, after
+    a few, stop the whole daemon): it reports once and keeps draining its inbox until Stop."""
+    cfg = config_module.parse(json.dumps({"VT API key": "k", "VT API URL": fake_vt.url}))
+    inbox, to_worker = _ctx.Pipe(duplex=False)
+    from_worker, outbox = _ctx.Pipe(duplex=False)
+    process = _ctx.Process(target=vt_worker.run, args=(cfg, inbox, outbox),
+                           kwargs={"user": "no-such-user-psn"})  # every checker fails at once
+    process.start()
+    try:
+        reports = []
+        while from_worker.poll(10):
+            reports.append(from_worker.recv().message)
+            if "VirusTotal lookups are off" in reports[-1]:
+                break
+        assert reports == ["the VirusTotal checker stopped (status 1); restarting it"] * 3 + [
+            "the VirusTotal checker keeps stopping (status 1); VirusTotal lookups are off"]
+        for i in range(3):
+            to_worker.send(VtRequest("/opt/x%d" % i, "x", "%064x" % i))
+        time.sleep(0.5)
+        assert process.is_alive() and not from_worker.poll(0)
+        to_worker.send(Stop("keeper"))
+        process.join(10)
+        assert process.exitcode == 0
+        assert fake_vt.requests == []
+    finally:
+        process.kill()  # (ignores SIGTERM, like every worker)
+        process.join()
+
+
+# ---------------------------------------------------------------- through the real daemon
+
+def test_daemon_looks_up_new_programs_and_warns_of_a_malicious_one(tmp_path, fake_vt, netops,
+                                                                   desktop_user, server):
+    """The real daemon with "VT API key" set and "VT API URL" pointing at the fake: two never-seen
+    programs connect; each hash is looked up once, as nobody; the verdicts land in record.json
+    and exe.log; the malicious one is a desktop notification, the clean one is not."""
+    from daemon_harness import Daemon
+    from test_daemon_lifecycle import Sink, wait_for
+    from test_notifications import drain, install, talk
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    bad = install(netops, programs, "psn-vt-bad", b"\0bad")
+    clean = install(netops, programs, "psn-vt-clean", b"\0clean")
+    bad_sha, clean_sha = (hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (bad, clean))
+    fake_vt.script = {bad_sha: [(200, stats(malicious=7))], clean_sha: [(200, stats())]}
+    bad_status = "malicious: 7 malicious and 0 suspicious of 67 engines"
+    clean_status = "clean: 0 malicious and 0 suspicious of 60 engines"
+    sink = Sink()
+    daemon = Daemon(tmp_path / "prefix", **{
+        "VT API key": "test-key", "VT API URL": fake_vt.url, "VT request limit (seconds)": 0,
+        "Desktop notification users": [desktop_user.name], "DB write limit (seconds)": 60})
+    drain(server)
+    try:
+        with daemon:
+            talk(bad, sink.port)
+            talk(clean, sink.port)
+            lines = {sha: ", virustotal, %s, %s, %s, %s" % (os.path.basename(exe), exe, sha, status)
+                     for exe, sha, status in ((bad, bad_sha, bad_status),
+                                              (clean, clean_sha, clean_status))}
+            wait_for(lambda: daemon.paths.exe_log.exists() and all(
+                line in daemon.paths.exe_log.read_text() for line in lines.values()),
+                what="both verdicts in exe.log")
+            warnings = wait_for(lambda: [c for c in drain(server)
+                                         if c["summary"] == "picosnitch: VirusTotal warning"],
+                                what="the VirusTotal warning")
+            assert daemon.stop() == 0
+    finally:
+        sink.sock.close()
+    warnings += [c for c in drain(server) if c["summary"] == "picosnitch: VirusTotal warning"]
+    ours = [c for c in warnings if str(programs) in c["body"]]
+    assert len(ours) == 1, warnings
+    warning, = ours
+    assert warning["body"] == "psn-vt-bad\n%s\n%s\nsha256 %s…" % (bad, bad_status, bad_sha[:15])
+    assert warning["bus_uid"] == desktop_user.uid
+
+    record = json.loads(daemon.paths.record.read_text())[SHA256_BY_EXE]
+    assert record[bad] == {bad_sha: bad_status}
+    assert record[clean] == {clean_sha: clean_status}
+    asked = [r for r in fake_vt.requests if r["path"].endswith((bad_sha, clean_sha))]
+    assert sorted(r["path"] for r in asked) == sorted(
+        "/api/v3/files/" + sha for sha in (bad_sha, clean_sha))  # once each
+    assert {(r["method"], r["key"], r["uid"]) for r in asked} == {("GET", "test-key", NOBODY)}
+    assert "virustotal" not in daemon.error_log()
