@@ -11,54 +11,21 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from daemon_harness import REPO, Daemon
+from daemon_harness import REPO, Daemon, Sink, wait_for
 from picosnitch import config as config_file
 from picosnitch.sqlite_store import decode_text
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the daemon")
 
 COUNTS = ("send", "recv", "packets_sent", "packets_recv", "contime")
-
-
-def wait_for(condition, timeout=15.0, what="condition"):
-    """condition()'s first true value, polling until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
-class Sink:
-    """A loopback TCP server that reads every connection to EOF."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                while conn.recv(65536):
-                    pass
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from daemon_harness import Sink, wait_for
 from picosnitch import __version__, systemd_unit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,39 +60,6 @@ def source_copy(destination: Path) -> Path:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     return destination
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
-class Sink:
-    """A loopback TCP server that reads every connection to EOF."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                while conn.recv(65536):
-                    pass
-
-    def close(self):
-        self.sock.close()
 
 
 CLIENT = ("import socket, sys\n"
