@@ -116,10 +116,6 @@ class Flow:
                    address(key.family, bytes(key.raddr)), key.rport, value.bytes_sent, value.bytes_recv,
                    value.packets_sent, value.packets_recv)
 
-    def merge_key(self) -> Tuple:
-        return (self.tgid, self.ppid, self.uid, self.netns, self.exe_dev, self.exe_ino, self.family,
-                self.protocol, self.laddr, self.lport, self.raddr, self.rport)
-
 
 @dataclass(frozen=True)
 class Exec:

@@ -15,7 +15,6 @@ c_void_p, c_int, c_char_p, c_size_t, c_uint32 = (
 
 BPF_ANY = 0
 LIBBPF_WARN = 0
-BPF_PROG_TYPE_TRACING = 26
 BPF_KIND_TYPEDEF = 8
 
 
@@ -110,7 +109,6 @@ def _declare(l: ctypes.CDLL) -> None:
         "ring_buffer__new": (c_void_p, [c_int, SAMPLE_FN, c_void_p, c_void_p]),
         "ring_buffer__poll": (c_int, [c_void_p, c_int]),
         "ring_buffer__free": (None, [c_void_p]),
-        "libbpf_probe_bpf_prog_type": (c_int, [c_int, c_void_p]),
     }
     for name, (restype, argtypes) in sig.items():
         fn = getattr(l, name)

@@ -128,7 +128,11 @@ class ProcessTable:
             return image
         fresh = from_proc(tgid, self.proc)
         if fresh and (fresh.image.dev, fresh.image.ino) == (image.dev, image.ino):
-            return replace(image, argv=fresh.image.argv, argv_complete=True)
+            complete = replace(image, argv=fresh.image.argv, argv_complete=True)
+            process = self.processes.get(tgid)
+            if process and process.image is image:  # read /proc once, not for every flow
+                process.image = complete
+            return complete
         return image
 
     def live_name(self, tgid: int) -> Optional[str]:

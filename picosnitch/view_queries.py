@@ -105,6 +105,18 @@ def _bind(dimension: Dimension, value: object) -> object:
     return to_bytes(value) if dimension.is_text and isinstance(value, str) else value
 
 
+def _id_conditions(filters: list[Filter]) -> tuple[list[str], list]:
+    """SQL conditions (with their parameters) for every filter but the entry-time ones, which
+    narrow the time window instead."""
+    conditions, params = [], []
+    for f in filters:
+        if f.column != "contime":
+            sql, values = _id_condition(f)
+            conditions.append(sql)
+            params += values
+    return conditions, params
+
+
 def _id_condition(f: Filter) -> tuple[str, list]:
     """SQL (over identity_id / endpoint_id) and parameters for a non-time filter."""
     dimension = BY_COLUMN[f.column]
@@ -221,12 +233,7 @@ class History:
             filters: list[Filter]) -> list[Row]:
         """The rows of tab `column` for [start, end) (None: open) under `filters`, most
         traffic first."""
-        conditions, params = [], []
-        for f in filters:
-            if f.column != "contime":
-                sql, values = _id_condition(f)
-                conditions.append(sql)
-                params += values
+        conditions, params = _id_conditions(filters)
         where = " AND ".join(conditions) or "1"
         dimension = BY_COLUMN[column]
         if dimension.side == "time":
@@ -351,12 +358,7 @@ def series(conn: sqlite3.Connection, column: str, start: int, end: int, filters:
     if dimension.side == "time":
         raise ValueError("the entry time is the x axis of a series, not a breakdown")
     bucket = bucket or series_bucket(start, end)
-    conditions, where_params = [], []
-    for f in filters:
-        if f.column != "contime":
-            sql, values = _id_condition(f)
-            conditions.append(sql)
-            where_params += values
+    conditions, where_params = _id_conditions(filters)
     where = " AND ".join(conditions) or "1"
     if dimension.side == "identity":
         key, joins = "identity_id", "JOIN identities AS i ON i.id = s.identity_id " + _IDENTITY_JOINS
@@ -409,12 +411,7 @@ def first_last_seen(conn: sqlite3.Connection,
     Filters on identity columns only (the drill-down's exe) are answered per identity from the
     traffic_identity index, without scanning their traffic.
     """
-    conditions, params = [], []
-    for f in filters:
-        if f.column != "contime":
-            sql, values = _id_condition(f)
-            conditions.append(sql)
-            params += values
+    conditions, params = _id_conditions(filters)
     if conditions and all(BY_COLUMN[f.column].side == "identity"
                           for f in filters if f.column != "contime"):
         where = " AND ".join(c.replace("identity_id", "ids.id", 1) for c in conditions)
