@@ -30,8 +30,8 @@ from picosnitch import record_keeper
 from picosnitch.paths import Paths
 from picosnitch.sanitize import printable
 from picosnitch.sqlite_store import open_readonly
-from picosnitch.view_queries import (DIMENSIONS, HOUR, Dimension, Filter, History, QueryError, Row,
-                                     bucket_width)
+from picosnitch.server_queries import QueryError
+from picosnitch.view_queries import DIMENSIONS, HOUR, Dimension, Filter, History, Row, bucket_width
 
 # ---- text that is safe to show and fits its cells (also used by top_tui) ----
 
@@ -519,7 +519,7 @@ def ownership(path) -> str:
 def _open_server(target: str, paths: Paths):
     """A ServerHistory for `target` (a URL, or "config"); the first read checks it works."""
     from picosnitch import central_db
-    from picosnitch.view_queries import ServerHistory, ServerSQL
+    from picosnitch.server_queries import ServerHistory, ServerSQL
     server, driver = central_db.open_server(target, paths.config)
     sql = ServerSQL.for_driver(server.dialect, server.table, getattr(driver, "paramstyle", ""))
     history = ServerHistory(lambda: central_db.connect(server, driver), (driver.Error, OSError,
