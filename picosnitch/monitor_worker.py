@@ -3,6 +3,7 @@
 import signal
 import threading
 
+from picosnitch import parent_death
 from picosnitch.kernel_monitor import KernelMonitor, MonitorError
 from picosnitch.libbpf import LibbpfError
 from picosnitch.messages import ErrorReport, Stop
@@ -10,11 +11,13 @@ from picosnitch.messages import ErrorReport, Stop
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
 
 
-def run(config, to_identity, ready) -> int:
-    """Loads the BPF programs, sets `ready`, and sends record batches until SIGTERM."""
+def run(config, to_identity, ready, supervisor_pid: int) -> int:
+    """Loads the BPF programs, sets `ready`, and sends record batches until SIGTERM (also sent
+    when the supervisor dies)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_death.signal_when_parent_dies(supervisor_pid, signal.SIGTERM)
     monitor = KernelMonitor(ring_pages=config["Perf ring buffer (pages)"],
                             flow_entries=config["Flow map entries"])
     try:

@@ -62,7 +62,7 @@ class Supervisor:
         self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
         targets = {
-            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready)),
+            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid())),
             "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
                                                to_keeper["identity"][1])),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),

@@ -361,6 +361,31 @@ def test_killed_worker_is_restarted(prefix, sink, netops, worker, target):
         assert daemon.stop() == 0
 
 
+def is_running(pid):
+    """True for a live process (not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(") ")[2][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killing_only_the_supervisor_stops_every_worker_and_keeps_the_traffic(prefix, sink, netops):
+    with Daemon(prefix) as daemon:
+        workers = daemon.workers()
+        talk(netops, sink.port, 2468)
+        os.kill(daemon.proc.pid, signal.SIGKILL)  # the workers are not signalled
+        daemon.proc.wait(10)
+        try:
+            wait_for(lambda: not any(is_running(pid) for pid in workers),
+                     timeout=30, what="every worker to exit after the supervisor died")
+        finally:  # a failure must not leave them running
+            for pid in filter(is_running, workers):
+                os.kill(pid, signal.SIGKILL)
+    # the monitor drained the kernel and the pipeline wrote what it held, as on SIGTERM
+    assert rows_to(daemon, sink.port, "exe = ? AND send = 2468", (netops,))
+
+
 # --- executables that change on disk --------------------------------------------------------------
 
 def test_changed_executables_get_their_new_sha256(prefix, sink, netops, tmp_path):
