@@ -34,6 +34,8 @@ commands:
                     or --db config for config.json's "DB sql server"
   top               live traffic per executable (terminal UI; root or "Live feed group")
   dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
+  dash --db URL     the dashboard over the central server (URL as for view --db), with a
+                    host dimension; --db config for config.json's "DB sql server"
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
@@ -82,6 +84,15 @@ def needs_root(command: str) -> Optional[str]:
     return message
 
 
+def db_option(args: List[str]) -> Optional[str]:
+    """The URL (or "config") of `COMMAND --db URL` or `COMMAND --db=URL`, else None."""
+    if len(args) == 3 and args[1] == "--db":
+        return args[2]
+    if len(args) == 2 and args[1].startswith("--db="):
+        return args[1][len("--db="):]
+    return None
+
+
 def run(args: List[str]) -> int:
     command = args[0] if args else "help"
     paths = Paths.current()
@@ -92,24 +103,21 @@ def run(args: List[str]) -> int:
         return version(paths)
     if command == "status" and len(args) == 1:
         return daemon_control.status(paths)
-    if command == "view" and len(args) == 1:
+    db = db_option(args)
+    if command == "view" and (len(args) == 1 or db is not None):
         from picosnitch import view_tui  # curses is loaded only for the UIs
-        return view_tui.main(paths)
-    if command == "view" and (len(args) == 3 and args[1] == "--db" or
-                              len(args) == 2 and args[1].startswith("--db=")):
-        from picosnitch import view_tui
-        return view_tui.main(paths, db=args[2] if len(args) == 3 else args[1][len("--db="):])
+        return view_tui.main(paths, db=db)
     if command == "top" and len(args) == 1:
         from picosnitch import top_tui
         return top_tui.main(paths)
-    if command == "dash" and len(args) == 1:
+    if command == "dash" and (len(args) == 1 or db is not None):
         try:
             from picosnitch import dash_app  # starlette and uvicorn only for the dashboard
         except ImportError as e:
             print(f"picosnitch dash needs the optional packages starlette and uvicorn "
                   f"(pip install 'picosnitch[dash]'): {e}", file=sys.stderr)
             return 1
-        return dash_app.main(paths)
+        return dash_app.main(paths, db=db)
     if command == "monitor" and args[1:] == ["--raw"]:
         return monitor_raw()
     if command not in ROOT_COMMANDS or len(args) != 1:

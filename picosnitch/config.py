@@ -125,6 +125,19 @@ def _user_list(value: Any) -> Optional[str]:
     return None
 
 
+DASH_TOKEN_MIN_LENGTH = 16
+
+
+def _secret(value: Any) -> Optional[str]:
+    # The complaint never repeats the value: it is a secret, and error.log is not.
+    if not isinstance(value, str):
+        return "must be a string (in double quotes)"
+    if value and len(value) < DASH_TOKEN_MIN_LENGTH:
+        return 'must be "" (none) or at least %d characters, not %d' % (
+            DASH_TOKEN_MIN_LENGTH, len(value))
+    return None
+
+
 def _http_url(value: Any) -> Optional[str]:
     if isinstance(value, str) and re.match(r"https?://[^/\s]+", value):
         return None
@@ -140,6 +153,7 @@ RULES: dict[str, Rule] = {
     "DB write limit (seconds)": Rule(10, _integer(1)),
     "Dash scroll zoom": Rule(True, _boolean),
     "Dash theme": Rule("", _string),
+    "Dash token": Rule("", _secret),
     "Desktop notification users": Rule([], _user_list),
     "Desktop notifications": Rule(True, _boolean),
     "Every exe (not just conns)": Rule(False, _boolean),
@@ -342,6 +356,10 @@ _EXAMPLE = """\
   "Dash scroll zoom": true,
   # Theme of picosnitch dash; "" for the default.
   "Dash theme": "",
+  # A secret every request to picosnitch dash must carry, at least 16 characters (e.g. from
+  # `openssl rand -hex 16`); serving beyond loopback (HOST) needs one; "" for none. The variable
+  # PICOSNITCH_DASH_TOKEN overrides it. Every user can read this file unless you `chmod o-r` it.
+  "Dash token": "",
   # Users whose desktops get notifications (names or uids); [] for every user with an active
   # local graphical session, as systemd-logind reports.
   "Desktop notification users": [],

@@ -1,12 +1,16 @@
-"""The JSON endpoints of `picosnitch dash`, over view_queries.
+"""The JSON endpoints of `picosnitch dash`, over snitch.db or the central SQL server.
 
-Every endpoint is a GET answered from a read-only snitch.db connection of the server thread it
-runs on (Starlette runs these plain functions in its thread pool). Query parameters:
+Every endpoint is a GET (Starlette runs these plain functions in its thread pool) answered by a
+history reader: LocalHistory over a read-only snitch.db connection (view_queries), or, with
+`picosnitch dash --db URL`, server_queries.ServerHistory over the central server, which adds the
+dimension `host`. Both have the same methods (tab, series, bounds, first_last_seen), so the
+endpoints do not care which. A server that cannot answer gives HTTP 503 with {"error": one
+sentence}; the next request connects again. Query parameters:
 
     range=<name>   one of RANGES ("minute" ... "all"), default "hour"
     offset=<n>     whole ranges back in history (0: the latest)
     start, end     a custom window in unix seconds (instead of range and offset)
-    dim=<column>   the dimension a breakdown is by (view_queries.DIMENSIONS, but not "contime")
+    dim=<column>   the dimension a breakdown is by (the reader's dimensions, but not "contime")
     f=<column>:<is|not>:<key>   a where/is filter; repeat for several
 
 Values travel in two forms: `text`, safe to show (control characters, escape sequences and
@@ -18,6 +22,7 @@ numeric ones. Filters name values by key, so any value, even invalid UTF-8, roun
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import pwd
 import select
@@ -30,14 +35,14 @@ from starlette.responses import Response
 
 from picosnitch import live_feed, view_queries
 from picosnitch.sanitize import from_bytes, to_bytes
-from picosnitch.view_queries import BY_COLUMN, Filter, History
+from picosnitch.server_queries import SERVER_DIMENSIONS, QueryError
+from picosnitch.view_queries import Filter, History
 from picosnitch.view_tui import Annotations, safe
 
 RANGES = (("minute", 60), ("10 minutes", 600), ("hour", 3600), ("6 hours", 6 * 3600),
           ("day", 86400), ("week", 7 * 86400), ("month", 30 * 86400),
           ("year", 365 * 86400), ("all", None))
 DEFAULT_RANGE = "hour"
-DIMENSIONS = tuple(d for d in view_queries.DIMENSIONS if d.side != "time")
 MAX_TOP = 50
 MAX_VALUES = 1000
 DRILL_DOWN = ("sha256", "name", "cmdline", "pexe", "gpexe", "uid", "domain", "raddr", "rport",
@@ -55,6 +60,10 @@ class JSONResponse(Response):
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+# Every column either reader may group by (snitch.db's are the server's without `host`).
+BY_COLUMN = {d.column: d for d in SERVER_DIMENSIONS}
 
 
 # ---- values: text to show and a key that names them exactly ----
@@ -105,52 +114,78 @@ def _int(params, name: str, default: Optional[int] = None) -> Optional[int]:
         raise BadRequest(f"{name} must be an integer") from None
 
 
-def dimension(params, name: str = "dim", default: str = "exe") -> str:
+def breakdowns(db) -> list:
+    """The dimensions reader `db` can break traffic down by (all but the entry time)."""
+    return [d for d in db.dimensions if d.side != "time"]
+
+
+def dimension(params, db, name: str = "dim", default: str = "exe") -> str:
     column = params.get(name) or default
-    if column not in BY_COLUMN or BY_COLUMN[column].side == "time":
+    if column not in {d.column for d in breakdowns(db)}:
         raise BadRequest(f"unknown dimension {column[:40]!r}")
     return column
 
 
-def filters(params) -> list[Filter]:
+def filters(params, db) -> list[Filter]:
+    columns = {d.column for d in breakdowns(db)}
     found = []
     for raw in params.getlist("f"):
         column, _, rest = raw.partition(":")
         op, _, key = rest.partition(":")
-        if column not in BY_COLUMN or BY_COLUMN[column].side == "time" or op not in ("is", "not"):
+        if column not in columns or op not in ("is", "not"):
             raise BadRequest(f"bad filter {raw[:60]!r} (column:is|not:key)")
         found.append(Filter(column, value_of(column, key), exclude=op == "not"))
     return found
 
 
-class Dash:
-    """What the endpoints share: the database, GeoIP, the live feed, the options.
+class LocalHistory(History):
+    """snitch.db as the dashboard reads it: History's tabs, plus what ServerHistory also
+    answers for the charts and the drill-down."""
 
-    `connect` opens snitch.db read-only; each server thread gets its own connection (and
-    History, with its cache of the last window), so a slow table never holds up a chart.
+    def bounds(self) -> tuple[Optional[int], Optional[int]]:
+        return view_queries.time_bounds(self.conn)
+
+    def series(self, column: str, start: int, end: int, filters: list[Filter],
+               top: int = 10) -> view_queries.SeriesResult:
+        return view_queries.series(self.conn, column, start, end, filters, 0, top)
+
+    def first_last_seen(self, filters: list[Filter]) -> tuple[Optional[int], Optional[int]]:
+        return view_queries.first_last_seen(self.conn, filters)
+
+
+class Dash:
+    """What the endpoints share: the history readers, GeoIP, the live feed, the options.
+
+    `open_reader()` returns a new reader (LocalHistory or ServerHistory). A request takes an
+    idle one, or opens one, and gives it back when done: each is used by one request at a time
+    (with its cache of the last window), so a slow query never holds up another chart, and
+    there are never more than the most requests that ever ran at once.
     """
 
-    def __init__(self, connect, annotations: Optional[Annotations] = None,
+    def __init__(self, open_reader, annotations: Optional[Annotations] = None,
                  options: Optional[dict] = None, live_socket=None):
-        self.connect = connect
-        self._local = threading.local()
+        self.open_reader = open_reader
+        self._idle: list = []
+        self._lock = threading.Lock()
         self.annotations = annotations or Annotations()
         self.options = options or {}
         self.live_socket = live_socket
         self._live: Optional[LiveRelay] = None
         self._live_lock = threading.Lock()
 
-    @property
-    def history(self) -> History:
-        history = getattr(self._local, "history", None)
-        if history is None:
-            history = self._local.history = History(self.connect())
-        return history
+    @contextlib.contextmanager
+    def reader(self):
+        with self._lock:
+            db = self._idle.pop() if self._idle else None
+        if db is None:
+            db = self.open_reader()
+        try:
+            yield db
+        finally:
+            with self._lock:
+                self._idle.append(db)
 
-    def bounds(self):
-        return view_queries.time_bounds(self.history.conn)
-
-    def window(self, params) -> tuple[int, int]:
+    def window(self, params, db) -> tuple[int, int]:
         """[start, end) from start/end, or range and offset (relative to now)."""
         start, end = _int(params, "start"), _int(params, "end")
         if start is not None or end is not None:
@@ -166,7 +201,7 @@ class Dash:
             raise BadRequest("offset must not be negative")
         length = lengths[name]
         if length is None:
-            first, last = self.bounds()
+            first, last = db.bounds()
             now = int(time.time())
             return (first, last + 1) if first is not None else (now, now + 1)
         end = int(time.time()) + 1 - offset * length
@@ -190,26 +225,26 @@ def _rows(column: str, rows, annotations: Annotations, limit: int = MAX_VALUES) 
     return out
 
 
-# ---- endpoints (each takes the Dash and the request's query parameters) ----
+# ---- endpoints (each takes the Dash, a reader and the request's query parameters) ----
 
-def meta(dash: Dash, params) -> dict:
-    first, last = dash.bounds()
-    return {"dimensions": [{"column": d.column, "title": d.title} for d in DIMENSIONS],
+def meta(dash: Dash, db, params) -> dict:
+    first, last = db.bounds()
+    return {"dimensions": [{"column": d.column, "title": d.title} for d in breakdowns(db)],
+            "source": db.label,
             "ranges": [{"name": n, "seconds": s} for n, s in RANGES],
             "default_range": DEFAULT_RANGE,
             "theme": dash.options.get("theme", ""),
             "scroll_zoom": bool(dash.options.get("scroll_zoom", True)),
-            "geoip": dash.annotations._reader is not None,
+            "geoip": dash.annotations.geoip, "geoip_problem": dash.annotations.problem,
             "live": dash.live_socket is not None,
             "first": first, "last": last, "now": int(time.time())}
 
 
-def series(dash: Dash, params) -> dict:
-    column = dimension(params)
-    start, end = dash.window(params)
+def series(dash: Dash, db, params) -> dict:
+    column = dimension(params, db)
+    start, end = dash.window(params, db)
     top = min(max(_int(params, "top", 10), 1), MAX_TOP)
-    chosen = filters(params)
-    result = view_queries.series(dash.history.conn, column, start, end, chosen, 0, top)
+    result = db.series(column, start, end, filters(params, db), top)
     return {"dim": column, "start": result.start, "end": result.end, "bucket": result.bucket,
             "times": result.times,
             "series": [{"key": key_of(column, s.value), "text": text_of(column, s.value),
@@ -219,35 +254,32 @@ def series(dash: Dash, params) -> dict:
             "values": result.values, "send": result.send, "recv": result.recv}
 
 
-def values(dash: Dash, params) -> dict:
-    column = dimension(params)
-    start, end = dash.window(params)
-    chosen = filters(params)
-    history = dash.history
-    history.forget_window()  # "now"-relative windows move; never serve a stale one
-    rows = history.tab(column, start, end, chosen)
+def values(dash: Dash, db, params) -> dict:
+    column = dimension(params, db)
+    start, end = dash.window(params, db)
+    chosen = filters(params, db)
+    db.forget_window()  # "now"-relative windows move; never serve a stale one
+    rows = db.tab(column, start, end, chosen)
     return {"dim": column, "start": start, "end": end, "count": len(rows),
             "values": _rows(column, rows, dash.annotations)}
 
 
-def addresses(dash: Dash, params) -> dict:
-    params = _Params(params, dim="raddr")
-    return values(dash, params)
+def addresses(dash: Dash, db, params) -> dict:
+    return values(dash, db, _Params(params, dim="raddr"))
 
 
-def executable(dash: Dash, params) -> dict:
+def executable(dash: Dash, db, params) -> dict:
     """Drill-down for one executable (key=...): what it was, who ran it, where it talked."""
     key = params.get("key") or ""
     exe = value_of("exe", key)
-    start, end = dash.window(params)
-    chosen = [f for f in filters(params) if f.column != "exe"] + [Filter("exe", exe)]
+    start, end = dash.window(params, db)
+    chosen = [f for f in filters(params, db) if f.column != "exe"] + [Filter("exe", exe)]
     sections = {}
-    history = dash.history
-    history.forget_window()
+    db.forget_window()
     for column in DRILL_DOWN:
-        rows = history.tab(column, start, end, chosen)
+        rows = db.tab(column, start, end, chosen)
         sections[column] = _rows(column, rows, dash.annotations, 200)
-    first, last = view_queries.first_last_seen(history.conn, [Filter("exe", exe)])
+    first, last = db.first_last_seen([Filter("exe", exe)])
     send = sum(r["send"] for r in sections["sha256"])
     recv = sum(r["recv"] for r in sections["sha256"])
     return {"key": key, "text": text_of("exe", exe), "start": start, "end": end,
@@ -256,7 +288,8 @@ def executable(dash: Dash, params) -> dict:
                          for c in DRILL_DOWN]}
 
 
-def live(dash: Dash, params) -> dict:
+def live(dash: Dash, db, params) -> dict:
+    """This machine's live feed (whichever history the dashboard reads)."""
     since = params.get("since")
     try:
         since = float(since) if since else 0.0
@@ -345,8 +378,11 @@ def endpoint(dash: Dash, name: str):
 
     def run(request: Request) -> Response:
         try:
-            return JSONResponse(handler(dash, request.query_params))
+            with dash.reader() as db:
+                return JSONResponse(handler(dash, db, request.query_params))
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except QueryError as exc:  # the central server is down or refuses: say so, retry later
+            return JSONResponse({"error": str(exc)}, status_code=503)
 
     return run

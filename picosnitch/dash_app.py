@@ -3,14 +3,16 @@
 Safe by default:
 - It binds the loopback name `localhost` (HOST and PORT environment variables change the address,
   default port 5100). A bind that reaches beyond loopback is refused unless the user configured
-  a token (PICOSNITCH_DASH_TOKEN, at least 16 characters); every request must then carry it, as
+  a token ("Dash token" in config.json, or PICOSNITCH_DASH_TOKEN which overrides it; at least 16
+  characters); every request must then carry it, as
   `Authorization: Bearer <token>` or the cookie set by opening `/?token=<token>` once.
 - Requests whose Host header is not the bound name (or, on a loopback bind, a loopback name) are
   refused: a web page cannot reach the dashboard by rebinding its own domain name to 127.0.0.1.
 - Only GET and HEAD exist. Responses forbid framing, sniffing, inline script and any other
   origin (Content-Security-Policy); the page inserts every value as text, never as HTML.
 - It only reads snitch.db (sqlite_store.open_readonly), as the user who runs it; under sudo it
-  drops to the invoking user first.
+  drops to the invoking user first. With `--db URL` (or `--db config`) it reads the central SQL
+  server the daemons write to instead (server_queries), with the permissions of that URL's user.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import hmac
 import ipaddress
 import os
 import socket
+import stat
+import sys
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Optional
@@ -29,13 +33,15 @@ from starlette.responses import FileResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from picosnitch import config as config_module
 from picosnitch import dash_api
 
 STATIC = Path(__file__).parent / "dash_static"
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 5100
 TOKEN_VARIABLE = "PICOSNITCH_DASH_TOKEN"
-TOKEN_MIN_LENGTH = 16
+TOKEN_KEY = "Dash token"  # in config.json
+TOKEN_MIN_LENGTH = config_module.DASH_TOKEN_MIN_LENGTH
 COOKIE = "picosnitch_dash_token"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SECURITY_HEADERS = [
@@ -70,9 +76,10 @@ def check_bind(host: str, token: Optional[str]) -> None:
         raise DashError(f"{TOKEN_VARIABLE} is too short: use at least {TOKEN_MIN_LENGTH} "
                         "random characters (e.g. from `openssl rand -hex 16`)")
     if not is_loopback_bind(host) and not token:
-        raise DashError(f"HOST={host} is reachable from beyond this machine: set "
-                        f"{TOKEN_VARIABLE} to a secret of at least {TOKEN_MIN_LENGTH} characters "
-                        "to serve there (every request must then carry it)")
+        raise DashError(f'HOST={host} is reachable from beyond this machine: set "{TOKEN_KEY}" '
+                        f"in config.json (or {TOKEN_VARIABLE}) to a secret of at least "
+                        f"{TOKEN_MIN_LENGTH} characters to serve there (every request must then "
+                        "carry it)")
 
 
 def allowed_hosts(host: str, port: int) -> frozenset:
@@ -180,9 +187,41 @@ def create_app(dash: dash_api.Dash, hosts: frozenset, token: Optional[str] = Non
     return SecurityMiddleware(app, hosts, token)
 
 
-def settings(environ=None) -> tuple[str, int, Optional[str]]:
-    """(host, port, token) from HOST, PORT and PICOSNITCH_DASH_TOKEN."""
+def read_config(path) -> "config_module.Config | dict":
+    """config.json's settings, or the defaults when there is no such file.
+
+    A file that is there but cannot be used stops the dashboard: it may hold the token, and
+    serving without the token the user set would not be safe.
+    """
+    try:
+        return config_module.load(path)
+    except config_module.ConfigError as exc:
+        if not os.path.lexists(path):
+            return config_module.defaults()
+        raise DashError(str(exc)) from None
+
+
+def token_warning(cfg) -> Optional[str]:
+    """A sentence when config.json holds a token that every user can read, else None."""
+    path = getattr(cfg, "path", "")
+    if not (path and cfg.get(TOKEN_KEY)):
+        return None
+    try:
+        readable = os.stat(path).st_mode & stat.S_IROTH
+    except OSError:
+        return None
+    if not readable:
+        return None
+    return (f'warning: {path} holds the "{TOKEN_KEY}" and every user can read it: `chmod o-r` '
+            f"it (the dashboard's user reads it through its group), or set {TOKEN_VARIABLE} "
+            "instead")
+
+
+def settings(environ=None, cfg=None) -> tuple[str, int, Optional[str]]:
+    """(host, port, token) from HOST, PORT, and PICOSNITCH_DASH_TOKEN or else the "Dash token"
+    of config.json's settings `cfg`; prints token_warning() on stderr."""
     environ = os.environ if environ is None else environ
+    cfg = config_module.defaults() if cfg is None else cfg
     host = environ.get("HOST") or DEFAULT_HOST
     try:
         port = int(environ.get("PORT") or DEFAULT_PORT)
@@ -190,7 +229,10 @@ def settings(environ=None) -> tuple[str, int, Optional[str]]:
             raise ValueError
     except ValueError:
         raise DashError(f"PORT must be a TCP port number, not {environ.get('PORT')!r}") from None
-    return host, port, environ.get(TOKEN_VARIABLE) or None
+    warning = token_warning(cfg)
+    if warning:
+        print(f"picosnitch dash: {warning}", file=sys.stderr, flush=True)
+    return host, port, environ.get(TOKEN_VARIABLE) or cfg[TOKEN_KEY] or None
 
 
 def drop_privileges(environ=None) -> None:
@@ -209,40 +251,55 @@ def drop_privileges(environ=None) -> None:
     os.setuid(uid)
 
 
-def load(paths, environ=None):
-    """(Dash, host, port, token) for `paths`: checks the bind, opens snitch.db read-only."""
-    from picosnitch import config as config_module
+def history_readers(paths, db: Optional[str] = None):
+    """A function opening a new history reader: of snitch.db, or of the central server `db`
+    names (a URL, or "config"; central_db.CentralError when it names none)."""
+    if db is not None:
+        from picosnitch.server_queries import server_readers
+        return server_readers(db, paths.config)
     from picosnitch.sqlite_store import open_readonly
+    return lambda: dash_api.LocalHistory(open_readonly(str(paths.db)))
+
+
+def load(paths, environ=None, db: Optional[str] = None):
+    """(Dash, host, port, token) for `paths`: checks the bind, then that the history (snitch.db,
+    or the central server `db` names) can be read.
+
+    Raises DashError, FileNotFoundError or PermissionError (snitch.db), central_db.CentralError
+    (a bad URL, a missing driver) or server_queries.QueryError (a server that does not answer).
+    """
     from picosnitch.view_tui import Annotations
 
-    host, port, token = settings(environ)
+    cfg = read_config(paths.config)
+    host, port, token = settings(environ, cfg)
     check_bind(host, token)
-    try:
-        cfg = config_module.load(paths.config)
-    except (config_module.ConfigError, OSError):
-        cfg = config_module.defaults()
-    open_readonly(str(paths.db)).close()  # fail now, with a clear message, if it cannot be read
     options = {"theme": cfg["Dash theme"], "scroll_zoom": cfg["Dash scroll zoom"]}
-    dash = dash_api.Dash(lambda: open_readonly(str(paths.db)), Annotations.load(paths), options,
+    dash = dash_api.Dash(history_readers(paths, db), Annotations.load(paths), options,
                          paths.live_socket)
+    with dash.reader() as reader:
+        reader.bounds()  # fail now, with one sentence, if the history cannot be read
     return dash, host, port, token
 
 
-def main(paths) -> int:
-    """`picosnitch dash`: serve until interrupted."""
-    import sys
-
+def main(paths, db: Optional[str] = None) -> int:
+    """`picosnitch dash [--db URL|config]`: serve until interrupted."""
     import uvicorn
+
+    from picosnitch.central_db import CentralError
+    from picosnitch.sanitize import printable
+    from picosnitch.server_queries import QueryError
 
     drop_privileges()
     try:
-        dash, host, port, token = load(paths)
-    except (DashError, FileNotFoundError, PermissionError) as exc:
-        print(f"picosnitch dash: {exc}", file=sys.stderr)
+        dash, host, port, token = load(paths, db=db)
+    except (DashError, FileNotFoundError, PermissionError, CentralError, QueryError) as exc:
+        print(f"picosnitch dash: {printable(str(exc))}", file=sys.stderr)
         return 1
     shown = f"[{host}]" if ":" in host else host
-    print(f"picosnitch dash: http://{shown}:{port}/" + ("  (token required)" if token else ""),
-          flush=True)
+    with dash.reader() as reader:
+        source = f"  (server {reader.label})" if reader.label else ""
+    print(f"picosnitch dash: http://{shown}:{port}/" + ("  (token required)" if token else "")
+          + source, flush=True)
     app = create_app(dash, allowed_hosts(host, port), token)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
                 proxy_headers=False, access_log=False)

@@ -2,25 +2,25 @@
 
 The central server holds the table the daemons' "DB sql server" writers fill: one flat row per
 snitch.db row, with `host` and `machine_id` in front. ServerHistory reads it with the tabs,
-filters and figures of view_queries.History, plus a `host` tab. Its SQL is written for
-PostgreSQL or MySQL/MariaDB and the driver's paramstyle. There a pair is (machine, identity,
-endpoint) and the window is grouped in one query (no rollup table on the server: its (ts) and
-(host, ts) indexes bound the scan).
+filters and figures of view_queries.History, plus a `host` tab, and gives the dashboard the
+series, bounds and first/last seen that view_queries gives it for snitch.db. Its SQL is
+written for PostgreSQL or MySQL/MariaDB and the driver's paramstyle. There a pair is (machine,
+identity, endpoint) and the window is grouped in one query (no rollup table on the server: its
+(ts) and (host, ts) indexes bound the scan).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
-from picosnitch.view_queries import (BY_COLUMN, DIMENSIONS, Dimension, Filter, Row, _window,
-                                     bucket_width)
+from picosnitch import central_db
+from picosnitch.view_queries import (BY_COLUMN, DIMENSIONS, Dimension, Filter, Row, Series,
+                                     SeriesResult, _window, bucket_width, series_bucket)
 
 # The central server has one more tab, first: the machine that sent the rows.
 HOST = Dimension("host", "host", "host", "host")
 SERVER_DIMENSIONS: tuple[Dimension, ...] = (HOST,) + DIMENSIONS
-
-
 
 class QueryError(Exception):
     """The server could not answer (gone away, no such table, no permission): one sentence."""
@@ -65,6 +65,14 @@ class ServerSQL:
         return self.mark
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # surrogateescape'd bytes that are not UTF-8
+        return False
+
+
 def _server_where(sql: ServerSQL, start: Optional[int], end: Optional[int],
                   filters: list[Filter]) -> tuple[str, list]:
     start, end, excluded = _window(start, end, filters)
@@ -84,6 +92,10 @@ def _server_where(sql: ServerSQL, start: Optional[int], end: Optional[int],
             continue
         if f.column not in _PAIR_COLUMNS:
             raise ValueError("no such column: %r" % f.column)
+        if isinstance(f.value, str) and not _is_utf8(f.value):
+            # The server holds valid UTF-8 only (the writer escapes the rest): no row matches.
+            conditions.append("1 = 1" if f.exclude else "1 = 0")
+            continue
         condition = "%s = %s" % (sql.column(f.column), sql.parameter(f.column))
         conditions.append("NOT (%s)" % condition if f.exclude else condition)
         params.append(f.value)
@@ -118,10 +130,46 @@ def server_tab_query(sql: ServerSQL, column: str, start: Optional[int], end: Opt
     return query, params
 
 
-def server_bounds_query(sql: ServerSQL) -> tuple[str, list]:
-    """SQL giving the first and last write window on the server (NULLs when it is empty)."""
+def server_series_query(sql: ServerSQL, column: str, start: int, end: int,
+                        filters: list[Filter], bucket: int) -> tuple[str, list]:
+    """SQL and parameters giving (bucket start, value, send, recv) rows: the traffic of
+    [start, end) under `filters` summed per `bucket` seconds and value of `column`."""
+    if column not in _PAIR_COLUMNS:
+        raise ValueError("no such column: %r" % column)
+    where, params = _server_where(sql, start, end, filters)
+    ts, value = sql.quote("ts"), sql.column(column)
+    t = "%s - MOD(%s, %d)" % (ts, ts, bucket)
+    query = "SELECT %s, %s, sum(%s), sum(%s) FROM %s WHERE %s GROUP BY %s, %s" % (
+        t, value, sql.quote("send"), sql.quote("recv"), sql.quote(sql.table), where, t, value)
+    return query, params
+
+
+def server_bounds_query(sql: ServerSQL, filters: tuple = ()) -> tuple[str, list]:
+    """SQL giving the first and last write window on the server with traffic under `filters`
+    (time filters ignored; NULLs when there is none)."""
     ts = sql.quote("ts")
-    return "SELECT min(%s), max(%s) FROM %s" % (ts, ts, sql.quote(sql.table)), []
+    where, params = _server_where(sql, None, None, [f for f in filters if f.column != "contime"])
+    return "SELECT min(%s), max(%s) FROM %s WHERE %s" % (
+        ts, ts, sql.quote(sql.table), where), params
+
+
+def ranked_series(cells, start: int, end: int, bucket: int, top: int) -> SeriesResult:
+    """The SeriesResult of (bucket start, value, send, recv) cells of [start, end): the `top`
+    values with most traffic (ties by value) each a Series, the rest summed in `other`."""
+    first = start - start % bucket
+    times = list(range(first, end, bucket))
+    per_value: dict = {}
+    for t, value, sent, received in cells:
+        send, recv = per_value.setdefault(value, ([0] * len(times), [0] * len(times)))
+        send[(t - first) // bucket] += sent
+        recv[(t - first) // bucket] += received
+    ranked = sorted((Series(value, send, recv) for value, (send, recv) in per_value.items()),
+                    key=lambda s: (-s.total, s.value))
+    rest = ranked[top:]
+    other = Series(None, [sum(column) for column in zip(*(s.send for s in rest))],
+                   [sum(column) for column in zip(*(s.recv for s in rest))]) if rest else None
+    return SeriesResult(start, end, bucket, times, ranked[:top], other, len(ranked),
+                        sum(sum(s.send) for s in ranked), sum(sum(s.recv) for s in ranked))
 
 
 def _plain(value: object) -> object:
@@ -137,8 +185,10 @@ class ServerHistory:
     """Tabs over the central server, with the interface of History (plus `host`).
 
     `connect()` returns a new DB-API connection; `errors` are the exception classes that mean
-    the server could not answer. A failed query drops the connection; the next one reconnects.
-    Every read ends its transaction, so a refresh sees rows written since.
+    the server could not answer. A failed query drops the connection and is tried once more on
+    a new one (unless it just failed on a new one): a server restarted since the last query
+    costs nothing, one that is down gives QueryError, and the next query reconnects. Every read
+    ends its transaction, so a refresh sees rows written since.
     """
 
     dimensions = SERVER_DIMENSIONS
@@ -148,23 +198,26 @@ class ServerHistory:
         self.conn = None
 
     def _query(self, query: str, params: list) -> list:
-        try:
-            if self.conn is None:
-                self.conn = self._connect()
-            cursor = self.conn.cursor()
+        while True:
+            fresh = self.conn is None
             try:
-                cursor.execute(query, params)
-                rows = cursor.fetchall()
-            finally:
-                cursor.close()
-            self.conn.rollback()
-            return [tuple(_plain(v) for v in row) for row in rows]
-        except self.errors as error:
-            self.close()
-            text = " ".join(str(error).split()) or type(error).__name__
-            if "SQL server" not in text:
-                text = "the SQL server %s: %s" % (self.label, text)
-            raise QueryError(text[:400]) from None
+                if fresh:
+                    self.conn = self._connect()
+                cursor = self.conn.cursor()
+                try:
+                    cursor.execute(query, params)
+                    rows = cursor.fetchall()
+                finally:
+                    cursor.close()
+                self.conn.rollback()
+                return [tuple(_plain(v) for v in row) for row in rows]
+            except self.errors as error:
+                self.close()
+                if fresh:  # a kept connection may just be stale (server restarted): retry once
+                    text = " ".join(str(error).split()) or type(error).__name__
+                    if "SQL server" not in text:
+                        text = "the SQL server %s: %s" % (self.label, text)
+                    raise QueryError(text[:400]) from None
 
     def tab(self, column: str, start: Optional[int], end: Optional[int],
             filters: list[Filter]) -> list[Row]:
@@ -173,6 +226,17 @@ class ServerHistory:
 
     def bounds(self) -> tuple[Optional[int], Optional[int]]:
         return self._query(*server_bounds_query(self.sql))[0]
+
+    def series(self, column: str, start: int, end: int, filters: list[Filter],
+               top: int = 10) -> SeriesResult:
+        """As view_queries.series: bytes per bucket (series_bucket) by value of `column`."""
+        bucket = series_bucket(start, end)
+        cells = self._query(*server_series_query(self.sql, column, start, end, filters, bucket))
+        return ranked_series(cells, start, end, bucket, top)
+
+    def first_last_seen(self, filters: list[Filter]) -> tuple[Optional[int], Optional[int]]:
+        """As view_queries.first_last_seen: over all history, time filters ignored."""
+        return self._query(*server_bounds_query(self.sql, filters))[0]
 
     def forget_window(self) -> None:
         """Nothing is cached: every tab is read afresh."""
@@ -184,3 +248,16 @@ class ServerHistory:
             except self.errors:
                 pass
             self.conn = None
+
+
+def server_readers(target: str, config_path) -> Callable[[], ServerHistory]:
+    """A function opening a new ServerHistory (its own connection, made on first use) on the
+    server `target` names: a URL, or "config" for config.json's "DB sql server".
+
+    Raises central_db.CentralError when `target` names no server or its driver is missing.
+    """
+    server, driver = central_db.open_server(target, config_path)
+    sql = ServerSQL.for_driver(server.dialect, server.table, getattr(driver, "paramstyle", ""))
+    errors = (driver.Error, OSError, central_db.CentralError)
+    return lambda: ServerHistory(lambda: central_db.connect(server, driver), errors, sql,
+                                 server.describe())

@@ -126,17 +126,39 @@ def local_time(ts: Optional[int]) -> str:
 # ---- what is shown next to values: country of an address, VirusTotal status of a hash ----
 
 class Annotations:
-    """GeoIP countries (optional maxminddb + a configured mmdb) and VirusTotal statuses."""
+    """GeoIP countries (optional maxminddb + a configured mmdb) and VirusTotal statuses.
+
+    A configured GeoIP database that cannot be used turns GeoIP off and leaves one sentence in
+    `problem` for the UI to show; nothing here raises over it.
+    """
 
     def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None):
         self.vt_status = vt_status or {}
+        self.problem = ""
         self._reader = None
+        self._geoip_path = geoip_path
         if geoip_path:
-            try:
-                import maxminddb  # optional extra [geoip]
-                self._reader = maxminddb.open_database(geoip_path)
-            except (ImportError, OSError, ValueError):
-                self._reader = None
+            self._open_geoip()
+
+    def _open_geoip(self) -> None:
+        shown = printable(self._geoip_path)
+        try:
+            import maxminddb  # optional extra [geoip]
+        except ImportError:
+            self.problem = (f"GeoIP off: reading {shown} needs the Python package maxminddb "
+                            "(the geoip extra, or Debian's python3-maxminddb)")
+            return
+        try:
+            self._reader = maxminddb.open_database(self._geoip_path)
+        except OSError as exc:
+            self.problem = f"GeoIP off: cannot read {shown}: {exc.strerror or exc}"
+        except (maxminddb.InvalidDatabaseError, ValueError):  # ValueError: an empty file
+            self.problem = f"GeoIP off: {shown} is not a MaxMind DB (.mmdb) file"
+
+    @property
+    def geoip(self) -> bool:
+        """Whether countries are looked up."""
+        return self._reader is not None
 
     @classmethod
     def load(cls, paths: Paths) -> "Annotations":
@@ -156,11 +178,16 @@ class Annotations:
         return cls(geoip, statuses)
 
     def country(self, address: str) -> str:
+        """The ISO code of `address`'s country ("" when unknown or GeoIP is off)."""
         if self._reader is None or not address:
             return ""
         try:
             found = self._reader.get(address)
         except ValueError:  # not an IP address
+            return ""
+        except Exception:  # the reader's errors for a damaged file; GeoIP is optional, stop it
+            self._reader = None  # not closed: another dash thread may be reading it
+            self.problem = f"GeoIP off: {printable(self._geoip_path)} is damaged (a lookup failed)"
             return ""
         if not isinstance(found, dict):
             return ""
@@ -472,8 +499,10 @@ class ViewUI:
     def _draw_footer(self, height: int, width: int) -> None:
         s = self.state
         where = f"{s.cursor + 1 if s.rows else 0}/{len(s.rows)}"
-        hint = s.message or "←/→ tabs  ↵ filter  e exclude  ⌫ unfilter  h/H history  t/T range  " \
-                            "u/U units  / search  ? help  q quit"
+        # a GeoIP problem stays in view until it is fixed, as countries stay missing
+        hint = s.message or self.annotations.problem or (
+            "←/→ tabs  ↵ filter  e exclude  ⌫ unfilter  h/H history  t/T range  "
+            "u/U units  / search  ? help  q quit")
         put(self.screen, height - 1, 0, fit(f"{where}  {hint}", width - 1), curses.A_DIM)
 
     # -- the loop --
@@ -518,12 +547,8 @@ def ownership(path) -> str:
 
 def _open_server(target: str, paths: Paths):
     """A ServerHistory for `target` (a URL, or "config"); the first read checks it works."""
-    from picosnitch import central_db
-    from picosnitch.server_queries import ServerHistory, ServerSQL
-    server, driver = central_db.open_server(target, paths.config)
-    sql = ServerSQL.for_driver(server.dialect, server.table, getattr(driver, "paramstyle", ""))
-    history = ServerHistory(lambda: central_db.connect(server, driver), (driver.Error, OSError,
-                            central_db.CentralError), sql, server.describe())
+    from picosnitch.server_queries import server_readers
+    history = server_readers(target, paths.config)()
     history.bounds()
     return history
 

@@ -20,9 +20,10 @@ def free_port() -> int:
 
 
 class DashServer:
-    """`picosnitch dash` under PICOSNITCH_PREFIX=prefix, bound to 127.0.0.1 on a free port."""
+    """`picosnitch dash ARGS` under PICOSNITCH_PREFIX=prefix, bound to 127.0.0.1 on a free port."""
 
-    def __init__(self, prefix, host: str = "127.0.0.1", token: str = "", env: dict = None):
+    def __init__(self, prefix, host: str = "127.0.0.1", token: str = "", env: dict = None,
+                 args: tuple = ()):
         self.host, self.port = host, free_port()
         self.env = dict(os.environ, PICOSNITCH_PREFIX=str(prefix), HOST=host, PORT=str(self.port),
                         PYTHONPATH=str(REPO), **(env or {}))
@@ -30,8 +31,9 @@ class DashServer:
         if token:
             self.env["PICOSNITCH_DASH_TOKEN"] = token
         self.env.pop("SUDO_UID", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "dash"], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "dash", *args],
+                                     env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         self.banner = self.proc.stdout.readline()
         if "http://" not in self.banner:
             self.proc.kill()
@@ -64,12 +66,15 @@ class DashServer:
         assert status == 200, (status, body)
         return json.loads(body)
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Stops the server; returns what it wrote on stderr."""
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        errors = self.proc.stderr.read()
         self.proc.stdout.close()
         self.proc.stderr.close()
+        return errors

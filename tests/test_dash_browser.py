@@ -1,5 +1,6 @@
 """`picosnitch dash` in headless Chromium (Debian's chromium + chromium-driver, driven by
-selenium), against the snitch.db the real daemon wrote from known traffic (see test_view_tui).
+selenium), against the snitch.db the real daemon wrote from known traffic (see test_view_tui),
+and, for the live tab, against the running daemon's live feed.
 
 The page keeps what it drew in `window.picosnitchDash` (series labels and the uPlot charts), so
 the test reads the charts' own data rather than pixels; a screenshot of each step is saved under
@@ -8,11 +9,13 @@ test-artifacts/ for a human to look at.
 
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 
 import pytest
 
+from daemon_harness import Daemon, Sink, wait_for
 from dash_harness import REPO, DashServer
 from picosnitch import sqlite_store
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
@@ -219,6 +222,98 @@ def test_dark_theme_and_scroll_zoom_from_config(tmp_path, browser):
                                        "return x.max - x.min;")
         assert after < before * 0.8  # the wheel zoomed in
         shot(browser, "dash-4-dark-theme.png")
+        assert severe_console_messages(browser) == []
+    finally:
+        server.close()
+
+
+# ---- the live tab: the daemon's live feed, relayed by /api/live ----
+
+# Sends 20 kB every 50 ms (about 400 kB/s) for argv[2] seconds, then exits.
+STEADY_SENDER = r"""
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    s.sendall(b"x" * 20000)
+    time.sleep(0.05)
+"""
+
+
+def live_rows(driver) -> list:
+    """The cells of each row of the live table, as shown."""
+    return [[td.text for td in tr.find_elements("css selector", "td")]
+            for tr in driver.find_elements("css selector", "#live-table tbody tr")]
+
+
+def test_live_tab_shows_a_running_program_and_says_when_picosnitch_stops(tmp_path, browser):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs the daemon")
+    exe = tmp_path / "bin" / "psdash-live"  # the daemon names the program after this file
+    exe.parent.mkdir()
+    shutil.copy("/usr/bin/python3.11", exe)
+    sink = Sink()
+    daemon = Daemon(tmp_path).start()
+    sender = server = None
+    try:
+        sender = subprocess.Popen([exe, "-c", STEADY_SENDER, str(sink.port), "120"])
+        wait_for(daemon.paths.db.exists, what="snitch.db")
+        server = DashServer(tmp_path)
+        browser.get(server.url)
+        loaded(browser)
+        browser.find_element("id", "tab-live").click()
+
+        def sending():  # the live table's row for the program, once it shows a rate above 0
+            row = next((r for r in live_rows(browser) if r and r[0] == str(exe)), None)
+            return row if row and row[4] not in ("", "0 B") else None
+        row = wait_for(sending, timeout=30, what="the program in the live table")
+        assert row[1] == "psdash-live" and row[3] == "0"  # name, uid (root)
+        rates = browser.execute_script(
+            "return window.picosnitchDash.liveFrames.flatMap(f => f.rates)"
+            ".filter(r => r.exe === arguments[0]).map(r => r.send);", str(exe))
+        assert rates and max(rates) > 0
+        chart = browser.execute_script("return window.picosnitchDash.liveChart.data[1];")
+        assert max(chart) >= max(rates)  # the chart sums every program's rate
+        assert "sent or received in the last second" in browser.find_element("id", "live-note").text
+        wait_for(lambda: browser.execute_script("return window.picosnitchDash.liveFrames.length") >= 5,
+                 what="five seconds of live frames")  # a chart worth looking at
+        shot(browser, "dash-5-live.png")
+
+        sender.kill()
+        daemon.stop(timeout=30)
+        note = wait_for(lambda: "picosnitch stopped" in browser.find_element("id", "live-note").text
+                        and browser.find_element("id", "live-note").text, what="the stop noted")
+        assert note == "picosnitch stopped (the live feed closed)"
+        assert severe_console_messages(browser) == []
+    finally:
+        if sender is not None:
+            sender.kill()
+            sender.wait()
+        if daemon.proc.poll() is None:
+            daemon.stop(timeout=30)
+        if server is not None:
+            server.close()
+        sink.close()
+
+
+def test_live_tab_without_a_running_daemon_says_so(tmp_path, browser):
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    conn, _ = sqlite_store.open_db(str(paths.db))
+    sqlite_store.close_db(conn)
+    server = DashServer(tmp_path)
+    try:
+        browser.get(server.url)
+        loaded(browser)
+        browser.find_element("id", "tab-live").click()
+        note = wait_for(lambda: "not running" in browser.find_element("id", "live-note").text
+                        and browser.find_element("id", "live-note"), what="the note")
+        assert note.text == (f"picosnitch is not running (no live feed at {paths.live_socket}); "
+                             "start it with `sudo picosnitch start`")
+        assert note.get_attribute("class") == "error"
+        assert browser.find_element("id", "status").text == "live feed unavailable"
+        assert not browser.find_element("id", "live-data").is_displayed()  # no empty chart
+        shot(browser, "dash-6-live-not-running.png")
         assert severe_console_messages(browser) == []
     finally:
         server.close()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dash_harness import REPO, DashServer, free_port
-from picosnitch import dash_app, sqlite_store
+from picosnitch import config, dash_app, sqlite_store
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.paths import Paths
 
@@ -163,3 +163,91 @@ def test_database_is_opened_read_only(prefix, server):
     server.api("series", {"range": "all"})
     server.api("executable", {"key": b"/usr/bin/x".hex(), "range": "all"})
     assert (db.stat().st_mtime_ns, sorted(p.name for p in db.parent.iterdir())) == before
+
+
+# ---- the token in config.json ("Dash token") ----
+
+def prefix_with_config(tmp_path, text: str, mode: int) -> Paths:
+    """A prefix holding a copy of snitch.db and a config.json of `text` with file mode `mode`."""
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    conn, _ = sqlite_store.open_db(str(paths.db))
+    sqlite_store.close_db(conn)
+    paths.config.write_text(text)
+    paths.config.chmod(mode)
+    return paths
+
+
+def test_the_config_token_is_checked_without_being_repeated(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "Dash token": "short-secret"\n}')
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value).endswith(
+        'line 2: "Dash token" must be "" (none) or at least 16 characters, not 12')
+    assert "short-secret" not in str(caught.value)
+    path.write_text('{"Dash token": 1234567890123456789}')
+    with pytest.raises(config.ConfigError, match=r'"Dash token" must be a string \(in double quotes\)$'):
+        config.load(path)
+    path.write_text(f'{{"Dash token": "{TOKEN}"}}')
+    assert config.load(path)["Dash token"] == TOKEN
+    assert config.defaults()["Dash token"] == ""
+
+
+def test_a_wide_bind_takes_the_token_from_config_and_the_variable_overrides_it(tmp_path):
+    paths = prefix_with_config(tmp_path, f'{{"Dash token": "{TOKEN}"}}', 0o640)
+    cfg = config.load(paths.config)
+    assert dash_app.settings({"HOST": "0.0.0.0"}, cfg) == ("0.0.0.0", 5100, TOKEN)
+    dash_app.check_bind("0.0.0.0", TOKEN)  # allowed (only checked here, never bound)
+    other = "fedcba9876543210-other"
+    assert dash_app.settings({"HOST": "0.0.0.0", "PICOSNITCH_DASH_TOKEN": other}, cfg)[2] == other
+    with pytest.raises(dash_app.DashError, match='set "Dash token" in config.json '
+                                                 r'\(or PICOSNITCH_DASH_TOKEN\)'):
+        dash_app.check_bind("0.0.0.0", dash_app.settings({"HOST": "0.0.0.0"})[2])
+
+
+def test_every_request_needs_the_config_token_and_a_private_file_gets_no_warning(tmp_path):
+    prefix_with_config(tmp_path, f'{{"Dash token": "{TOKEN}"}}', 0o640)
+    server = DashServer(tmp_path)
+    try:
+        assert server.banner.strip().endswith("(token required)")
+        assert server.request("/api/meta")[0] == 401
+        assert server.request("/api/meta", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        assert "warning" not in server.close()
+
+
+def test_the_variable_overrides_the_config_token(tmp_path):
+    prefix_with_config(tmp_path, f'{{"Dash token": "{TOKEN}"}}', 0o600)
+    other = "fedcba9876543210-other"
+    server = DashServer(tmp_path, token=other)
+    try:
+        assert server.request("/api/meta", headers={"Authorization": f"Bearer {other}"})[0] == 200
+        assert server.request("/api/meta", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 401
+    finally:
+        server.close()
+
+
+def test_a_token_in_a_world_readable_config_is_served_with_one_warning(tmp_path):
+    paths = prefix_with_config(tmp_path, f'{{"Dash token": "{TOKEN}"}}', 0o644)  # the default mode
+    server = DashServer(tmp_path)
+    try:
+        assert server.request("/api/meta", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    finally:
+        errors = server.close()
+    assert errors.splitlines() == [
+        f'picosnitch dash: warning: {paths.config} holds the "Dash token" and every user can read '
+        "it: `chmod o-r` it (the dashboard's user reads it through its group), or set "
+        "PICOSNITCH_DASH_TOKEN instead"]
+
+
+def test_an_unusable_config_stops_the_dashboard_as_it_may_hold_the_token(tmp_path):
+    paths = prefix_with_config(tmp_path, '{"Dash token": "too-short"}', 0o600)
+    port = free_port()
+    done = subprocess.run([sys.executable, "-m", "picosnitch", "dash"], capture_output=True,
+                          text=True, timeout=30,
+                          env={"PICOSNITCH_PREFIX": str(tmp_path), "HOST": "127.0.0.1",
+                               "PORT": str(port), "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1 and "http://" not in done.stdout
+    assert done.stderr == (f'picosnitch dash: {paths.config} line 1: "Dash token" must be "" '
+                           "(none) or at least 16 characters, not 9\n")

@@ -101,7 +101,10 @@
     return {
       title: "", width: width, height: 280,
       cursor: {sync: {key: "picosnitch"}, drag: {x: true, y: false}},
-      scales: {x: {time: true}},
+      // One point alone (a first live second, a history one bucket long) would get an axis
+      // spanning years: give it a minute either side.
+      scales: {x: {time: true,
+        range: (u, min, max) => (min === max ? [min - 60, max + 60] : [min, max])}},
       axes: [axis, Object.assign({values: (u, ticks) => ticks.map(bytes), size: 80}, axis)],
       series: [{label: "time", value: (u, v) => when(v)}].concat(labels.map((label, i) => ({
         label: label, stroke: colors[i], width: 1.5, points: {show: false},
@@ -322,6 +325,8 @@
 
   function drawLive() {
     const frames = state.liveFrames;
+    $("live-data").hidden = !frames.length; // nothing to chart before the first second arrives
+    if (!frames.length) return;
     const times = frames.map((f) => f.time);
     const send = frames.map((f) => f.rates.reduce((a, r) => a + r.send, 0));
     const recv = frames.map((f) => f.rates.reduce((a, r) => a + r.recv, 0));
@@ -341,17 +346,34 @@
     }
   }
 
+  // Above the live chart, in words: why nothing moves (no daemon, no traffic) or what is shown.
+  function liveNote(text, error) {
+    const note = $("live-note");
+    note.textContent = text;
+    note.className = error ? "error" : "";
+  }
+
   async function pollLive() {
     try {
       const result = await api("live", new URLSearchParams({since: String(state.liveSince)}));
-      if (result.error) setStatus(result.error, true);
+      // The sentence goes above the chart (liveNote); the corner only flags it.
+      if (result.error) setStatus("live feed unavailable", true);
       else setStatus(`live ${when(Date.now() / 1000)}`);
       for (const f of result.frames) state.liveFrames.push(f);
       state.liveFrames = state.liveFrames.slice(-300);
       if (state.liveFrames.length) state.liveSince = state.liveFrames[state.liveFrames.length - 1].time;
       drawLive();
+      const last = state.liveFrames[state.liveFrames.length - 1];
+      if (result.error) liveNote(result.error, true);
+      else if (!last) liveNote("connecting to the live feed…");
+      else if (!last.rates.length) liveNote("no traffic in the last second");
+      else {
+        const n = last.rates.length;
+        liveNote(`${n} executable${n === 1 ? "" : "s"} sent or received in the last second`);
+      }
     } catch (e) {
       setStatus(`error: ${e.message}`, true);
+      liveNote(`error: ${e.message}`, true);
     }
   }
 
@@ -455,6 +477,10 @@
     } catch (e) {
       setStatus(`error: ${e.message}`, true);
       return;
+    }
+    if (state.meta.geoip_problem) {
+      $("notice").textContent = state.meta.geoip_problem;
+      $("notice").hidden = false;
     }
     const theme = state.meta.theme;
     if (theme === "dark" || theme === "light") document.documentElement.dataset.theme = theme;
