@@ -340,6 +340,9 @@ def test_the_page_charts_by_host_and_shows_a_lost_server(central, browser):
         columns = [o.get_attribute("value")
                    for o in browser.find_elements("css selector", f"#{select} option")]
         assert "host" in columns, select
+    source = browser.find_element("id", "source").text  # which server, never its password
+    assert source.startswith("server: ") and "@" in source and "secret" not in source
+    assert browser.find_element("id", "tab-live").text == "Live (this machine)"
     start, end = browser.execute_script(
         "const s = window.picosnitchDash.lastSeries; return [s.start, s.end];")
     expected = central.expected("host", start, end)

@@ -478,6 +478,11 @@
       setStatus(`error: ${e.message}`, true);
       return;
     }
+    if (state.meta.source) {  // the central server: say which, and that "live" is this machine
+      $("source").textContent = `server: ${state.meta.source}`;
+      $("source").hidden = false;
+      $("tab-live").textContent = "Live (this machine)";
+    }
     if (state.meta.geoip_problem) {
       $("notice").textContent = state.meta.geoip_problem;
       $("notice").hidden = false;
