@@ -3,9 +3,15 @@
 Generates (once, cached under /var/tmp) a database of 10 million `traffic` rows in the real
 schema: 30 days of 10-second write windows with about 39 rows each, from 400 identities whose
 connections come and go (each new connection is a new endpoint with its own local port, as TCP
-gives), plus the hourly rollup the writer maintains. Then it times, like the UI does it, the
-first screen (opening the file and the executable tab of the default range) and switching tabs,
-for each time range, and prints a table.
+gives), plus the rollups the writer maintains. A cached database of an older schema is migrated
+(on a copy, replaced when done), and the migration timed. Then it times, like the UI does it,
+the first screen (opening the file and the executable tab of the default range) and switching
+tabs, for each time range, and prints a table.
+
+"Now" is the end of the generated data (as if the daemon had just written), so the figures do
+not depend on the cached file's age. One more line, "month +1 day", is a month a day later: a
+day of traffic lies before its window, as it does just before the daily prune at the default
+30-day retention.
 
     python3 -m bench.view_queries [--rows N] [--db PATH]
 """
@@ -13,10 +19,12 @@ for each time range, and prints a table.
 import argparse
 import os
 import random
+import shutil
+import sqlite3
 import statistics
 import time
 
-from picosnitch import sqlite_store, view_queries
+from picosnitch import db_schema, sqlite_store, view_queries
 from picosnitch.view_tui import RANGES, window
 
 DEFAULT_DB = "/var/tmp/picosnitch-bench-view/snitch-{rows}.db"
@@ -92,6 +100,7 @@ def generate(path: str, rows: int, seed: int = 1) -> None:
         conn.execute("""INSERT INTO traffic_hourly SELECT ts - ts % 3600, identity_id, endpoint_id,
             sum(send), sum(recv), sum(packets_sent), sum(packets_recv) FROM traffic
             GROUP BY 1, 2, 3""")
+        db_schema.fill_rollups(conn)
     conn.execute("ANALYZE")
     sqlite_store.close_db(conn)
     os.replace(partial, path)
@@ -103,16 +112,41 @@ def timed(action) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def migrate(path: str) -> None:
+    """Bring a cached database of an older schema up to date, as the daemon would."""
+    partial = path + ".partial"
+    shutil.copy(path, partial)
+    started = time.perf_counter()
+    conn, _ = sqlite_store.open_db(partial)
+    seconds = time.perf_counter() - started
+    sqlite_store.close_db(conn)
+    os.replace(partial, path)
+    print(f"migrated to schema {db_schema.SCHEMA_VERSION} in {seconds:.1f} s", flush=True)
+
+
+def schema_version(path: str) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+TABLES = ("traffic", "traffic_hourly", "hourly_by_identity", "totals_by_peer", "totals_by_lport",
+          "identities", "endpoints")
+
+
 def measure(path: str, repeats: int = 3) -> None:
     conn = sqlite_store.open_readonly(path)
-    counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("traffic", "traffic_hourly", "identities", "endpoints")]
+    counts = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES]
+    now = view_queries.time_bounds(conn)[1] + WINDOW - 1
     conn.close()
     print(f"database: {path} ({os.path.getsize(path) / 1e9:.2f} GB)")
-    print("rows: traffic %d, traffic_hourly %d, identities %d, endpoints %d" % tuple(counts))
-    print(f"{'range':<10} {'first screen ms':>16} {'tab switch ms (median, max)':>28}"
+    print("rows: " + ", ".join(f"{t} {n}" for t, n in zip(TABLES, counts)))
+    print(f"{'range':<13} {'first screen ms':>16} {'tab switch ms (median, max)':>28}"
           f" {'filter ms':>10}")
-    for name, _ in RANGES:
+    cases = [(name, name, now) for name, _ in RANGES] + [("month +1 day", "month", now + 86400)]
+    for label, name, at in cases:
         firsts, switches, filters = [], [], []
         for _ in range(repeats):
             history = None
@@ -120,10 +154,10 @@ def measure(path: str, repeats: int = 3) -> None:
             def first():
                 nonlocal history
                 history = view_queries.History(sqlite_store.open_readonly(path))
-                history.tab("exe", *window(name, 0, time.time()), [])
+                history.tab("exe", *window(name, 0, at), [])
 
             firsts.append(timed(first))
-            start, end = window(name, 0, time.time())
+            start, end = window(name, 0, at)
             for dimension in view_queries.DIMENSIONS[1:]:
                 switches.append(timed(lambda: history.tab(dimension.column, start, end, [])))
             top = history.tab("exe", start, end, [])
@@ -131,7 +165,7 @@ def measure(path: str, repeats: int = 3) -> None:
                 chosen = [view_queries.Filter("exe", top[0].value)]
                 filters.append(timed(lambda: history.tab("raddr", start, end, chosen)))
             history.conn.close()
-        print(f"{name:<10} {statistics.median(firsts):>16.0f} "
+        print(f"{label:<13} {statistics.median(firsts):>16.0f} "
               f"{statistics.median(switches):>18.0f}, {max(switches):>7.0f}"
               f" {statistics.median(filters) if filters else 0:>10.0f}")
 
@@ -145,6 +179,8 @@ def main() -> None:
     if not os.path.exists(path):
         print(f"generating {args.rows} rows into {path} (once; cached) ...", flush=True)
         print(f"generated in {timed(lambda: generate(path, args.rows)) / 1000:.0f} s", flush=True)
+    elif schema_version(path) < db_schema.SCHEMA_VERSION:
+        migrate(path)
     measure(path)
 
 

@@ -142,9 +142,6 @@ class LocalHistory(History):
     """snitch.db as the dashboard reads it: History's tabs, plus what ServerHistory also
     answers for the charts and the drill-down."""
 
-    def bounds(self) -> tuple[Optional[int], Optional[int]]:
-        return view_queries.time_bounds(self.conn)
-
     def series(self, column: str, start: int, end: int, filters: list[Filter],
                top: int = 10) -> view_queries.SeriesResult:
         return view_queries.series(self.conn, column, start, end, filters, 0, top)

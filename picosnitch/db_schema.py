@@ -5,6 +5,20 @@ Processes, identities and endpoints are stored once each and referred to by inte
 sums per hour. People query the file with their own tools through the `connections` view,
 whose columns are documented in VIEW_COLUMNS and kept stable.
 
+Three more rollups let the UIs answer long time ranges without touching every connection (a
+month of a busy machine holds ~10^6 (identity, endpoint) pairs, one per TCP connection, because
+each has its own local port; see view_queries for how they are read):
+
+- `hourly_by_identity`: traffic_hourly summed per (hour, identity), with how many of its rows
+  (distinct endpoints) went into each sum: the entry-time tab, by hour.
+- `totals_by_peer`: everything stored, summed per identity and endpoint without its local port
+  (laddr, raddr, rport, domain), with the number of distinct (identity, endpoint) pairs in each.
+- `totals_by_lport`: the same per identity and local port.
+
+All three are derived from traffic_hourly: they change in the transaction that writes traffic
+(sqlite_store.SqliteWriter) and in the one that prunes it (sqlite_store.prune), through
+add_to_rollups, which also fills them when a version-1 database is migrated.
+
 Text columns hold the exact bytes picosnitch saw (see sqlite_store for how they are bound and
 read back): they may contain escape sequences, newlines, NUL and invalid UTF-8. Note that
 SQLite's length() and some string functions stop at the first NUL; compare with
@@ -12,8 +26,9 @@ CAST(column AS BLOB) when that matters.
 """
 
 import sqlite3
+from typing import Optional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # (column, meaning) in the order the `connections` view exposes them. The README quotes this.
 VIEW_COLUMNS = (
@@ -115,6 +130,41 @@ CREATE INDEX traffic_hourly_identity ON traffic_hourly (identity_id, hour);
 CREATE INDEX traffic_hourly_endpoint ON traffic_hourly (endpoint_id, hour);
 """
 
+# Added in version 2 (the module docstring says what they hold). `pairs` counts distinct
+# (identity, endpoint) pairs: rows of traffic_hourly in hourly_by_identity, pairs with any
+# traffic_hourly row in the totals, whose rows go once their last pair is pruned.
+_ROLLUP_TABLES = """
+CREATE TABLE hourly_by_identity (
+    hour INTEGER NOT NULL,
+    identity_id INTEGER NOT NULL REFERENCES identities (id),
+    send INTEGER NOT NULL,
+    recv INTEGER NOT NULL,
+    pairs INTEGER NOT NULL,
+    PRIMARY KEY (hour, identity_id)
+) WITHOUT ROWID;
+
+CREATE TABLE totals_by_peer (
+    identity_id INTEGER NOT NULL REFERENCES identities (id),
+    raddr TEXT NOT NULL,
+    rport INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    laddr TEXT NOT NULL,
+    send INTEGER NOT NULL,
+    recv INTEGER NOT NULL,
+    pairs INTEGER NOT NULL,
+    PRIMARY KEY (identity_id, raddr, rport, domain, laddr)
+) WITHOUT ROWID;
+
+CREATE TABLE totals_by_lport (
+    identity_id INTEGER NOT NULL REFERENCES identities (id),
+    lport INTEGER NOT NULL,
+    send INTEGER NOT NULL,
+    recv INTEGER NOT NULL,
+    pairs INTEGER NOT NULL,
+    PRIMARY KEY (lport, identity_id)  -- the local port tab groups in this order, unsorted
+) WITHOUT ROWID;
+"""
+
 # Where each view column comes from; `t` is the traffic table (or its hourly rollup).
 _SOURCES = {
     "contime": "datetime(t.{ts}, 'unixepoch', 'localtime')",
@@ -152,9 +202,62 @@ JOIN processes AS gp ON gp.id = i.grandparent_id;
 _VIEWS = _view_sql("connections", "traffic", "ts") + _view_sql(
     "connections_hourly", "traffic_hourly", "hour")
 
+
+_CREATE_PAIR_DELTAS = """CREATE TEMP TABLE IF NOT EXISTS pair_deltas (identity_id INTEGER,
+    endpoint_id INTEGER, send INTEGER, recv INTEGER, new INTEGER)"""
+
+
+def _upsert_sums(table: str, key: str, columns: str, select: str) -> str:
+    """INSERT of `select`'s rows into `table` that adds send, recv and pairs to an existing
+    row with the same `key`. (`WHERE true` keeps SQLite's parser from reading ON CONFLICT as
+    a join's ON.)"""
+    return f"""INSERT INTO {table} ({columns}, send, recv, pairs) {select}
+ON CONFLICT ({key}) DO UPDATE SET send = send + excluded.send, recv = recv + excluded.recv,
+    pairs = pairs + excluded.pairs"""
+
+
+def add_to_rollups(conn: sqlite3.Connection, pairs: str, hours: Optional[str] = None,
+                   params: "dict | tuple" = ()) -> None:
+    """Add to the rollups, inside the caller's transaction, before traffic_hourly changes.
+
+    `pairs` is a SELECT of (identity_id, endpoint_id, send, recv, new): one row per pair with
+    what to add to its sums, and `new` 1 if the pair had no traffic_hourly row before (-1 if it
+    has none left, when pruning). `hours`, if given, is a SELECT of (hour, identity_id, send,
+    recv, new) with `new` the number of traffic_hourly rows it adds. Both may use `params`.
+    """
+    conn.execute(_CREATE_PAIR_DELTAS)
+    conn.execute(f"INSERT INTO temp.pair_deltas {pairs}", params)
+    for table, key in (("totals_by_peer", "identity_id, raddr, rport, domain, laddr"),
+                       ("totals_by_lport", "lport, identity_id")):
+        columns = ", ".join(f"e.{c}" if c != "identity_id" else "d.identity_id"
+                            for c in key.split(", "))
+        conn.execute(_upsert_sums(table, key, key, f"""SELECT {columns}, sum(d.send),
+            sum(d.recv), sum(d.new) FROM temp.pair_deltas AS d
+            JOIN endpoints AS e ON e.id = d.endpoint_id WHERE true GROUP BY {columns}"""))
+    conn.execute("DELETE FROM temp.pair_deltas")
+    if hours is not None:
+        conn.execute(_upsert_sums("hourly_by_identity", "hour, identity_id", "hour, identity_id",
+                                  hours), params)
+
+
+def fill_rollups(conn: sqlite3.Connection) -> None:
+    """Fill the (empty) rollups from traffic_hourly, inside the caller's transaction."""
+    add_to_rollups(
+        conn, "SELECT identity_id, endpoint_id, sum(send) AS send, sum(recv) AS recv, 1 AS new "
+              "FROM traffic_hourly GROUP BY identity_id, endpoint_id",
+        "SELECT hour, identity_id, sum(send), sum(recv), count(*) FROM traffic_hourly "
+        "WHERE true GROUP BY hour, identity_id")
+
+
+def _add_rollups(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2: create the rollups and fill them from traffic_hourly."""
+    _run_script(conn, _ROLLUP_TABLES)
+    fill_rollups(conn)
+
+
 # MIGRATIONS[n] upgrades a version-n database to version n + 1, inside the caller's
 # transaction. Add an entry here (and bump SCHEMA_VERSION) whenever the schema changes.
-MIGRATIONS: dict = {}
+MIGRATIONS: dict = {1: _add_rollups}
 
 
 class SchemaError(Exception):
@@ -163,6 +266,13 @@ class SchemaError(Exception):
 
 class NewerSchemaError(SchemaError):
     """The database was made by a newer picosnitch: upgrade rather than discard it."""
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Each statement of `script` (executescript would commit the caller's transaction)."""
+    for statement in script.split(";\n"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _is_empty(conn: sqlite3.Connection) -> bool:
@@ -186,9 +296,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if version == 0:
             if not _is_empty(conn):
                 raise SchemaError("the database holds tables picosnitch did not create")
-            for statement in (_TABLES + _VIEWS).split(";\n"):
-                if statement.strip():
-                    conn.execute(statement)
+            _run_script(conn, _TABLES + _ROLLUP_TABLES + _VIEWS)
         else:
             for step in range(version, SCHEMA_VERSION):
                 MIGRATIONS[step](conn)

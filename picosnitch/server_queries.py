@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from picosnitch import central_db
-from picosnitch.view_queries import (BY_COLUMN, DIMENSIONS, Dimension, Filter, Row, Series,
-                                     SeriesResult, _window, bucket_width, series_bucket)
+from picosnitch.view_queries import (BY_COLUMN, DIMENSIONS, Dimension, Filter, Row, SeriesResult,
+                                     _window, bucket_width, ranked_series, series_bucket)
 
 # The central server has one more tab, first: the machine that sent the rows.
 HOST = Dimension("host", "host", "host", "host")
@@ -151,25 +151,6 @@ def server_bounds_query(sql: ServerSQL, filters: tuple = ()) -> tuple[str, list]
     where, params = _server_where(sql, None, None, [f for f in filters if f.column != "contime"])
     return "SELECT min(%s), max(%s) FROM %s WHERE %s" % (
         ts, ts, sql.quote(sql.table), where), params
-
-
-def ranked_series(cells, start: int, end: int, bucket: int, top: int) -> SeriesResult:
-    """The SeriesResult of (bucket start, value, send, recv) cells of [start, end): the `top`
-    values with most traffic (ties by value) each a Series, the rest summed in `other`."""
-    first = start - start % bucket
-    times = list(range(first, end, bucket))
-    per_value: dict = {}
-    for t, value, sent, received in cells:
-        send, recv = per_value.setdefault(value, ([0] * len(times), [0] * len(times)))
-        send[(t - first) // bucket] += sent
-        recv[(t - first) // bucket] += received
-    ranked = sorted((Series(value, send, recv) for value, (send, recv) in per_value.items()),
-                    key=lambda s: (-s.total, s.value))
-    rest = ranked[top:]
-    other = Series(None, [sum(column) for column in zip(*(s.send for s in rest))],
-                   [sum(column) for column in zip(*(s.recv for s in rest))]) if rest else None
-    return SeriesResult(start, end, bucket, times, ranked[:top], other, len(ranked),
-                        sum(sum(s.send) for s in ranked), sum(sum(s.recv) for s in ranked))
 
 
 def _plain(value: object) -> object:

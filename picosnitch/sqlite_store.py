@@ -91,6 +91,7 @@ def _open_checked(path: str) -> sqlite3.Connection:
         # caching them (up to 16 MiB, taken only as the file grows) made bench/sqlite_write.py
         # about 1.3x faster than the 2 MiB default.
         conn.execute("PRAGMA cache_size = -16384")
+        conn.execute("PRAGMA temp_store = MEMORY")  # the writer's temp.batch
         db_schema.ensure_schema(conn)
     except BaseException:
         conn.close()
@@ -184,6 +185,7 @@ class SqliteWriter:
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
+        self.conn.execute(_CREATE_BATCH)
         self._processes: dict = {}
         self._identities: dict = {}
         self._endpoints: dict = {}
@@ -192,7 +194,10 @@ class SqliteWriter:
         """Add the traffic of `connections` to snitch.db in one transaction.
 
         Rows with the same (identity, endpoint, ts), in this batch or already stored, are
-        summed; the hourly rollup gets the same sums.
+        summed; the hourly rollup and the others derived from it (db_schema) get the same sums.
+        The rows go into temp.batch first, and every table is then changed by one statement
+        over it: the rollups need to know which pairs and hourly rows are new, which is a
+        set-wide question, and that way the writer's per-row cost is SQLite's, not Python's.
         """
         merged: dict = {}
         for c in connections:
@@ -209,11 +214,14 @@ class SqliteWriter:
         new = ({}, {}, {})  # ids inserted by this transaction, cached only once committed
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            rows = [(ts, self._identity_id(identity, new), self._endpoint_id(endpoint, new[2]),
-                     *counts) for (identity, endpoint, ts), counts in merged.items()]
-            self.conn.executemany(_UPSERT_TRAFFIC, rows)
-            self.conn.executemany(
-                _UPSERT_HOURLY, [(ts - ts % 3600, *rest) for ts, *rest in rows])
+            self.conn.executemany(_INSERT_BATCH, [
+                (ts, ts - ts % 3600, self._identity_id(identity, new),
+                 self._endpoint_id(endpoint, new[2]), *counts)
+                for (identity, endpoint, ts), counts in merged.items()])
+            db_schema.add_to_rollups(self.conn, _BATCH_PAIRS, _BATCH_HOURS)
+            self.conn.execute(_UPSERT_TRAFFIC)
+            self.conn.execute(_UPSERT_HOURLY)
+            self.conn.execute("DELETE FROM temp.batch")
         for cache, fresh in zip((self._processes, self._identities, self._endpoints), new):
             if len(cache) + len(fresh) > self.CACHE_LIMIT:
                 cache.clear()
@@ -272,11 +280,34 @@ _INSERT_ENDPOINT = ("INSERT INTO endpoints (family, protocol, laddr, lport, radd
                     f"VALUES (?, ?, {_T}, ?, {_T}, ?, {_T})")
 
 
+# One write's rows, merged per (ts, identity, endpoint); `hour` computed in Python (floor).
+_CREATE_BATCH = """CREATE TEMP TABLE IF NOT EXISTS batch (ts INTEGER, hour INTEGER,
+    identity_id INTEGER, endpoint_id INTEGER, send INTEGER, recv INTEGER, packets_sent INTEGER,
+    packets_recv INTEGER)"""
+_INSERT_BATCH = "INSERT INTO temp.batch VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+# What the batch adds to the rollups (db_schema.add_to_rollups), asked before traffic_hourly
+# takes it: per pair, and whether the pair is new; per (hour, identity), how many hourly rows
+# are new.
+_BATCH_PAIRS = """SELECT identity_id, endpoint_id, sum(send), sum(recv),
+    NOT EXISTS (SELECT 1 FROM traffic_hourly AS h WHERE h.endpoint_id = b.endpoint_id
+                AND h.identity_id = b.identity_id)
+    FROM temp.batch AS b GROUP BY identity_id, endpoint_id"""
+_BATCH_HOURS = """SELECT hour, identity_id, sum(send), sum(recv),
+    sum(NOT EXISTS (SELECT 1 FROM traffic_hourly AS h WHERE h.hour = g.hour
+                    AND h.identity_id = g.identity_id AND h.endpoint_id = g.endpoint_id))
+    FROM (SELECT hour, identity_id, endpoint_id, sum(send) AS send, sum(recv) AS recv
+          FROM temp.batch GROUP BY hour, identity_id, endpoint_id) AS g
+    WHERE true GROUP BY hour, identity_id"""
+
+
 def _upsert(table: str, time_column: str) -> str:
-    """INSERT that adds the counts to an existing row with the same key."""
+    """INSERT of temp.batch's rows (summed per hour for the rollup) that adds the counts to
+    an existing row with the same key."""
     key = f"{time_column}, identity_id, endpoint_id"
     return f"""INSERT INTO {table} ({key}, send, recv, packets_sent, packets_recv)
-VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT ({key}) DO UPDATE SET
+SELECT {key}, sum(send), sum(recv), sum(packets_sent), sum(packets_recv) FROM temp.batch
+WHERE true GROUP BY {key} ON CONFLICT ({key}) DO UPDATE SET
     send = send + excluded.send, recv = recv + excluded.recv,
     packets_sent = packets_sent + excluded.packets_sent,
     packets_recv = packets_recv + excluded.packets_recv"""
@@ -284,6 +315,13 @@ VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT ({key}) DO UPDATE SET
 
 _UPSERT_TRAFFIC = _upsert("traffic", "ts")
 _UPSERT_HOURLY = _upsert("traffic_hourly", "hour")
+
+# Pruning: what the hourly rows about to go take from the rollups; a pair left with no hourly
+# row (EXISTS is 0) takes its count.
+_PRUNED_PAIRS = """SELECT identity_id, endpoint_id, -sum(send), -sum(recv),
+    EXISTS (SELECT 1 FROM traffic_hourly AS h WHERE h.endpoint_id = d.endpoint_id
+            AND h.identity_id = d.identity_id AND h.hour > :last) - 1
+    FROM traffic_hourly AS d WHERE hour <= :last GROUP BY identity_id, endpoint_id"""
 
 
 def write_connections(conn: sqlite3.Connection, connections: "list[Connection]") -> None:
@@ -297,16 +335,22 @@ def write_connections(conn: sqlite3.Connection, connections: "list[Connection]")
 def prune(conn: sqlite3.Connection, retention_days: int, now: "float | None" = None) -> None:
     """Delete traffic older than `retention_days` (0 keeps everything) and what it alone used.
 
-    An hourly rollup row goes once its whole hour is older than the retention. Processes,
-    identities and endpoints no longer referenced by any traffic are deleted too.
+    An hourly rollup row goes once its whole hour is older than the retention, and the rollups
+    derived from it (db_schema) lose what it added. Processes, identities and endpoints no
+    longer referenced by any traffic are deleted too.
     """
     if retention_days <= 0:
         return
     cutoff = int(time.time() if now is None else now) - retention_days * 86400
+    last = {"last": cutoff - 3600}  # hourly rows up to this one end before the cutoff
     with conn:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("DELETE FROM traffic WHERE ts < ?", (cutoff,))
-        conn.execute("DELETE FROM traffic_hourly WHERE hour <= ?", (cutoff - 3600,))
+        db_schema.add_to_rollups(conn, _PRUNED_PAIRS, params=last)
+        conn.execute("DELETE FROM totals_by_peer WHERE pairs = 0")
+        conn.execute("DELETE FROM totals_by_lport WHERE pairs = 0")
+        conn.execute("DELETE FROM hourly_by_identity WHERE hour <= :last", last)
+        conn.execute("DELETE FROM traffic_hourly WHERE hour <= :last", last)
         conn.execute("""DELETE FROM identities WHERE
             NOT EXISTS (SELECT 1 FROM traffic WHERE identity_id = identities.id) AND
             NOT EXISTS (SELECT 1 FROM traffic_hourly WHERE identity_id = identities.id)""")

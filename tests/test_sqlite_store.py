@@ -115,6 +115,71 @@ def test_migrations_run_from_the_stored_version(tmp_path, monkeypatch):
     assert "country" in [r[1] for r in conn.execute("PRAGMA table_info(endpoints)")]
 
 
+# A database made by picosnitch at schema version 1 (commit 9469e44), with that version's
+# SqliteWriter: 5 hours of 10-minute windows from three programs (one with a NUL, invalid UTF-8
+# and an escape sequence in its path, name and command line) to reused local ports, then pruned
+# so that its oldest hour has a rollup row but only part of its raw rows (as version 1 pruned).
+V1_DATABASE = Path(__file__).parent / "data" / "snitch-v1.db"
+
+
+def rollups_by_definition(conn) -> dict:
+    """What the rollups must hold, computed from traffic_hourly by their definition."""
+    pairs = """SELECT h.identity_id, {key}, sum(h.send), sum(h.recv), count(DISTINCT h.endpoint_id)
+        FROM traffic_hourly AS h JOIN endpoints AS e ON e.id = h.endpoint_id
+        GROUP BY h.identity_id, {key} ORDER BY 1, 2"""
+    return {
+        "hourly_by_identity": conn.execute(
+            """SELECT hour, identity_id, sum(send), sum(recv), count(*) FROM traffic_hourly
+               GROUP BY hour, identity_id ORDER BY 1, 2""").fetchall(),
+        "totals_by_peer": conn.execute(pairs.format(
+            key="CAST(e.raddr AS BLOB), e.rport, CAST(e.domain AS BLOB), CAST(e.laddr AS BLOB)"
+        )).fetchall(),
+        "totals_by_lport": conn.execute(pairs.format(key="e.lport")).fetchall(),
+    }
+
+
+def stored_rollups(conn) -> dict:
+    return {
+        "hourly_by_identity": conn.execute(
+            "SELECT hour, identity_id, send, recv, pairs FROM hourly_by_identity ORDER BY 1, 2"
+        ).fetchall(),
+        "totals_by_peer": conn.execute(
+            """SELECT identity_id, CAST(raddr AS BLOB), rport, CAST(domain AS BLOB),
+               CAST(laddr AS BLOB), send, recv, pairs FROM totals_by_peer ORDER BY 1, 2"""
+        ).fetchall(),
+        "totals_by_lport": conn.execute(
+            "SELECT identity_id, lport, send, recv, pairs FROM totals_by_lport ORDER BY 1, 2"
+        ).fetchall(),
+    }
+
+
+def test_version_1_database_is_migrated_with_its_rollups(tmp_path):
+    path = tmp_path / "snitch.db"
+    shutil.copy(V1_DATABASE, path)
+    old = sqlite3.connect(path)
+    old.text_factory = bytes
+    assert old.execute("PRAGMA user_version").fetchone()[0] == 1
+    view_before = old.execute("SELECT * FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, "
+                              "CAST(raddr AS BLOB)").fetchall()
+    old.close()
+
+    conn, problem = sqlite_store.open_db(str(path))
+
+    assert problem is None
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == db_schema.SCHEMA_VERSION == 2
+    conn.text_factory = bytes
+    assert conn.execute("SELECT * FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, "
+                        "CAST(raddr AS BLOB)").fetchall() == view_before
+    expected = rollups_by_definition(conn)
+    assert all(expected.values()) and stored_rollups(conn) == expected
+    # and the writer goes on from there
+    writer = sqlite_store.SqliteWriter(conn)
+    last = conn.execute("SELECT max(ts) FROM traffic").fetchone()[0]
+    writer.write([connection(ts=last + 10), connection(ts=last + 4000)])
+    writer.prune(1, now=last + 86400 - 1800)
+    assert stored_rollups(conn) == rollups_by_definition(conn)
+
+
 # Writing and reading back
 
 
@@ -203,11 +268,43 @@ def test_hourly_rollup_equals_the_sums_of_traffic(db):
     assert len(db.execute(hourly).fetchall()) == 4 * len(processes)
 
 
+def test_rollups_follow_writes_and_retention(db):
+    rng = random.Random(7)
+    writer = sqlite_store.SqliteWriter(db)
+    processes = [CURL, BASH, ProcessInfo("/usr/bin/ssh", "ssh")]
+    # few local ports and addresses, so that pairs share peers and ports and come back later
+    endpoints = [Endpoint(2, rng.choice((6, 17)), "10.0.0.2", 40000 + rng.randrange(4),
+                          rng.choice(("93.184.216.34", "10.0.0.9")), rng.choice((53, 443)),
+                          rng.choice(("com.example", "")))
+                 for _ in range(12)]
+    start = 1_700_000_000
+
+    def write(first: int, windows: int) -> None:
+        for w in range(windows):
+            ts = first + 600 * w
+            # a batch may span two hours, and repeat what an earlier batch wrote
+            writer.write([connection(rng.choice(processes), rng.choice(endpoints),
+                                     ts=ts + rng.choice((0, 0, 3600)), send=rng.randrange(10**6))
+                          for _ in range(rng.randrange(1, 8))])
+
+    write(start, 60)
+    assert stored_rollups(db) == rollups_by_definition(db)
+    writer.prune(1, now=start + 86400 + 5 * 3600 + 1234)  # the cutoff cuts an hour in two
+    assert 0 < db.execute("SELECT count(*) FROM totals_by_peer").fetchone()[0]
+    assert stored_rollups(db) == rollups_by_definition(db)
+    write(start + 4 * 3600, 30)  # new traffic for pairs that were pruned, or kept
+    writer.prune(1, now=start + 86400 + 8 * 3600)
+    assert stored_rollups(db) == rollups_by_definition(db)
+    writer.prune(1, now=start + 10 * 86400)  # everything goes
+    assert stored_rollups(db) == {name: [] for name in stored_rollups(db)}
+
+
 def test_a_failed_write_leaves_nothing_behind(db):
     writer = sqlite_store.SqliteWriter(db)
     with pytest.raises(OverflowError):
         writer.write([connection(), connection(BASH, send=2**64)])
     assert read_back(db) == []
+    assert stored_rollups(db) == {name: [] for name in stored_rollups(db)}
     writer.write([connection()])  # ids from the rolled-back transaction were not cached
     assert len(read_back(db)) == 1
 
