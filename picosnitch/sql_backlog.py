@@ -5,12 +5,18 @@ committed it, so neither an outage nor a restart of the daemon loses rows. Batch
 in append-only segment files `segment-<number>` in one directory:
 
     record = header (payload length, crc32 of payload, row count: 3 x uint32 big-endian)
-             + payload (JSON {"id": batch id, "rows": [[value, ...], ...]})
+             + payload (JSON {"id": batch id, "rows": [[value, ...], ...], "closes": hour})
+
+(`closes`, optional: the writer had every row of the hours before that time when it stored
+this batch; see sql_rollup.)
 
 Each append is fsync'ed before it returns; each process appends to a segment of its own, so a
 crash can only leave a torn record at the end of a segment, which the next start cuts off. The
 file `cursor` says how far the server has committed (segment, offset); it is replaced without
-fsync, because re-sending a batch is harmless: the server keeps each batch id once.
+fsync, because re-sending a batch is harmless: the server keeps each batch id once. At a clean
+stop it may also hold a `state` (the hourly rollup's sums, which must match the cursor); it is
+written with fsync, and the first consume() after it removes it, with fsync too, so that a
+state can never be read back with a cursor it does not match.
 
 The total size is bounded: when an append takes it over the limit, whole segments are deleted,
 oldest first, and the rows they held that the server had not committed are counted as lost.
@@ -41,6 +47,7 @@ class Batch:
     batch_id: str
     rows: list
     end: tuple  # (segment number, offset just past this record)
+    closes: Optional[int] = None
 
 
 class Backlog:
@@ -60,6 +67,7 @@ class Backlog:
         self._active: Optional[int] = None  # the segment this process appends to
         self._active_fd: Optional[int] = None
         self._cursor = (0, 0)
+        self.saved_state: Optional[dict] = None  # what save_state() stored with the cursor
         self._load()
 
     # -- reading the directory at start ----------------------------------------------------------
@@ -74,7 +82,8 @@ class Backlog:
         try:
             saved = json.loads((self.directory / CURSOR).read_text())
             self._cursor = (int(saved["segment"]), int(saved["offset"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            self.saved_state = saved.get("state")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._cursor = (min(self._sizes, default=0), 0)
         for number in sorted(self._sizes):
             if number < self._cursor[0]:
@@ -100,9 +109,12 @@ class Backlog:
 
     # -- appending ---------------------------------------------------------------------------------
 
-    def append(self, batch_id: str, rows: list) -> int:
+    def append(self, batch_id: str, rows: list, closes: Optional[int] = None) -> int:
         """Store a batch durably; returns how many rows of older batches had to be dropped."""
-        payload = json.dumps({"id": batch_id, "rows": rows}, separators=(",", ":")).encode()
+        data = {"id": batch_id, "rows": rows}
+        if closes is not None:
+            data["closes"] = closes
+        payload = json.dumps(data, separators=(",", ":")).encode()
         record = HEADER.pack(len(payload), zlib.crc32(payload), len(rows)) + payload
         with self._lock:
             if self._active is None or self._sizes[self._active] >= self.segment_limit:
@@ -119,11 +131,7 @@ class Backlog:
         self._active_fd = os.open(self._path(self._active),
                                   os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self._sizes[self._active] = 0
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the new name survives a power loss too
-        finally:
-            os.close(directory)
+        fsync_directory(self.directory)  # the new name survives a power loss too
 
     def _enforce_limit(self) -> int:
         dropped = 0
@@ -187,7 +195,7 @@ class Backlog:
             if zlib.crc32(payload) != crc:
                 raise ValueError("checksum mismatch")
             data = json.loads(payload)
-            return Batch(data["id"], data["rows"], end)
+            return Batch(data["id"], data["rows"], end, data.get("closes"))
         except (ValueError, KeyError, TypeError) as error:
             self._cursor = end
             self.lost_rows += count
@@ -201,9 +209,20 @@ class Backlog:
             if batch.end <= self._cursor:
                 return
             self._cursor = batch.end
-            temporary = self.directory / (CURSOR + ".new")
-            temporary.write_text(json.dumps({"segment": batch.end[0], "offset": batch.end[1]}))
-            os.replace(temporary, self.directory / CURSOR)
+            had_state, self.saved_state = self.saved_state is not None, None
+            self._write_cursor(durably=had_state)
+
+    def save_state(self, state: dict) -> None:
+        """Keep `state` with the cursor, durably, until the next consume()."""
+        with self._lock:
+            self.saved_state = state
+            self._write_cursor(durably=True)
+
+    def _write_cursor(self, durably: bool) -> None:
+        saved = {"segment": self._cursor[0], "offset": self._cursor[1]}
+        if self.saved_state is not None:
+            saved["state"] = self.saved_state
+        replace_file(self.directory / CURSOR, json.dumps(saved, separators=(",", ":")), durably)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -224,3 +243,25 @@ class Backlog:
                 os.close(self._active_fd)
                 self._active_fd = None
                 self._active = None
+
+
+def fsync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def replace_file(path: Path, text: str, durably: bool) -> None:
+    """Replace `path` by a file holding `text` at once (a reader sees the old or the new);
+    `durably`: it survives a power loss once this returns."""
+    temporary = path.with_name(path.name + ".new")
+    with open(temporary, "w") as file:
+        file.write(text)
+        if durably:
+            file.flush()
+            os.fsync(file.fileno())
+    os.replace(temporary, path)
+    if durably:
+        fsync_directory(path.parent)

@@ -13,6 +13,9 @@ executable say, becomes a second row on the server). At Stop whatever is pending
 So the server holds the rows of snitch.db's `connections` view, one for one, except that a window
 cut by a restart of the daemon is two rows there (snitch.db adds them up): sum by
 (host, ts, identity, endpoint) when that matters.
+
+Each batch also says which hours the worker has every row of (`closes`): the sender then closes
+them in the server's hourly rollup (sql_rollup).
 """
 
 import os
@@ -27,6 +30,7 @@ from pathlib import Path
 from picosnitch.config import ConfigError
 from picosnitch.messages import ErrorReport, Stop
 from picosnitch.sql_backlog import Backlog
+from picosnitch.sql_rollup import Horizon, HourlyRollup, hour_of
 from picosnitch.sql_server_config import load_driver, parse
 from picosnitch.sql_server_writer import (BatchRejected, ServerError, ServerWriter, hostname,
                                           machine_id, make_row)
@@ -95,18 +99,35 @@ class Windows:
                 if now is None or ts < self.latest or ts + self.limit + LATE <= now]
         return [c for ts in sorted(done) for c in self.pending.pop(ts).values()]
 
+    def settled(self, now: float) -> int:
+        """The hour before which every window has been taken at `now`, as far as the worker
+        can tell (a batch stamped earlier that is held up longer than LATE comes later)."""
+        bound = int(now - self.limit - LATE)
+        if self.latest is not None:
+            bound = max(bound, self.latest)
+        if self.pending:
+            bound = min(bound, min(self.pending))
+        return hour_of(bound)
+
 
 class Sender(threading.Thread):
-    """Sends the backlog's batches in order; on failure reports and retries with backoff."""
+    """Sends the backlog's batches in order, each with what it adds to the hourly rollup; on
+    failure reports and retries with backoff. When it ends, the rollup's sums are saved with
+    the backlog for the next start."""
 
-    def __init__(self, writer: ServerWriter, backlog: Backlog, report):
+    def __init__(self, writer: ServerWriter, backlog: Backlog, rollup: HourlyRollup, report):
         super().__init__(name="sql-sender", daemon=True)
-        self.writer, self.backlog, self.report = writer, backlog, report
+        self.writer, self.backlog, self.rollup, self.report = writer, backlog, rollup, report
         self.wake = threading.Event()  # a batch was appended
         self.finishing = threading.Event()  # Stop arrived: send what is there, then end
         self.down_since = None
+        self.rollup_reported = False
 
     def run(self) -> None:
+        self._send()
+        self.backlog.save_state(self.rollup.state())
+
+    def _send(self) -> None:
         delay = BACKOFF_FIRST
         while True:
             batch = self.backlog.peek()
@@ -117,8 +138,13 @@ class Sender(threading.Thread):
                 self.wake.clear()
                 continue
             try:
-                self.writer.write(batch)
+                markable = self.writer.open()
+                if not markable:
+                    self._report_rollup_off()
+                plan = self.rollup.plan(batch.rows, batch.closes, markable)
+                self.writer.write(batch, plan.hourly, plan.hours)
             except BatchRejected as error:
+                self.rollup.rejected(plan)
                 self.backlog.lost_rows += len(batch.rows)
                 self.report(ErrorReport("%s; the batch is dropped" % error, "sql-server:rejected"))
             except Exception as error:  # noqa: BLE001 - ServerError, or a driver's surprise
@@ -133,6 +159,7 @@ class Sender(threading.Thread):
                     return  # what is left waits on disk for the next start
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
+            self.rollup.committed(plan)
             self.backlog.consume(batch)
             delay = BACKOFF_FIRST
             if self.down_since is not None:
@@ -141,6 +168,15 @@ class Sender(threading.Thread):
                     "(%d bytes)" % (self.writer.where, time.monotonic() - self.down_since,
                                     self.backlog.size())))
                 self.down_since = None
+
+    def _report_rollup_off(self) -> None:
+        if not self.rollup_reported:
+            self.rollup_reported = True
+            self.report(ErrorReport(
+                "the SQL server %s keeps no hourly rollup (%s): rows are sent without it, and "
+                "readers sum every row of long ranges; let the writer create the tables, or have "
+                "an administrator create them and grant INSERT" % (
+                    self.writer.where, self.writer.rollup_problem), "sql-server:rollup"))
 
     def finish(self, timeout: float) -> None:
         """Send what remains for up to `timeout` seconds; stop early when the server fails."""
@@ -182,14 +218,19 @@ def run(config, paths, inbox, to_keeper) -> int:
     backlog = Backlog(paths.sql_backlog, config["DB sql backlog (MB)"] * 1_000_000)
     host = hostname()
     machine = machine_id(lambda: _saved_id(paths.sql_backlog))
-    sender = Sender(writer, backlog, report)
+    horizon = Horizon(paths.sql_backlog / "horizon")
+    rollup = (HourlyRollup.from_state(backlog.saved_state)
+              or HourlyRollup.fresh(time.time(), horizon.hour))
+    sender = Sender(writer, backlog, rollup, report)
     sender.start()
     windows = Windows(config["DB write limit (seconds)"])
 
-    def store(connections) -> None:
+    def store(connections, closes: int) -> None:
         if not connections:
             return
-        dropped = backlog.append(uuid.uuid4().hex, [make_row(c, host, machine) for c in connections])
+        horizon.reach(max(c.ts for c in connections))
+        rows = [make_row(c, host, machine) for c in connections]
+        dropped = backlog.append(uuid.uuid4().hex, rows, closes)
         if dropped:
             report(ErrorReport(
                 "the SQL backlog %s is full (\"DB sql backlog (MB)\": %d): dropped the oldest "
@@ -205,10 +246,11 @@ def run(config, paths, inbox, to_keeper) -> int:
             if wait([inbox], timeout=TICK):
                 message = inbox.recv()
                 if isinstance(message, Stop):
-                    store(windows.take())
+                    store(windows.take(), windows.settled(time.time()))
                     break
                 windows.add(message)
-            store(windows.take(time.time()))
+            now = time.time()
+            store(windows.take(now), windows.settled(now))
         sender.finish(STOP_DRAIN)
         for notice in backlog.take_notices():
             report(ErrorReport(notice))

@@ -2,7 +2,7 @@
 
 Each server listens on 127.0.0.1 on a free port and a unix socket in its directory, and has a
 database `picosnitch` with three users (password "secret"): `snitch_full` (may create tables),
-`snitch_insert` (INSERT only, on tables created by `grant_insert`) and nothing else.
+`snitch_insert` (only what `grant` gives it, on tables another user created) and nothing else.
 Needs root and Debian's `postgresql` and `mariadb-server` packages.
 """
 
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 PASSWORD = "secret"
+# A "DB sql server" table_name's tables: the rows, the batches, the hourly rollup and its marks.
+SUFFIXES = ("", "_batches", "_hourly", "_hours")
 
 
 def free_port() -> int:
@@ -87,17 +89,19 @@ class Postgres:
         return dict(client="psycopg", host="127.0.0.1", port=self.port, dbname="picosnitch",
                     user=user, password=PASSWORD, **extra)
 
-    def grant_insert(self, table: str) -> None:
+    def grant(self, privilege: str, table: str, suffixes=SUFFIXES) -> None:
         with self.admin() as conn:
-            conn.execute('GRANT INSERT ON "%s", "%s_batches" TO snitch_insert' % (table, table))
-
+            conn.execute('GRANT %s ON %s TO snitch_insert' % (
+                privilege, ", ".join('"%s%s"' % (table, s) for s in suffixes)))
     def query(self, sql: str) -> list:
         with self.admin() as conn:
-            return conn.execute(sql).fetchall()
+            cursor = conn.execute(sql)
+            return cursor.fetchall() if cursor.description else []
 
     def drop(self, table: str) -> None:
         with self.admin() as conn:
-            conn.execute('DROP TABLE IF EXISTS "%s", "%s_batches"' % (table, table))
+            conn.execute("DROP TABLE IF EXISTS %s" % ", ".join(
+                '"%s%s"' % (table, s) for s in SUFFIXES))
 
     def close(self) -> None:
         try:
@@ -126,6 +130,7 @@ class MariaDB:
             ["mariadbd", "--no-defaults", "--user=mysql", "--datadir=%s" % self.data,
              "--socket=%s" % self.socket, "--port=%d" % self.port, "--bind-address=127.0.0.1",
              "--skip-name-resolve", "--log-error=%s" % (self.dir / "log"),
+             "--tmpdir=%s" % self.dir,  # not /tmp, which other programs clean up
              "--pid-file=%s" % (self.dir / "pid")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: self.admin(None).close() or True, "mariadbd")
@@ -161,16 +166,16 @@ class MariaDB:
         return dict(client="pymysql", host="127.0.0.1", port=self.port, database="picosnitch",
                     user=user, password=PASSWORD, **extra)
 
-    def grant_insert(self, table: str) -> None:
-        for name in (table, table + "_batches"):
-            self._execute("GRANT INSERT ON picosnitch.`%s` TO 'snitch_insert'@'%%'" % name)
-
+    def grant(self, privilege: str, table: str, suffixes=SUFFIXES) -> None:
+        for suffix in suffixes:
+            self._execute("GRANT %s ON picosnitch.`%s%s` TO 'snitch_insert'@'%%'"
+                          % (privilege, table, suffix))
     def query(self, sql: str) -> list:
         return self._execute(sql, database="picosnitch")
 
     def drop(self, table: str) -> None:
-        self._execute("DROP TABLE IF EXISTS `%s`, `%s_batches`" % (table, table),
-                      database="picosnitch")
+        self._execute("DROP TABLE IF EXISTS %s" % ", ".join(
+            "`%s%s`" % (table, s) for s in SUFFIXES), database="picosnitch")
 
     def close(self) -> None:
         self.stop()

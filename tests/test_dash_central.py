@@ -2,7 +2,8 @@
 PostgreSQL and MariaDB on loopback (tests/sql_servers.py).
 
 The server's table is filled by the project's own writer (sql_server_writer.ServerWriter, which
-the daemon's remote SQL worker uses) with known traffic of two hosts over two days. Some names
+the daemon's remote SQL worker uses) with known traffic of two hosts over two days: one with the
+hourly rollup, as the daemon sends it, the other without, as an older picosnitch did. Some names
 differ only in case or a trailing space (MariaDB's default collation would take them for one),
 and one process has hostile text. Every figure the API gives is compared with the server's
 table, read row by row and summed here.
@@ -24,7 +25,9 @@ from picosnitch import cli, config, dash_api, sqlite_store
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.db_schema import VIEW_COLUMNS
 from picosnitch.paths import Paths
+from picosnitch.server_queries import server_readers
 from picosnitch.sql_backlog import Batch
+from picosnitch.sql_rollup import HourlyRollup, hour_of
 from picosnitch.sql_server_config import load_driver, parse
 from picosnitch.sql_server_writer import ServerWriter, make_row
 
@@ -78,11 +81,23 @@ def traffic(host_number: int) -> list:
 
 
 def write_traffic(server) -> None:
+    """alpha's rows as the daemon sends them: a batch per hour, each closing the hours before
+    it in the rollup (all but the last hour are marked); beta's in one batch, no rollup."""
     setting = config.parse(json.dumps({"DB sql server": server.params(table_name=TABLE)}))
     writer = ServerWriter(parse(setting), load_driver(parse(setting), setting), print)
     for number, (host, machine) in enumerate(HOSTS.items()):
         rows = [make_row(c, host, machine) for c in traffic(number)]
-        assert writer.write(Batch("batch-%s" % host, rows, (0, 0)))
+        if number:
+            assert writer.write(Batch("batch-%s" % host, rows, (0, 0)))
+            continue
+        hours = sorted({hour_of(row[-1]) for row in rows})
+        rollup = HourlyRollup(since=hours[0])
+        for hour in hours:
+            batch = Batch("batch-%s-%d" % (host, hour),
+                          [row for row in rows if hour_of(row[-1]) == hour], (0, 0), hour)
+            plan = rollup.plan(batch.rows, batch.closes, markable=True)
+            assert writer.write(batch, plan.hourly, plan.hours)
+            rollup.committed(plan)
     writer.close()
 
 
@@ -178,6 +193,21 @@ def test_totals_and_series_match_the_server_table(central, range_name, bucket):
     other = result["other"]
     assert (sum(other["send"]), sum(other["recv"])) == tuple(
         sum(expected[k][i] for k in ranked[3:]) for i in (0, 1))
+
+
+def test_whole_hours_of_the_rollup_are_read_from_it(central):
+    marked = central.server.query("SELECT machine_id, count(*) FROM %s_hours GROUP BY machine_id"
+                                  % TABLE)
+    assert marked == [(HOSTS["alpha.example"], len({hour_of(r["ts"]) for r in central.rows
+                                                    if r["host"] == "alpha.example"}) - 1)]
+    reader = server_readers(central.url, None)()
+    pieces = reader.pieces(NOW - 86400, NOW + 1)  # as the dashboard reads the last day
+    reader.close()
+    [(start, end)] = pieces.whole
+    assert ("beta.example", HOSTS["beta.example"], start, end) in pieces.uncovered
+    alpha = [(a, b) for host, _, a, b in pieces.uncovered if host == "alpha.example"]
+    assert not [row for row in central.rows if row["host"] == "alpha.example"
+                and any(a <= row["ts"] < b for a, b in alpha)]  # only its hours without rows
 
 
 def test_every_dimension_breaks_down_the_same_totals(central):

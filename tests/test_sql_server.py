@@ -299,7 +299,7 @@ def test_a_batch_sent_again_is_stored_once(server, prefix, table):
 def test_a_user_with_insert_privilege_only_works(server, prefix, table):
     setting = cfg(server.params(table_name=table))
     ServerWriter(parse(setting), load_driver(parse(setting), setting), print)._connect()
-    server.grant_insert(table)  # an administrator made the tables and granted INSERT
+    server.grant("INSERT", table)  # an administrator made the tables and granted INSERT
     rig = Rig(prefix, server.params(user="snitch_insert", table_name=table))
     rig.run(2.5)
     rig.stop()
