@@ -2,7 +2,7 @@
 measured side by side in one run, and each program's cost per invocation. Prints figures;
 asserts nothing.
 
-    python3 -m bench.overhead [--seconds 3] [--rounds 5] [--markdown] [--no-stats]
+    python3 -m bench.overhead [--seconds 3] [--rounds 5] [--markdown] [--no-stats] [--workload tcp1k ...]
 
 Run as root from the repository root, after `make -C picosnitch/bpf`. Needs gcc: the traffic
 generator is a small C program compiled at run time, since Python would be the bottleneck and
@@ -16,6 +16,15 @@ thread polls and drains the monitor every DRAIN_INTERVAL as the daemon does, and
 kernel.bpf_stats_enabled is 1 so the kernel times every program run (this adds two clock reads
 per run to the attached figures; --no-stats leaves it off and skips the per-invocation table).
 The monitor is loaded afresh for every attached run, which also samples its load time.
+
+The generator also reports each side's CPU time while counting, so the bench prints the CPU time
+per write/datagram of the sender and of the receiver. Other jobs taking turns on the CPUs change
+the throughput much more than these times: "ratio if CPU-bound" (the busier side's time, detached
+over attached) estimates the throughput ratio of an otherwise idle machine.
+
+--programs empty attaches, instead of the monitor, programs that return at once on the same
+per-packet hooks (sock_send_length, sock_recv_length, tcp_rcv_space_adjust, cgroup sendmsg/recvmsg):
+the cost of the hooks themselves, which no work in the programs can remove.
 """
 
 import argparse
@@ -32,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from picosnitch import libbpf
-from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor
+from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor, cgroup2_root
 
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 WARMUP_SECONDS = 0.3
@@ -41,6 +50,7 @@ LOAD_TARGET_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Workload:
+    name: str  # for --workload
     label: str
     short: str
     protocol: str  # "tcp" or "udp"
@@ -49,9 +59,9 @@ class Workload:
 
 
 WORKLOADS = (
-    Workload("bulk TCP, 128 KiB writes", "TCP 128K", "tcp", 128 * 1024, 0.97),
-    Workload("TCP, 1 KiB writes", "TCP 1K", "tcp", 1024, 0.90),
-    Workload("UDP, 64-byte datagrams", "UDP 64", "udp", 64, 0.93),
+    Workload("tcp128k", "bulk TCP, 128 KiB writes", "TCP 128K", "tcp", 128 * 1024, 0.97),
+    Workload("tcp1k", "TCP, 1 KiB writes", "TCP 1K", "tcp", 1024, 0.90),
+    Workload("udp64", "UDP, 64-byte datagrams", "UDP 64", "udp", 64, 0.93),
 )
 
 GENERATOR_C = r"""
@@ -62,6 +72,9 @@ GENERATOR_C = r"""
  * receives (recvfrom() with the source address for UDP) and, after WARMUP seconds, counts for
  * SECONDS, then prints one line:
  *   <bytes counted> <seconds counted> <bytes in all> <seconds in all> <writes sent while counting>
+ *   <receiver CPU seconds while counting> <sender CPU seconds while counting>
+ * CPU seconds are the thread's run time (CLOCK_THREAD_CPUTIME_ID), which includes the softirq
+ * work done on its behalf (the loopback delivery runs in the sender's context).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -79,12 +92,24 @@ GENERATOR_C = r"""
 #include <time.h>
 #include <unistd.h>
 
-static double now(void)
+/* Shared with the sender: it counts its writes and notes its CPU time when the phase changes. */
+struct shared {
+	volatile uint64_t sent;
+	volatile int phase;  /* 0 warm-up, 1 counting, 2 done */
+	volatile double cpu[3];  /* sender CPU time seen at the start of each phase; 0 until seen */
+};
+
+static double clock_s(clockid_t id)
 {
 	struct timespec ts;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
+	clock_gettime(id, &ts);
 	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static double now(void)
+{
+	return clock_s(CLOCK_MONOTONIC);
 }
 
 static void die(const char *what)
@@ -93,10 +118,10 @@ static void die(const char *what)
 	exit(1);
 }
 
-static void send_forever(int tcp, const struct sockaddr_in *to, size_t size, volatile uint64_t *sent)
+static void send_forever(int tcp, const struct sockaddr_in *to, size_t size, struct shared *sh)
 {
 	char *buf = calloc(1, size);
-	int fd = socket(AF_INET, tcp ? SOCK_STREAM : SOCK_DGRAM, 0);
+	int fd = socket(AF_INET, tcp ? SOCK_STREAM : SOCK_DGRAM, 0), seen = 0;
 
 	if (fd < 0 || !buf)
 		die("sender socket");
@@ -106,10 +131,70 @@ static void send_forever(int tcp, const struct sockaddr_in *to, size_t size, vol
 		ssize_t n = tcp ? write(fd, buf, size)
 				: sendto(fd, buf, size, 0, (const struct sockaddr *)to, sizeof(*to));
 		if (n > 0)
-			*sent += 1; /* the only writer; the parent just reads it */
+			sh->sent += 1; /* the only writer; the parent just reads it */
 		else if (tcp)
 			exit(0);
+		if (sh->phase != seen) {
+			seen = sh->phase;
+			sh->cpu[seen] = clock_s(CLOCK_THREAD_CPUTIME_ID);
+		}
 	}
+}
+
+/* gen ... one-thread: the sender and the receiver take turns in this thread (TCP: 64 KiB of writes
+ * per turn, then reads until they have arrived; UDP: one datagram, received with its source
+ * address as in the two-process run), so the run measures CPU time per operation with no waiting
+ * and no wake-ups. Prints the same line, with the thread's CPU time as the sender's and 0 as the
+ * receiver's. */
+static void one_thread(int tcp, int ls, const struct sockaddr_in *to, size_t size, double warmup, double seconds)
+{
+	size_t batch = tcp ? (65536 + size - 1) / size : 1, k, bufsize = batch * size;
+	int big = 4 << 20, s = socket(AF_INET, tcp ? SOCK_STREAM : SOCK_DGRAM, 0), fd = ls, counting = 0;
+	uint64_t total = 0, counted = 0, writes = 0, writes0 = 0;
+	double start = now(), t = start, t0 = 0, cpu0 = 0;
+	unsigned turns = 0;
+	char *out = calloc(1, size), *in = malloc(bufsize);
+
+	if (s < 0 || !out || !in)
+		die("one-thread socket");
+	if (tcp && (setsockopt(s, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big)) ||
+		    connect(s, (const struct sockaddr *)to, sizeof(*to)) || (fd = accept(ls, NULL, NULL)) < 0 ||
+		    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big))))
+		die("one-thread connection");
+	for (;;) {
+		size_t got = 0;
+
+		for (k = 0; k < batch; k++, writes++)
+			if ((tcp ? write(s, out, size) : sendto(s, out, size, 0, (const struct sockaddr *)to, sizeof(*to))) <= 0)
+				die("send");
+		while (got < bufsize) {
+			struct sockaddr_in from;
+			socklen_t fromlen = sizeof(from);
+			ssize_t n = tcp ? read(fd, in, bufsize - got)
+					: recvfrom(fd, in, bufsize, 0, (struct sockaddr *)&from, &fromlen);
+
+			if (n <= 0)
+				die("receive");
+			got += n;
+		}
+		total += got;
+		if (counting)
+			counted += got;
+		if (tcp || (++turns & 31) == 0) {
+			t = now();
+			if (!counting && t >= start + warmup) {
+				counting = 1;
+				t0 = t;
+				cpu0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
+				writes0 = writes;
+			} else if (counting && t >= start + warmup + seconds) {
+				break;
+			}
+		}
+	}
+	printf("%llu %.6f %llu %.6f %llu 0 %.6f\n", (unsigned long long)counted, t - t0, (unsigned long long)total,
+	       t - start, (unsigned long long)(writes - writes0), clock_s(CLOCK_THREAD_CPUTIME_ID) - cpu0);
+	exit(0);
 }
 
 int main(int argc, char **argv)
@@ -118,17 +203,17 @@ int main(int argc, char **argv)
 	struct sockaddr_in from;
 	socklen_t len = sizeof(addr), fromlen;
 	struct timeval timeout = {.tv_sec = 5};
-	volatile uint64_t *sent;
-	uint64_t total = 0, counted = 0, sent_at_begin = 0;
-	double start, begin, end, t, t0 = 0;
+	struct shared *sh;
+	uint64_t total = 0, counted = 0, sent_at_begin = 0, sent_at_end = 0;
+	double start, begin, end, t, t0 = 0, t1 = 0, cpu0 = 0, cpu1 = 0;
 	int tcp, ls, fd, counting = 0;
 	size_t size, bufsize;
 	unsigned calls = 0;
 	pid_t child;
 	char *buf;
 
-	if (argc != 5) {
-		fprintf(stderr, "usage: %s tcp|udp SIZE WARMUP SECONDS\n", argv[0]);
+	if (argc != 5 && !(argc == 6 && !strcmp(argv[5], "one-thread"))) {
+		fprintf(stderr, "usage: %s tcp|udp SIZE WARMUP SECONDS [one-thread]\n", argv[0]);
 		return 2;
 	}
 	tcp = !strcmp(argv[1], "tcp");
@@ -138,8 +223,10 @@ int main(int argc, char **argv)
 		die("receiver socket");
 	if (tcp && listen(ls, 1))
 		die("listen");
-	sent = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	if (sent == MAP_FAILED)
+	if (argc == 6)
+		one_thread(tcp, ls, &addr, size, atof(argv[3]), atof(argv[4]));
+	sh = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (sh == MAP_FAILED)
 		die("mmap");
 	child = fork();
 	if (child < 0)
@@ -147,7 +234,7 @@ int main(int argc, char **argv)
 	if (child == 0) {
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		close(ls);
-		send_forever(tcp, &addr, size, sent);
+		send_forever(tcp, &addr, size, sh);
 	}
 	fd = tcp ? accept(ls, NULL, NULL) : ls;
 	if (fd < 0)
@@ -159,7 +246,9 @@ int main(int argc, char **argv)
 	begin = start + atof(argv[3]);
 	end = begin + atof(argv[4]);
 	t = start;
-	for (;;) {
+	/* After the count, keep receiving until the sender has noted its CPU time: a TCP sender
+	 * blocked on a full socket would not get to it otherwise. */
+	while (counting < 2 || (sh->cpu[2] == 0 && now() < t1 + 2)) {
 		ssize_t n;
 
 		if (tcp) {
@@ -171,25 +260,50 @@ int main(int argc, char **argv)
 		if (n <= 0)
 			die("receive");
 		total += n;
-		if (counting)
+		if (counting == 1)
 			counted += n;
-		if (tcp || (++calls & 31) == 0) {
+		if (counting < 2 && (tcp || (++calls & 31) == 0)) {
 			t = now();
 			if (!counting && t >= begin) {
 				counting = 1;
 				t0 = t;
-				sent_at_begin = *sent;
+				cpu0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
+				sent_at_begin = sh->sent;
+				sh->phase = 1;
 			} else if (counting && t >= end) {
-				break;
+				counting = 2;
+				t1 = t;
+				cpu1 = clock_s(CLOCK_THREAD_CPUTIME_ID);
+				sent_at_end = sh->sent;
+				sh->phase = 2;
 			}
 		}
 	}
-	printf("%llu %.6f %llu %.6f %llu\n", (unsigned long long)counted, t - t0, (unsigned long long)total,
-	       t - start, (unsigned long long)(*sent - sent_at_begin));
+	printf("%llu %.6f %llu %.6f %llu %.6f %.6f\n", (unsigned long long)counted, t1 - t0, (unsigned long long)total,
+	       now() - start, (unsigned long long)(sent_at_end - sent_at_begin), cpu1 - cpu0,
+	       sh->cpu[2] && sh->cpu[1] ? sh->cpu[2] - sh->cpu[1] : 0.0);
 	kill(child, SIGKILL);
 	waitpid(child, NULL, 0);
 	return 0;
 }
+"""
+
+EMPTY_HOOKS_C = r"""
+/* The kernel monitor's per-packet hooks with programs that return at once, for
+ * bench/overhead.py --programs empty: what attaching alone costs on this kernel. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define NOTHING(section, name, ret) SEC(section) int name(void *ctx) { return ret; }
+NOTHING("tp_btf/sock_send_length", sock_send_length, 0)
+NOTHING("tp_btf/sock_recv_length", sock_recv_length, 0)
+NOTHING("tp_btf/tcp_rcv_space_adjust", tcp_rcv_space_adjust, 0)
+NOTHING("cgroup/sendmsg4", sendmsg4, 1)
+NOTHING("cgroup/sendmsg6", sendmsg6, 1)
+NOTHING("cgroup/recvmsg4", recvmsg4, 1)
+NOTHING("cgroup/recvmsg6", recvmsg6, 1)
 """
 
 
@@ -202,11 +316,17 @@ class Traffic:
     total_bytes: int
     total_seconds: float
     writes_sent: int
+    receiver_cpu: float  # seconds, while counting
+    sender_cpu: float
 
     @property
     def rate(self) -> float:
         """Bytes per second received while counting."""
         return self.counted_bytes / self.counted_seconds
+
+    def cpu_ns(self, size: int) -> Tuple[float, float]:
+        """CPU time per write/datagram: (sender, receiver). The receiver's is per `size` bytes received."""
+        return 1e9 * self.sender_cpu / self.writes_sent, 1e9 * self.receiver_cpu * size / self.counted_bytes
 
 
 def build_generator(directory: str) -> str:
@@ -221,11 +341,29 @@ def build_generator(directory: str) -> str:
     return binary
 
 
-def run_traffic(generator: str, workload: Workload, seconds: float) -> Traffic:
-    out = subprocess.run([generator, workload.protocol, str(workload.size), str(WARMUP_SECONDS), str(seconds)],
-                         check=True, capture_output=True, text=True, timeout=seconds + WARMUP_SECONDS + 60)
-    counted, counted_s, total, total_s, sent = out.stdout.split()
-    return Traffic(int(counted), float(counted_s), int(total), float(total_s), int(sent))
+def build_empty_hooks(directory: str) -> str:
+    source = os.path.join(directory, "empty_hooks.bpf.c")
+    binary = os.path.join(directory, "empty_hooks.bpf.o")
+    with open(source, "w") as f:
+        f.write(EMPTY_HOOKS_C)
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["clang", "-target", "bpf", "-O2", "-g", "-Wall", *([f"-I/usr/include/{multiarch}"] * bool(multiarch)),
+                        "-c", source, "-o", binary], check=True)
+    except FileNotFoundError:
+        sys.exit("clang is needed to build the empty programs: apt-get install clang libbpf-dev")
+    return binary
+
+
+def run_traffic(generator: str, workload: Workload, seconds: float, one_thread: bool = False) -> Traffic:
+    """The generator's run; one_thread: sender and receiver take turns in one thread pinned to one CPU."""
+    command = [generator, workload.protocol, str(workload.size), str(WARMUP_SECONDS), str(seconds)]
+    if one_thread:
+        command = ["taskset", "-c", str(os.cpu_count() - 1), *command, "one-thread"]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=seconds + WARMUP_SECONDS + 60)
+    counted, counted_s, total, total_s, sent, receiver_cpu, sender_cpu = out.stdout.split()
+    return Traffic(int(counted), float(counted_s), int(total), float(total_s), int(sent), float(receiver_cpu),
+                   float(sender_cpu))
 
 
 # --- program statistics (struct bpf_prog_info, the head of it up to the run statistics) ---
@@ -353,12 +491,34 @@ class Drainer:
         self.losses += self.monitor.losses()
 
 
+class EmptyHooks:
+    """The monitor's per-packet hooks with programs that do nothing (--programs empty): attached in
+    place of the monitor, they show the part of its cost that no program can avoid."""
+
+    def __init__(self, object_path: str):
+        self.obj = libbpf.BpfObject(object_path)
+
+    def start(self) -> List:
+        self.obj.load()
+        cgroup = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for prog in self.obj.programs():
+                self.obj.keep_link(prog.attach_cgroup(cgroup) if prog.section.startswith("cgroup/") else prog.attach())
+        finally:
+            os.close(cgroup)
+        return []
+
+    def close(self) -> None:
+        self.obj.close()
+
+
 # --- the rounds ---
 
 @dataclass
 class Results:
     rates: Dict[Tuple[str, bool], List[float]] = field(default_factory=dict)  # (workload, attached)
     writes_per_s: Dict[Tuple[str, bool], List[float]] = field(default_factory=dict)
+    cpu_ns: Dict[Tuple[str, bool], List[Tuple[float, float]]] = field(default_factory=dict)  # (sender, receiver)
     stats: Dict[Tuple[str, str], List[int]] = field(default_factory=dict)  # (workload, prog) -> [cnt, ns]
     attached_seconds: Dict[str, float] = field(default_factory=dict)  # workload -> traffic seconds
     load_seconds: List[float] = field(default_factory=list)
@@ -368,11 +528,17 @@ class Results:
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M %Z"))
 
 
-def run_once(generator: str, workload: Workload, seconds: float, attached: bool, stats: bool,
-             results: Results) -> None:
+def run_once(generator: str, workload: Workload, attached: bool, args: argparse.Namespace, results: Results,
+             empty_hooks: Optional[str]) -> None:
+    """One run; attached: the monitor, or with empty_hooks (an object path) the empty programs."""
+    stats = not args.no_stats
     monitor = drainer = None
     try:
-        if attached:
+        if attached and empty_hooks:
+            monitor = EmptyHooks(empty_hooks)
+            monitor.start()
+            fds = loaded_programs(monitor)
+        elif attached:
             monitor = KernelMonitor()
             results.degraded = monitor.start()
             results.load_seconds.append(monitor.load_seconds)
@@ -384,7 +550,7 @@ def run_once(generator: str, workload: Workload, seconds: float, attached: bool,
             results.others_seen += 1
         with BpfStats(attached and stats):
             before = run_stats(fds)
-            traffic = run_traffic(generator, workload, seconds)
+            traffic = run_traffic(generator, workload, args.seconds, args.one_thread)
             after = run_stats(fds)
     finally:
         if drainer:
@@ -395,6 +561,8 @@ def run_once(generator: str, workload: Workload, seconds: float, attached: bool,
     key = (workload.label, attached)
     results.rates.setdefault(key, []).append(traffic.rate)
     results.writes_per_s.setdefault(key, []).append(traffic.writes_sent / traffic.counted_seconds)
+    if traffic.sender_cpu > 0:  # 0: the sender did not get to note its CPU time
+        results.cpu_ns.setdefault(key, []).append(traffic.cpu_ns(workload.size))
     if attached and stats:
         results.attached_seconds[workload.label] = (results.attached_seconds.get(workload.label, 0.0)
                                                     + traffic.total_seconds)
@@ -409,16 +577,21 @@ def run(args: argparse.Namespace) -> Results:
     results = Results()
     with tempfile.TemporaryDirectory(prefix="picosnitch-bench-") as tmp:
         generator = build_generator(tmp)
+        empty_hooks = build_empty_hooks(tmp) if args.programs == "empty" else None
         for r in range(args.rounds):
-            for workload in WORKLOADS:
+            for workload in chosen(args):
                 order = (False, True) if r % 2 == 0 else (True, False)
                 for attached in order:
-                    run_once(generator, workload, args.seconds, attached, not args.no_stats, results)
+                    run_once(generator, workload, attached, args, results, empty_hooks)
                 last = {m: results.rates[(workload.label, m)][-1] for m in (False, True)}
                 print(f"  round {r + 1}/{args.rounds}  {workload.label:<26} detached {mib(last[False]):>9}  "
                       f"attached {mib(last[True]):>9}  ratio {last[True] / last[False]:.3f}",
                       file=sys.stderr, flush=True)
     return results
+
+
+def chosen(args: argparse.Namespace) -> List[Workload]:
+    return [w for w in WORKLOADS if not args.workload or w.name in args.workload]
 
 
 # --- reporting ---
@@ -439,7 +612,7 @@ def rate_text(workload: Workload, rate: float, writes: float) -> str:
 def tables(results: Results, args: argparse.Namespace) -> Dict[str, Tuple[List[str], List[List[str]]]]:
     """Title -> (header, rows) of each table to print."""
     throughput = []
-    for w in WORKLOADS:
+    for w in chosen(args):
         off, on = results.rates[(w.label, False)], results.rates[(w.label, True)]
         ratio = statistics.median(on) / statistics.median(off)
         paired = [a / b for a, b in zip(on, off)]
@@ -454,16 +627,28 @@ def tables(results: Results, args: argparse.Namespace) -> Dict[str, Tuple[List[s
         ["workload", "detached", "attached", "ratio", "per-round ratios: median (range)", "ns added per write",
          "target", "met"], throughput)}
 
+    cpu = []
+    for w in chosen(args):
+        sides = [[statistics.median(ns[i] for ns in results.cpu_ns.get((w.label, m), [(0, 0)])) for m in (False, True)]
+                 for i in (0, 1)][:1 if args.one_thread else 2]
+        busiest = [max(side[m] for side in sides) for m in (0, 1)]
+        cpu.append([w.label] + [f"{off:,.0f} → {on:,.0f} ({on - off:+,.0f})" for off, on in sides]
+                   + [f"{busiest[0] / busiest[1]:.3f}" if busiest[1] else "–"])
+    out["CPU time per write/datagram, ns (median of the rounds; detached → attached)"] = (
+        ["workload", *(["send + receive, one thread"] if args.one_thread else ["sender", "receiver"]),
+         "ratio if CPU-bound"], cpu)
+
     loads = results.load_seconds
-    out["Load time (KernelMonitor.load_seconds: open, load, attach)"] = (
-        ["loads", "first", "median", "max", "target", "met"],
-        [[str(len(loads)), f"{loads[0]:.3f} s", f"{statistics.median(loads):.3f} s", f"{max(loads):.3f} s",
-          f"< {LOAD_TARGET_SECONDS:.0f} s", "yes" if max(loads) < LOAD_TARGET_SECONDS else
-          ("median only" if statistics.median(loads) < LOAD_TARGET_SECONDS else "no")]])
+    if loads:
+        out["Load time (KernelMonitor.load_seconds: open, load, attach)"] = (
+            ["loads", "first", "median", "max", "target", "met"],
+            [[str(len(loads)), f"{loads[0]:.3f} s", f"{statistics.median(loads):.3f} s", f"{max(loads):.3f} s",
+              f"< {LOAD_TARGET_SECONDS:.0f} s", "yes" if max(loads) < LOAD_TARGET_SECONDS else
+              ("median only" if statistics.median(loads) < LOAD_TARGET_SECONDS else "no")]])
 
     if not args.no_stats:
         rows = []
-        for w in WORKLOADS:
+        for w in chosen(args):
             seconds = results.attached_seconds[w.label]
             writes = statistics.median(results.writes_per_s[(w.label, True)])
             per_write = 0.0
@@ -500,6 +685,8 @@ def report(results: Results, args: argparse.Namespace) -> None:
     print(f"\nKernel monitor overhead: {args.rounds} rounds × {args.seconds:g} s per mode, "
           f"{os.cpu_count()} CPUs, kernel {platform.release()}, started {results.started}, "
           f"bpf stats {'off' if args.no_stats else 'on'} while attached")
+    if args.programs == "empty":
+        print("attached: programs that return at once, on the monitor's per-packet hooks (not the monitor)")
     if results.degraded:
         print("degraded hooks: " + "; ".join(str(d) for d in results.degraded))
     if results.losses:
@@ -520,6 +707,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="traffic per run (default 3)")
     parser.add_argument("--rounds", type=int, default=5, help="attached/detached pairs per workload (default 5)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+    parser.add_argument("--workload", action="append", choices=[w.name for w in WORKLOADS],
+                        help="run only this workload (repeatable; default: all)")
+    parser.add_argument("--programs", choices=("monitor", "empty"), default="monitor",
+                        help="what to attach: the monitor (default), or programs that return at once on the "
+                             "same per-packet hooks, to measure what the hooks cost before any work")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="sender and receiver take turns in one thread on one CPU: CPU time per operation "
+                             "without waiting or wake-ups, the steadiest figure on a busy machine")
     parser.add_argument("--no-stats", action="store_true",
                         help="leave kernel.bpf_stats_enabled alone (no per-invocation table)")
     args = parser.parse_args(argv)

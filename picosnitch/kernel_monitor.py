@@ -143,12 +143,14 @@ class KernelMonitor:
         disabled = {}
         obj = libbpf.BpfObject(self.object_path)
         try:
-            for prog in obj.programs():
-                kind, _, target = prog.section.partition("/")
-                if kind == "tp_btf" and not libbpf.kernel_has_btf_type("btf_trace_" + target):
-                    disabled[prog.name] = f"this kernel has no tracepoint {target}"
+            targets = {prog.name: prog.section.partition("/")[2] for prog in obj.programs()
+                       if prog.section.startswith("tp_btf/")}
         finally:
             obj.close()
+        present = libbpf.kernel_btf_types("btf_trace_" + target for target in targets.values())
+        for prog, target in targets.items():
+            if "btf_trace_" + target not in present:
+                disabled[prog] = f"this kernel has no tracepoint {target}"
         sock_tracepoints = HOOK_GROUPS["bytes"][0]
         fallback = HOOK_GROUPS["bytes_fallback"][0]
         if self.byte_hooks == "fallback" or any(p in disabled for p in sock_tracepoints):

@@ -13,7 +13,7 @@ from typing import Dict, Tuple, Union
 
 from picosnitch.sanitize import from_bytes
 
-FILENAME_MAX, ARGS_MAX, COMM_MAX, DNS_NAME_MAX, DNS_ADDRS_MAX = 512, 4096, 16, 256, 8
+FILENAME_MAX, ARGS_MAX, COMM_MAX, DNS_NAME_MAX, DNS_ENTRIES_MAX = 512, 4096, 16, 256, 24
 EVENT_EXEC, EVENT_FORK, EVENT_EXIT, EVENT_DNS = 1, 2, 3, 4
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -62,7 +62,7 @@ class DnsAddressC(ctypes.Structure):
 
 class DnsEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("count", u32), ("_pad", u32), ("name", ctypes.c_char * DNS_NAME_MAX),
-                ("addrs", DnsAddressC * DNS_ADDRS_MAX)]
+                ("addrs", DnsAddressC * DNS_ENTRIES_MAX)]
 
 
 def st_dev_from_kernel(dev: int) -> int:
@@ -203,7 +203,8 @@ def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, None]:
         return Exit(header.tgid, when)
     if header.type == EVENT_DNS:
         e = DnsEventC.from_buffer_copy(data[:ctypes.sizeof(DnsEventC)])
-        addrs = tuple(address(a.family, bytes(a.addr)) for a in e.addrs[:min(e.count, DNS_ADDRS_MAX)])
+        entries = (address(a.family, bytes(a.addr)) for a in e.addrs[:min(e.count, DNS_ENTRIES_MAX)])
+        addrs = tuple(dict.fromkeys(a for a in entries if a))  # getaddrinfo repeats each address per socket type
         return Dns(e.h.tgid, from_bytes(e.name), addrs, when)
     return None
 

@@ -8,7 +8,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Set, Tuple
 
 c_void_p, c_int, c_char_p, c_size_t, c_uint32 = (
     ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32)
@@ -142,11 +142,12 @@ def take_log() -> List[str]:
     return lines
 
 
-def kernel_has_btf_type(name: str, kind: int = BPF_KIND_TYPEDEF) -> bool:
-    """True if the running kernel's BTF defines `name` (e.g. btf_trace_<tracepoint>)."""
+def kernel_btf_types(names: Iterable[str], kind: int = BPF_KIND_TYPEDEF) -> Set[str]:
+    """Those of `names` that the running kernel's BTF defines (e.g. btf_trace_<tracepoint>); the
+    BTF is parsed once for all of them, as parsing it takes some 10 ms."""
     btf = _call_ptr("reading the kernel's BTF (/sys/kernel/btf/vmlinux)", lib().btf__load_vmlinux_btf())
     try:
-        return lib().btf__find_by_name_kind(btf, name.encode(), kind) > 0
+        return {name for name in names if lib().btf__find_by_name_kind(btf, name.encode(), kind) > 0}
     finally:
         lib().btf__free(btf)
 

@@ -71,11 +71,12 @@ def test_tcp_bytes_are_exact_both_ways(recorder, lab, endpoint):
     assert packets_sent >= 1 and packets_recv >= 1
 
 
-def test_connected_udp_bytes_are_exact(recorder, lab, endpoint):
+@pytest.mark.parametrize("receive", ["recv", "recvfrom"])
+def test_connected_udp_bytes_are_exact(recorder, lab, endpoint, receive):
     host, inside = endpoint
     echo = UdpEcho(host)
     serve(lab, echo, inside)
-    pid, counts = generate(sys.executable, GEN, "udp-connected", host, str(echo.port), "50", "1000")
+    pid, counts = generate(sys.executable, GEN, "udp-connected", host, str(echo.port), "50", "1000", receive)
     echo.stop()
 
     assert recorder.totals(pid) == {
@@ -137,6 +138,17 @@ def test_io_uring_send_and_recv_are_counted(recorder, lab, netops, host, inside)
 
     assert counts == {"sent": 900_000, "recv": 400_000}
     assert recorder.totals(pid)[(socket.AF_INET, socket.IPPROTO_TCP, host, peer.port)][:2] == [900_000, 400_000]
+
+
+def test_unix_and_netlink_sockets_are_not_counted(recorder):
+    noop_with_ack = "struct.pack('=IHHII', 16, 1, 5, 1, 0)"  # nlmsghdr: NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK
+    script = ("import socket, struct; a, b = socket.socketpair(); a.sendall(b'u' * 5000); b.recv(8192); "
+              "d, e = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM); d.send(b'v' * 300); e.recv(512); "
+              f"n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); n.sendto({noop_with_ack}, (0, 0)); "
+              "n.recv(512); print('{}')")
+    pid, _ = generate(sys.executable, "-c", script)
+
+    assert recorder.flows(pid) == []
 
 
 def test_icmp_ping_socket_is_counted_in_its_namespace(recorder, lab):
@@ -324,7 +336,7 @@ def test_monitor_raw_prints_records_as_json_lines(lab):
                 break
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # reads what is left: a full pipe would keep the monitor from exiting
     assert proc.returncode == 0
 
 

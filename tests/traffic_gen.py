@@ -51,14 +51,15 @@ def tcp_late_read(host, port, size, delay):
     return {"sent": int(size), "recv": read_to_eof(s), "lport": s.getsockname()[1]}
 
 
-def udp_connected(host, port, count, size):
-    """`count` datagrams of `size` bytes on a connected socket; the peer echoes each."""
+def udp_connected(host, port, count, size, receive="recv"):
+    """`count` datagrams of `size` bytes on a connected socket; the peer echoes each. `receive`:
+    "recv", or "recvfrom" to ask for the sender's address as well."""
     s = connect(host, port, socket.SOCK_DGRAM)
     s.settimeout(5)
     recv = 0
     for _ in range(int(count)):
         s.send(b"c" * int(size))
-        recv += len(s.recv(CHUNK))
+        recv += len(s.recv(CHUNK) if receive == "recv" else s.recvfrom(CHUNK)[0])
     return {"sent": int(count) * int(size), "recv": recv}
 
 

@@ -74,6 +74,8 @@ struct mm_struct {
 };
 
 typedef struct { int counter; } atomic_t;
+typedef struct { u32 val; } kuid_t;
+struct cred { kuid_t uid; };
 struct signal_struct { atomic_t live; };
 
 struct task_struct {
@@ -82,6 +84,7 @@ struct task_struct {
 	struct task_struct *real_parent;
 	struct mm_struct *mm;
 	struct signal_struct *signal;
+	const struct cred *cred;
 	char comm[16];
 };
 

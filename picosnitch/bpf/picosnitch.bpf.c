@@ -4,7 +4,8 @@
  *
  * Hooks, each optional (user space disables what the kernel lacks and reports it):
  *   tp_btf/sock_send_length, sock_recv_length  bytes of every send/recv, in the caller's context
- *   tp_btf/tcp_rcv_space_adjust                TCP bytes consumed without recvmsg (splice)
+ *   tp_btf/tcp_rcv_space_adjust                TCP bytes received, by recvmsg, splice or any other
+ *                                              reader (sock_recv_length leaves TCP to it)
  *   tp_btf/inet_sock_set_state                 TCP receive baseline at connection set-up
  *   cgroup/sendmsg4|6, recvmsg4|6              the peer of unconnected UDP
  *   tp_btf/sched_process_exec|fork|exit        the process table
@@ -205,6 +206,20 @@ static __always_inline void add_to_flow(const struct flow_key *key, const struct
 	__sync_fetch_and_add(&v->packets_recv, add->packets_recv);
 }
 
+/* The task's real uid, as bpf_get_current_uid_gid() gives it (uids in the initial user namespace map
+ * to themselves), read directly: the helper and its from_kuid() calls cost as much as all the rest
+ * of a send's accounting. */
+static __always_inline __u32 uid_of(struct task_struct *task)
+{
+	return task->cred->uid.val;
+}
+
+/* bpf_get_current_pid_tgid(), from the task already at hand instead of another helper call. */
+static __always_inline __u64 pid_tgid_of(struct task_struct *task)
+{
+	return (__u64)task->tgid << 32 | (__u32)task->pid;
+}
+
 static __always_inline void fill_key(struct flow_key *key, struct task_struct *task, struct sock *sk,
 				     struct sock_state *st, const struct peer *peer)
 {
@@ -213,7 +228,7 @@ static __always_inline void fill_key(struct flow_key *key, struct task_struct *t
 	__builtin_memset(key, 0, sizeof(*key));
 	key->tgid = task->tgid;
 	key->ppid = task->real_parent->tgid;
-	key->uid = (__u32)bpf_get_current_uid_gid();
+	key->uid = uid_of(task);
 	key->exe_ino = exe->i_ino;
 	key->exe_dev = exe->i_sb->s_dev;
 	fill_endpoint(key, sk, st, peer);
@@ -266,7 +281,7 @@ static __always_inline bool key_current(const struct owner_slot *slot, struct ta
 	__u32 raddr4 = c->skc_daddr;
 
 	if (slot->exe_file != (__u64)task->mm->exe_file || slot->parent != (__u64)task->real_parent ||
-	    key->uid != (__u32)bpf_get_current_uid_gid())
+	    key->uid != uid_of(task))
 		return false;
 	if (peer)
 		return key->rport == peer->port && same16(key->raddr, peer->addr);
@@ -289,10 +304,9 @@ static __always_inline bool local_only_family(__u16 family)
 }
 
 /* Adds bytes to the flow of the current task on socket sk. */
-static __always_inline void account(struct sock *sk, struct sock_state *st, const struct peer *peer, __u64 bytes,
-				    bool sent)
+static __always_inline void account(struct task_struct *task, struct sock *sk, struct sock_state *st,
+				    const struct peer *peer, __u64 bytes, bool sent)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
 	struct owner_slot *slot = NULL;
 
 	if (st && socket_counters_on)
@@ -358,9 +372,9 @@ static __always_inline bool is_tcp(struct sock *sk)
 }
 
 /* Takes the peer a cgroup hook left for this thread, if any, into *out. */
-static __always_inline bool take_peer(struct peer *p, struct peer *out)
+static __always_inline bool take_peer(struct task_struct *task, struct peer *p, struct peer *out)
 {
-	if (p->owner != bpf_get_current_pid_tgid())
+	if (p->owner != pid_tgid_of(task))
 		return false;
 	*out = *p;
 	p->owner = 0;
@@ -369,12 +383,18 @@ static __always_inline bool take_peer(struct peer *p, struct peer *out)
 
 static __always_inline void on_send(struct sock *sk, int ret)
 {
-	struct sock_state *st = state_of(sk);
+	struct task_struct *task;
+	struct sock_state *st;
 	struct peer peer = {};
-	bool has_peer = st && is_udp(sk) && take_peer(&st->send_peer, &peer);
+	bool has_peer;
 
-	if (ret > 0 && !local_only_family(sk->__sk_common.skc_family))
-		account(sk, st, has_peer ? &peer : NULL, ret, true);
+	if (local_only_family(sk->__sk_common.skc_family))
+		return;
+	task = bpf_get_current_task_btf();
+	st = state_of(sk);
+	has_peer = st && is_udp(sk) && take_peer(task, &st->send_peer, &peer);
+	if (ret > 0)
+		account(task, sk, st, has_peer ? &peer : NULL, ret, true);
 }
 
 /* TCP data consumed so far, as a sequence number: copied_seq, less the FIN once read. */
@@ -412,21 +432,27 @@ static __always_inline void tcp_count_consumed(struct sock *sk, struct sock_stat
 	if (delta <= 0)
 		return;
 	st->counted_seq = seq;
-	account(sk, st, NULL, delta, false);
+	account(bpf_get_current_task_btf(), sk, st, NULL, delta, false);
 }
 
 static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 {
-	struct sock_state *st = state_of(sk);
+	struct task_struct *task;
+	struct sock_state *st;
 	struct peer peer = {};
-	bool has_peer = st && is_udp(sk) && take_peer(&st->recv_peer, &peer);
+	bool has_peer;
 
-	if (flags & MSG_PEEK || local_only_family(sk->__sk_common.skc_family))
+	/* TCP data is counted at tcp_rcv_space_adjust, which every reader of a TCP socket (recvmsg,
+	 * splice, zero-copy receive, sockmap) calls under the socket lock right after it advances
+	 * copied_seq. Counting here as well, outside the lock, could charge one reader's bytes to
+	 * another that reads the same socket at the same time. */
+	if (local_only_family(sk->__sk_common.skc_family) || (cfg.tcp_rx_by_seq && is_tcp(sk)))
 		return;
-	if (cfg.tcp_rx_by_seq && is_tcp(sk))
-		tcp_count_consumed(sk, st);
-	else if (ret > 0)
-		account(sk, st, has_peer ? &peer : NULL, ret, false);
+	task = bpf_get_current_task_btf();
+	st = state_of(sk);
+	has_peer = st && is_udp(sk) && take_peer(task, &st->recv_peer, &peer);
+	if (ret > 0 && !(flags & MSG_PEEK))
+		account(task, sk, st, has_peer ? &peer : NULL, ret, false);
 }
 
 SEC("tp_btf/sock_send_length")
@@ -443,7 +469,8 @@ int BPF_PROG(sock_recv_length, struct sock *sk, int ret, int flags)
 	return 0;
 }
 
-/* Fires inside tcp_recvmsg and in tcp_read_sock, which splice() uses instead of recvmsg. */
+/* Fires in the reader's context, under the socket lock, after it consumed data: inside tcp_recvmsg,
+ * and in tcp_read_sock, which splice() uses instead of recvmsg. */
 SEC("tp_btf/tcp_rcv_space_adjust")
 int BPF_PROG(tcp_rcv_space_adjust, struct sock *sk)
 {
@@ -529,7 +556,9 @@ static __always_inline void leave_peer(struct bpf_sock_addr *ctx, bool sending, 
 	struct sock_state *st;
 	struct peer *p;
 
-	if (!sk)
+	/* A connected socket receives only from its peer, which the sock tracepoint reads from the
+	 * socket itself (a send may still name another destination). */
+	if (!sk || (!sending && sk->dst_port))
 		return;
 	st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
@@ -662,14 +691,6 @@ int BPF_PROG(sched_process_exit, struct task_struct *p)
 #define AI_NEXT 40
 #define SIN_ADDR 4
 #define SIN6_ADDR 8
-#define GAI_ENTRIES_MAX 24  /* glibc returns one entry per socket type: 3 per address */
-
-static __always_inline bool same_address(const struct dns_address *prev, const struct dns_address *a, __s32 family)
-{
-	const __u32 *p = (const __u32 *)prev->addr, *q = (const __u32 *)a->addr;
-
-	return prev->family == (__u32)family && p[0] == q[0] && p[1] == q[1] && p[2] == q[2] && p[3] == q[3];
-}
 
 SEC("uprobe")
 int BPF_KPROBE(getaddrinfo_enter, const char *node, const char *service, const void *hints, void **res)
@@ -688,7 +709,6 @@ int BPF_KRETPROBE(getaddrinfo_exit, int ret)
 	struct gai_call *call = bpf_map_lookup_elem(&gai_calls, &id);
 	struct dns_event *e;
 	__u64 ai = 0, addr;
-	__u32 n = 0;
 
 	if (!call)
 		return 0;
@@ -703,25 +723,21 @@ int BPF_KRETPROBE(getaddrinfo_exit, int ret)
 	fill_header(&e->h, EVENT_DNS, id >> 32);
 	bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)call->node);
 	bpf_probe_read_user(&ai, sizeof(ai), (void *)call->res);
-	for (int i = 0; i < GAI_ENTRIES_MAX && ai && n < PS_DNS_ADDRS_MAX; i++) {
-		struct dns_address *a = &e->addrs[n];
+	/* Every entry as it comes, duplicates included (user space drops them): an index that only
+	 * grows with the loop keeps the verifier's work small, a count of distinct addresses did not. */
+	for (int i = 0; i < PS_DNS_ENTRIES_MAX && ai; i++) {
+		struct dns_address *a = &e->addrs[i];
 		__s32 family = 0;
 
 		bpf_probe_read_user(&family, sizeof(family), (void *)(ai + AI_FAMILY));
 		bpf_probe_read_user(&addr, sizeof(addr), (void *)(ai + AI_ADDR));
-		if (family == AF_INET)
-			bpf_probe_read_user(a->addr, 4, (void *)(addr + SIN_ADDR));
-		else if (family == AF_INET6)
-			bpf_probe_read_user(a->addr, 16, (void *)(addr + SIN6_ADDR));
-		if ((family == AF_INET || family == AF_INET6) && (n == 0 || !same_address(&e->addrs[n - 1], a, family))) {
+		if (family == AF_INET && !bpf_probe_read_user(a->addr, 4, (void *)(addr + SIN_ADDR)))
 			a->family = family;
-			n++;
-		} else {
-			__builtin_memset(a->addr, 0, sizeof(a->addr));
-		}
+		else if (family == AF_INET6 && !bpf_probe_read_user(a->addr, 16, (void *)(addr + SIN6_ADDR)))
+			a->family = family;
+		e->count = i + 1;
 		bpf_probe_read_user(&ai, sizeof(ai), (void *)(ai + AI_NEXT));
 	}
-	e->count = n;
 	bpf_ringbuf_submit(e, 0);
 out:
 	bpf_map_delete_elem(&gai_calls, &id);

@@ -9,7 +9,7 @@
 #define PS_ARGS_MAX 4096  /* argv captured at exec; longer command lines are read from /proc */
 #define PS_COMM_MAX 16
 #define PS_DNS_NAME_MAX 256
-#define PS_DNS_ADDRS_MAX 8
+#define PS_DNS_ENTRIES_MAX 24  /* getaddrinfo results read; glibc gives one per socket type, 3 per address */
 
 /* One flow: who (process and executable) talked to whom (endpoint) in which network namespace.
  * IPv4 addresses occupy the first 4 bytes of laddr/raddr. Ports are in host byte order. */
@@ -101,7 +101,7 @@ struct dns_event {
 	__u32 count;
 	__u32 _pad;
 	char name[PS_DNS_NAME_MAX];
-	struct dns_address addrs[PS_DNS_ADDRS_MAX];
+	struct dns_address addrs[PS_DNS_ENTRIES_MAX];  /* family 0: not an IP address */
 };
 
 #endif
