@@ -373,17 +373,38 @@ class ViewUI:
         self.state.unit = (self.state.unit + step) % len(UNITS)
 
     def ask_search(self) -> None:
-        height, width = self.screen.getmaxyx()
-        put(self.screen, height - 1, 0, fit("/", width - 1), curses.A_BOLD)
-        curses.echo()
-        curses.curs_set(1)
-        try:
-            raw = self.screen.getstr(height - 1, 1, max(width - 3, 1))
-        finally:
-            curses.noecho()
-            curses.curs_set(0)
-        self.state.search = raw.decode("utf-8", "replace").strip()
-        self.next_match(from_current=True)
+        text = self.read_line("/")
+        if text is not None:
+            self.state.search = text.strip()
+            self.next_match(from_current=True)
+
+    def read_line(self, prompt: str) -> Optional[str]:
+        """A line typed on the bottom row (Enter ends it, Esc gives None).
+
+        Read key by key rather than with curses' getstr, which ends the line early, as if
+        Enter were typed, on a terminal resize, so the rest of the typing became commands.
+        """
+        text = ""
+        while True:
+            height, width = self.screen.getmaxyx()
+            shown = safe(prompt + text)[-max(width - 2, 1):]  # the end, where typing happens
+            put(self.screen, height - 1, 0, fit(shown, width - 1), curses.A_BOLD)
+            self.screen.move(height - 1, min(cells(shown), width - 2))
+            curses.curs_set(1)
+            try:
+                key = self.screen.get_wch()
+            finally:
+                curses.curs_set(0)
+            if key in ("\n", "\r", curses.KEY_ENTER):
+                return text
+            if key == "\x1b":
+                return None
+            if key in (curses.KEY_BACKSPACE, "\x7f", "\b"):
+                text = text[:-1]
+            elif isinstance(key, str) and key.isprintable():
+                text += key
+            elif key == curses.KEY_RESIZE:
+                self.draw()
 
     def next_match(self, from_current: bool = False) -> None:
         s = self.state

@@ -435,6 +435,26 @@ def test_paging_and_search_over_many_rows(generated_db, ui):
     view.wait_for("conns  executable")
 
 
+def test_search_typing_survives_a_resize_and_esc_cancels(generated_db, ui):
+    view = ui(generated_db, height=30)
+    total = len(AGES) + BULK
+    view.wait_for(f"1/{total} ")
+    view.keys("/")
+    view.keys("bulk-1", literal=True)
+    view.wait_for("/bulk-1")
+    view.resize(90, 25)  # mid-typing: the line stays open and keeps what was typed
+    view.wait_for(lambda s: len(s.splitlines()) == 25 and "/bulk-1" in s)
+    view.keys("23", literal=True)
+    view.keys("Enter")
+    assert "bulk-123" in view.wait_for(f"{len(AGES) + 124}/{total} ")
+    view.keys("/")
+    view.keys("bulk-200", literal=True)
+    view.wait_for("/bulk-200")
+    view.keys("Escape")
+    screen = view.wait_for(lambda s: "/bulk-200" not in s)
+    assert f"{len(AGES) + 124}/{total} " in screen  # the cursor did not move
+
+
 def test_missing_database_is_one_sentence(tmp_path):
     result = subprocess.run([sys.executable, "-m", "picosnitch", "view"], capture_output=True,
                             text=True, env=dict(os.environ, PICOSNITCH_PREFIX=str(tmp_path),
