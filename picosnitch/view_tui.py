@@ -393,6 +393,8 @@ class ViewUI:
             curses.curs_set(1)
             try:
                 key = self.screen.get_wch()
+            except curses.error:  # no key after all (an interrupted read): keep waiting
+                continue
             finally:
                 curses.curs_set(0)
             if key in ("\n", "\r", curses.KEY_ENTER):

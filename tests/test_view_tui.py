@@ -173,7 +173,10 @@ def ui():
         # tmux may start the program at 80x24 before sizing the window: settle it explicitly
         session.resize(width - 1, height - 1)
         session.resize(width, height)
-        session.wait_for(lambda s: len(s.splitlines()[0]) >= min(width - 1, 40))
+        # drawn at the final size: the status line on the last row (a late resize would
+        # otherwise arrive in the middle of the test's typing)
+        session.wait_for(lambda s: len(s.splitlines()) == height and s.splitlines()[-1].strip()
+                         and len(s.splitlines()[0]) >= min(width - 1, 40))
         time.sleep(0.2)
         return session
 
