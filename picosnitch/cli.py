@@ -48,17 +48,33 @@ ROOT_COMMANDS = {"start", "stop", "restart", "start-no-daemon", "systemd"}
 def monitor_raw() -> int:
     """Prints every kernel record as one JSON line until interrupted."""
     stop = threading.Event()
+    writing = False
+
+    def interrupt(*_) -> None:
+        stop.set()
+        if writing:  # possibly blocked on a full pipe whose reader stopped reading: give up on it
+            raise BrokenPipeError
+
+    def emit(text: str) -> None:
+        nonlocal writing
+        writing = True
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        finally:
+            writing = False
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     monitor = KernelMonitor()
     try:
         for record in monitor.start():
-            print(json.dumps(to_json_dict(record)), flush=True)
-        print(json.dumps({"kind": "ready", "load_seconds": round(monitor.load_seconds, 3)}), flush=True)
-        monitor.run(lambda batch: print("".join(json.dumps(to_json_dict(r)) + "\n" for r in batch),
-                                        end="", flush=True), stop.is_set)
-    except BrokenPipeError:
-        pass
+            emit(json.dumps(to_json_dict(record)) + "\n")
+        emit(json.dumps({"kind": "ready", "load_seconds": round(monitor.load_seconds, 3)}) + "\n")
+        monitor.run(lambda batch: emit("".join(json.dumps(to_json_dict(r)) + "\n" for r in batch)),
+                    stop.is_set)
+    except BrokenPipeError:  # what is still buffered goes nowhere, rather than block the exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         monitor.close()
     return 0

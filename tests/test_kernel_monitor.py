@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -336,8 +337,25 @@ def test_monitor_raw_prints_records_as_json_lines(lab):
                 break
     finally:
         proc.terminate()
-        proc.communicate(timeout=10)  # reads what is left: a full pipe would keep the monitor from exiting
+        proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+def test_monitor_raw_exits_on_sigterm_while_its_reader_stopped_reading():
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "monitor", "--raw"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        assert json.loads(proc.stdout.readline())["kind"] == "ready"
+        # 500 execs, each an exec and an exit record of ~150 bytes: more than a pipe holds
+        subprocess.run(["sh", "-c", "for i in $(seq 500); do /bin/true; done"], check=True)
+        time.sleep(1.5)  # a drain: the monitor is now blocked writing to the full pipe
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        assert proc.stderr.read() == b""  # no traceback, no "Exception ignored" at exit
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_not_root_is_one_clear_sentence():
