@@ -35,7 +35,15 @@ HOOK_GROUPS = {
     "socket_counters": (("sock_release", "flush_sockets"),
                         "bytes are added to the flow map on every send and receive, which costs more"),
 }
+# Programs with a stand-in, loaded in their place when the kernel refuses them (older kernels).
+STAND_INS = {"tcp_rcv_space_adjust": "tcp_rcv_space_adjust_compat"}
 GROUP_OF = {prog: group for group, (progs, _) in HOOK_GROUPS.items() for prog in progs}
+GROUP_OF.update({stand_in: GROUP_OF[prog] for prog, stand_in in STAND_INS.items()})
+
+
+def _in_place(prog: str, disabled: Dict[str, str]) -> bool:
+    """Whether prog, or its stand-in, is to be loaded."""
+    return prog not in disabled or (prog in STAND_INS and STAND_INS[prog] not in disabled)
 
 
 class MonitorError(Exception):
@@ -128,7 +136,12 @@ class KernelMonitor:
                 if not failed or failed <= set(disabled):
                     raise MonitorError(f"the kernel refused the BPF programs: {e}") from None
                 for prog in failed:
-                    for other in HOOK_GROUPS[GROUP_OF[prog]][0]:
+                    stand_in = STAND_INS.get(prog)
+                    if stand_in and disabled.get(stand_in, "").startswith("not needed"):
+                        del disabled[stand_in]
+                        disabled[prog] = f"the kernel refused {prog}: {_reason(str(e), prog)}"
+                        continue
+                    for other in (prog, *HOOK_GROUPS[GROUP_OF[prog]][0]):
                         disabled.setdefault(other, f"the kernel refused {prog}: {_reason(str(e), prog)}")
         self._attach(disabled)
         self._report_disabled(disabled)
@@ -159,6 +172,8 @@ class KernelMonitor:
         else:
             for p in fallback:
                 disabled[p] = "not needed: the sock tracepoints are available"
+        for prog, stand_in in STAND_INS.items():
+            disabled.setdefault(stand_in, f"not needed: {prog} is used")
         return disabled
 
     def _open(self, disabled: Dict[str, str]) -> libbpf.BpfObject:
@@ -168,7 +183,7 @@ class KernelMonitor:
         obj.map("events").set_max_entries(self.ring_pages * os.sysconf("SC_PAGE_SIZE"))
         for name in ("flows_0", "flows_1"):
             obj.map(name).set_max_entries(self.flow_entries)
-        tcp_by_seq = not any(p in disabled for p in HOOK_GROUPS["tcp_consumed"][0])
+        tcp_by_seq = all(_in_place(p, disabled) for p in HOOK_GROUPS["tcp_consumed"][0])
         obj.map(".rodata.config").set_initial_value(MonitorConfig(tcp_rx_by_seq=int(tcp_by_seq)))
         return obj
 
@@ -207,7 +222,7 @@ class KernelMonitor:
         counted = [g for g in ("bytes", "bytes_fallback")
                    if not any(p in disabled for p in HOOK_GROUPS[g][0])]
         for group, (progs, consequence) in HOOK_GROUPS.items():
-            missing = [p for p in progs if p in disabled]
+            missing = [p for p in progs if not _in_place(p, disabled)]
             if not missing or disabled[missing[0]].startswith("not needed"):
                 continue
             if group.startswith("bytes") and counted:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Recorder
 from netlab import HOST4, PEER4, PEER6, TcpPeer, UdpEcho
+from picosnitch import libbpf
 from picosnitch.kernel_monitor import KernelMonitor, cgroup2_root
 
 GEN = str(Path(__file__).parent / "traffic_gen.py")
@@ -284,6 +286,48 @@ def test_a_hook_the_kernel_refuses_leaves_the_rest_working():
     assert [d.consequence for d in degraded] == ["no traffic will be counted"]
     assert "inet_sendmsg_exit" in degraded[0].hook and degraded[0].reason
     assert any(e.filename == "/bin/true" for e in execs)
+
+
+def refuse(monkeypatch, *names):
+    """Makes loading fail as on a kernel that refuses the named programs."""
+    load = libbpf.BpfObject.load
+
+    def refusing_load(self):
+        for prog in self.programs():
+            if prog.name in names and prog.autoload:
+                raise libbpf.LibbpfError(f"loading: libbpf: prog '{prog.name}': failed to load: -22")
+        load(self)
+
+    monkeypatch.setattr(libbpf.BpfObject, "load", refusing_load)
+
+
+def test_a_kernel_without_bpf_rdonly_cast_counts_tcp_receives_with_the_stand_in(monkeypatch, lab):
+    refuse(monkeypatch, "tcp_rcv_space_adjust")
+    monitor = KernelMonitor()
+    assert monitor.start() == []
+    rec = Recorder(monitor)
+    try:
+        peer = TcpPeer("127.0.0.1", reply=2_500_000)
+        thread = serve(lab, peer, False)
+        pid, counts = generate(sys.executable, GEN, "splice", "127.0.0.1", str(peer.port))
+        thread.join(5)
+        totals = rec.totals(pid)
+    finally:
+        rec.close()
+    # splice() is only seen at tcp_rcv_space_adjust, so these bytes were counted by the stand-in.
+    assert counts["recv"] == 2_500_000
+    assert totals[(socket.AF_INET, socket.IPPROTO_TCP, "127.0.0.1", peer.port)][:2] == [0, 2_500_000]
+
+
+def test_a_refused_stand_in_degrades_with_a_reason(monkeypatch):
+    refuse(monkeypatch, "tcp_rcv_space_adjust", "tcp_rcv_space_adjust_compat")
+    monitor = KernelMonitor()
+    try:
+        degraded = monitor.start()
+    finally:
+        monitor.close()
+    assert [d.consequence for d in degraded] == ["TCP data received with splice() will not be counted"]
+    assert "tcp_rcv_space_adjust" in degraded[0].hook and "refused" in degraded[0].reason
 
 
 def test_missing_cgroup2_and_libc_degrade_with_a_reason():
