@@ -510,9 +510,9 @@ def run_scenario(scenario: Scenario, ctx: Context, repeat: int, nethogs: Optiona
 def build_netops(work: Path):
     source = str(TESTS / "c" / "netops.c")
     dynamic = work / "netops"
-    subprocess.run(["gcc", "-O2", "-o", str(dynamic), source, "-luring"], check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(dynamic), source, "-luring", "-pthread"], check=True)
     static = work / "netops-static"
-    ok = subprocess.run(["gcc", "-O2", "-static", "-o", str(static), source, "-luring"],
+    ok = subprocess.run(["gcc", "-O2", "-static", "-o", str(static), source, "-luring", "-pthread"],
                         capture_output=True).returncode == 0
     return str(dynamic), (str(static) if ok else None)
 

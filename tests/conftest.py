@@ -110,5 +110,5 @@ def lab():
 @pytest.fixture(scope="session")
 def netops(tmp_path_factory):
     out = tmp_path_factory.mktemp("netops") / "netops"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(TESTS / "c" / "netops.c"), "-luring"], check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(TESTS / "c" / "netops.c"), "-luring", "-pthread"], check=True)
     return str(out)

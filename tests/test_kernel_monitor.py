@@ -99,6 +99,23 @@ def test_unconnected_udp_is_charged_to_the_real_peer(recorder, lab, endpoint):
         (family(host), socket.IPPROTO_UDP, host, echo.port): [10_000, 10_000, 20, 20]}
 
 
+@pytest.mark.parametrize("host,inside", [("127.0.0.1", False), (PEER6, True)])
+def test_threads_sharing_an_unconnected_udp_socket_keep_their_own_peers(recorder, lab, netops, host, inside):
+    # three threads each way: more than a socket's two counter slots, fewer than its peer slots
+    echoes = [UdpEcho(host) for _ in range(3)]
+    for echo in echoes:
+        serve(lab, echo, inside)
+    pid, counts = generate(netops, "udp-threads", host, "3", "3000", *(str(e.port) for e in echoes))
+    for echo in echoes:
+        echo.stop()
+
+    totals = recorder.totals(pid)
+    assert {key: value[:2] for key, value in totals.items()} == {
+        (family(host), socket.IPPROTO_UDP, host, int(port)): sent_recv
+        for port, sent_recv in counts["peers"].items()}
+    assert counts["sent"] == 3000 * (40 + 60 + 80)
+
+
 @pytest.mark.parametrize("host,inside", [("127.0.0.1", False), (PEER4, True)])
 def test_sendfile_is_counted(recorder, lab, host, inside):
     peer = TcpPeer(host)

@@ -78,8 +78,10 @@ struct {
 
 /* Peer of the datagram a thread is sending or receiving on an unconnected UDP socket, left in the
  * socket's state by the cgroup hook and taken by the sock tracepoint that fires later in the same
- * syscall. `owner` (pid_tgid) pairs the two: if another thread's hook overwrote it in between,
- * the datagram is still counted, without its peer, rather than charged to a wrong one. */
+ * syscall. `owner` (pid_tgid) pairs the two, one slot per thread, so threads sharing a socket keep
+ * their own peers. Only when more threads than slots are between hook and tracepoint at once is
+ * a slot overwritten: that datagram is counted without its peer rather than charged to a wrong
+ * one. */
 struct peer {
 	__u64 owner;
 	__u16 family;
@@ -87,12 +89,17 @@ struct peer {
 	__u8 addr[16];
 };
 
-/* The counters of one process on one socket. Sends and receives add to `pending` with a few
- * cheap checks instead of a flow map lookup; pending bytes move into the flow map when user
- * space runs the flush_sockets iterator (every drain), when the socket is released, and when
- * the key no longer describes the traffic (exec, new parent, new uid, new endpoint). */
+#define PEER_SLOTS 4  /* a power of two */
+#define barrier() asm volatile("" ::: "memory")
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+
+/* The counters of one process (or, for datagrams with a named peer, one thread) on one socket.
+ * Sends and receives add to `pending` with a few cheap checks instead of a flow map lookup;
+ * pending bytes move into the flow map when user space runs the flush_sockets iterator (every
+ * drain), when the socket is released, and when the key no longer describes the traffic (exec,
+ * new parent, new uid, new endpoint). */
 struct owner_slot {
-	__u32 tgid;      /* 0: free; claimed with compare-and-swap */
+	__u32 owner;     /* tgid, or thread id | THREAD_OWNED; 0: free; claimed with compare-and-swap */
 	__u32 _pad;
 	__u64 exe_file;  /* task->mm->exe_file when the key was made */
 	__u64 parent;    /* task->real_parent when the key was made */
@@ -100,14 +107,15 @@ struct owner_slot {
 	struct flow_value pending;
 };
 
-#define OWNER_SLOTS 2  /* processes sharing a socket beyond this use the flow map directly */
+#define OWNER_SLOTS 2  /* owners sharing a socket beyond this use the flow map directly */
+#define THREAD_OWNED 0x80000000u
 
 struct sock_state {
 	__u32 counted_seq;  /* TCP: copied_seq up to which received bytes have been counted */
 	__u16 seq_known;
 	__u16 lport;        /* the local port, kept: the kernel zeroes it when a TCP socket closes */
-	struct peer send_peer;
-	struct peer recv_peer;
+	struct peer send_peers[PEER_SLOTS];
+	struct peer recv_peers[PEER_SLOTS];
 	struct owner_slot slots[OWNER_SLOTS];
 };
 
@@ -254,13 +262,14 @@ static __always_inline void flush_state(struct sock_state *st)
 	flush_slot(&st->slots[1]);
 }
 
-/* This process's slot in the socket state, claiming a free one if needed (NULL: none left). */
-static __always_inline struct owner_slot *slot_of(struct sock_state *st, __u32 tgid)
+/* The owner's slot in the socket state, claiming a free one if needed (NULL: none left). */
+static __always_inline struct owner_slot *slot_of(struct sock_state *st, __u32 owner)
 {
 	for (int i = 0; i < OWNER_SLOTS; i++) {
 		struct owner_slot *slot = &st->slots[i];
 
-		if (slot->tgid == tgid || (slot->tgid == 0 && __sync_val_compare_and_swap(&slot->tgid, 0, tgid) == 0))
+		if (slot->owner == owner ||
+		    (slot->owner == 0 && __sync_val_compare_and_swap(&slot->owner, 0, owner) == 0))
 			return slot;
 	}
 	return NULL;
@@ -310,8 +319,10 @@ static __always_inline void account(struct task_struct *task, struct sock *sk, s
 {
 	struct owner_slot *slot = NULL;
 
+	/* Datagrams with a named peer re-key their slot whenever the peer changes, and a re-key is
+	 * not atomic against another thread's add: each thread keeps its own slot for them. */
 	if (st && socket_counters_on)
-		slot = slot_of(st, task->tgid);
+		slot = slot_of(st, peer ? task->pid | THREAD_OWNED : task->tgid);
 	if (!slot) {
 		struct flow_value add = {};
 		struct flow_key key;
@@ -372,14 +383,27 @@ static __always_inline bool is_tcp(struct sock *sk)
 	       sk->sk_type == SOCK_STREAM;
 }
 
-/* Takes the peer a cgroup hook left for this thread, if any, into *out. */
-static __always_inline bool take_peer(struct task_struct *task, struct peer *p, struct peer *out)
+/* Takes the peer a cgroup hook left for this thread, if any, into *out. Runs outside the socket
+ * lock, so a hook may overwrite the slot meanwhile; the hook stores the owner first, so reading
+ * the owner again after the copy tells a whole peer from a torn one. */
+static __always_inline bool take_peer(struct task_struct *task, struct peer *peers, struct peer *out)
 {
-	if (p->owner != pid_tgid_of(task))
-		return false;
-	*out = *p;
-	p->owner = 0;
-	return true;
+	__u64 me = pid_tgid_of(task);
+
+	for (__u32 n = 0; n < PEER_SLOTS; n++) {
+		struct peer *p = &peers[((__u32)me + n) & (PEER_SLOTS - 1)];  /* leave_peer's order */
+
+		if (READ_ONCE(p->owner) != me)
+			continue;
+		barrier();
+		*out = *p;
+		barrier();
+		if (READ_ONCE(p->owner) != me)
+			return false;
+		p->owner = 0;
+		return true;
+	}
+	return false;
 }
 
 static __always_inline void on_send(struct sock *sk, int ret)
@@ -393,7 +417,7 @@ static __always_inline void on_send(struct sock *sk, int ret)
 		return;
 	task = bpf_get_current_task_btf();
 	st = state_of(sk);
-	has_peer = st && is_udp(sk) && take_peer(task, &st->send_peer, &peer);
+	has_peer = st && is_udp(sk) && take_peer(task, st->send_peers, &peer);
 	if (ret > 0)
 		account(task, sk, st, has_peer ? &peer : NULL, ret, true);
 }
@@ -454,7 +478,7 @@ static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 		return;
 	task = bpf_get_current_task_btf();
 	st = state_of(sk);
-	has_peer = st && is_udp(sk) && take_peer(task, &st->recv_peer, &peer);
+	has_peer = st && is_udp(sk) && take_peer(task, st->recv_peers, &peer);
 	if (ret > 0 && !(flags & MSG_PEEK))
 		account(task, sk, st, has_peer ? &peer : NULL, ret, false);
 }
@@ -569,8 +593,10 @@ int BPF_PROG(inet6_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int
 static __always_inline void leave_peer(struct bpf_sock_addr *ctx, bool sending, __u16 family, const __u32 *ip)
 {
 	struct bpf_sock *sk = ctx->sk;
+	struct peer *peers, *p;
 	struct sock_state *st;
-	struct peer *p;
+	__u64 me;
+	__u32 slot;
 
 	/* A connected socket receives only from its peer, which the sock tracepoint reads from the
 	 * socket itself (a send may still name another destination). */
@@ -581,8 +607,23 @@ static __always_inline void leave_peer(struct bpf_sock_addr *ctx, bool sending, 
 		count_loss(LOSS_PEER_STORAGE, 1);
 		return;
 	}
-	p = sending ? &st->send_peer : &st->recv_peer;
-	p->owner = bpf_get_current_pid_tgid();
+	me = bpf_get_current_pid_tgid();
+	peers = sending ? st->send_peers : st->recv_peers;
+	/* The first slot that is free or this thread's, scanning from the thread's own (thread id %
+	 * PEER_SLOTS, so one thread alone finds it at once); if none, that own slot, whose owner then
+	 * loses a peer. Hooks on one socket run under its lock, so no two of them pick at once. */
+	slot = (__u32)me;
+	for (__u32 n = 0; n < PEER_SLOTS; n++) {
+		__u64 owner = READ_ONCE(peers[((__u32)me + n) & (PEER_SLOTS - 1)].owner);
+
+		if (!owner || owner == me) {
+			slot = (__u32)me + n;
+			break;
+		}
+	}
+	p = &peers[slot & (PEER_SLOTS - 1)];
+	READ_ONCE(p->owner) = me;  /* first: see take_peer */
+	barrier();
 	p->family = family;
 	p->port = bpf_ntohs((__u16)ctx->user_port);
 	__builtin_memcpy(p->addr, ip, 16);

@@ -8,10 +8,14 @@
  *   netops mmsg-recv HOST PORT COUNT SIZE
  *                                       send "pull COUNT SIZE", recvmmsg until COUNT datagrams
  *                                       arrived or none for a second
+ *   netops udp-threads HOST THREADS COUNT PORT...
+ *                                       threads sharing one unconnected UDP socket (see udp_threads);
+ *                                       also prints "peers": {PORT: [sent, recv]}
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <liburing.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,11 +23,11 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-static int connect_to(const char *host, int port, int type)
+/* The socket address of HOST (IPv4 or IPv6 literal) and PORT; returns its length. */
+static socklen_t address_of(const char *host, int port, struct sockaddr_storage *out)
 {
 	struct sockaddr_storage ss = {0};
 	socklen_t len;
-	int fd;
 
 	if (strchr(host, ':')) {
 		struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
@@ -38,7 +42,16 @@ static int connect_to(const char *host, int port, int type)
 		inet_pton(AF_INET, host, &a->sin_addr);
 		len = sizeof(*a);
 	}
-	fd = socket(ss.ss_family, type, 0);
+	*out = ss;
+	return len;
+}
+
+static int connect_to(const char *host, int port, int type)
+{
+	struct sockaddr_storage ss;
+	socklen_t len = address_of(host, port, &ss);
+	int fd = socket(ss.ss_family, type, 0);
+
 	if (fd < 0 || connect(fd, (struct sockaddr *)&ss, len) < 0) {
 		perror("connect");
 		exit(1);
@@ -199,6 +212,94 @@ static int mmsg_recv(const char *host, int port, long count, int size)
 	return 0;
 }
 
+/* udp-threads: THREADS senders and THREADS receivers share one unconnected UDP socket; sender i
+ * sends COUNT datagrams of 40 + 20 * i bytes to PORTS[i % n]; receivers tally what comes back
+ * by source port until nothing has come for a second. */
+#define MAX_PEERS 16
+static struct {
+	int fd, count, nports, ports[MAX_PEERS];
+	const char *host;
+	long sent[MAX_PEERS], recv[MAX_PEERS];
+	pthread_mutex_t lock;
+} shared;
+
+static void *udp_sender(void *arg)
+{
+	int i = (int)(long)arg, peer = i % shared.nports, size = 40 + 20 * i;
+	struct sockaddr_storage to;
+	socklen_t len = address_of(shared.host, shared.ports[peer], &to);
+	char buf[2048] = {0};
+	long sent = 0;
+
+	for (int k = 0; k < shared.count; k++) {
+		ssize_t n = sendto(shared.fd, buf, size, 0, (struct sockaddr *)&to, len);
+		if (n > 0)
+			sent += n;
+	}
+	pthread_mutex_lock(&shared.lock);
+	shared.sent[peer] += sent;
+	pthread_mutex_unlock(&shared.lock);
+	return NULL;
+}
+
+static void *udp_receiver(void *arg)
+{
+	struct sockaddr_storage from;
+	char buf[2048];
+
+	(void)arg;
+	for (;;) {
+		socklen_t len = sizeof(from);
+		ssize_t n = recvfrom(shared.fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &len);
+		int port;
+
+		if (n < 0)
+			return NULL;  /* a second without datagrams */
+		port = ntohs(((struct sockaddr_in *)&from)->sin_port);  /* same offset in sockaddr_in6 */
+		pthread_mutex_lock(&shared.lock);
+		for (int p = 0; p < shared.nports; p++)
+			if (shared.ports[p] == port)
+				shared.recv[p] += n;
+		pthread_mutex_unlock(&shared.lock);
+	}
+}
+
+static int udp_threads(const char *host, int threads, int count, int nports, char **ports)
+{
+	pthread_t senders[MAX_PEERS], receivers[MAX_PEERS];
+	struct timeval tv = {1, 0};
+	struct sockaddr_storage ss;
+	long sent = 0, recv = 0;
+
+	if (threads > MAX_PEERS || nports > MAX_PEERS)
+		return 2;
+	address_of(host, 0, &ss);
+	shared.fd = socket(ss.ss_family, SOCK_DGRAM, 0);
+	setsockopt(shared.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	shared.host = host;
+	shared.count = count;
+	shared.nports = nports;
+	for (int p = 0; p < nports; p++)
+		shared.ports[p] = atoi(ports[p]);
+	pthread_mutex_init(&shared.lock, NULL);
+	for (long i = 0; i < threads; i++) {
+		pthread_create(&receivers[i], NULL, udp_receiver, NULL);
+		pthread_create(&senders[i], NULL, udp_sender, (void *)i);
+	}
+	for (int i = 0; i < threads; i++)
+		pthread_join(senders[i], NULL);
+	for (int i = 0; i < threads; i++)
+		pthread_join(receivers[i], NULL);
+	printf("{\"peers\": {");
+	for (int p = 0; p < nports; p++) {
+		printf("%s\"%d\": [%ld, %ld]", p ? ", " : "", shared.ports[p], shared.sent[p], shared.recv[p]);
+		sent += shared.sent[p];
+		recv += shared.recv[p];
+	}
+	printf("}, \"sent\": %ld, \"recv\": %ld}\n", sent, recv);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 5 && !strcmp(argv[1], "uring"))
@@ -211,6 +312,8 @@ int main(int argc, char **argv)
 		return mmsg_send(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
 	if (argc >= 6 && !strcmp(argv[1], "mmsg-recv"))
 		return mmsg_recv(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
-	fprintf(stderr, "usage: netops uring|mmsg|quick|mmsg-send|mmsg-recv HOST PORT ...\n");
+	if (argc >= 6 && !strcmp(argv[1], "udp-threads"))
+		return udp_threads(argv[2], atoi(argv[3]), atoi(argv[4]), argc - 5, argv + 5);
+	fprintf(stderr, "usage: netops uring|mmsg|quick|mmsg-send|mmsg-recv|udp-threads HOST ...\n");
 	return 2;
 }
