@@ -14,7 +14,9 @@ programs are small C programs compiled at run time (Python would be the bottlene
    accept and read to EOF) as fast as they can for --storm-seconds; each connection writes
    --bytes bytes and closes. The client counts its connections, bytes, and a histogram of the
    local ports it used. Then we wait until the daemon's CPU falls back to idle (its backlog is
-   written), stop it (SIGTERM drains everything), and read the `connections` view:
+   written), read PSS, and again after --settle-seconds more of idle (the workers give memory
+   back a write window or two after a burst), stop it (SIGTERM drains everything), and read the
+   `connections` view:
    accounted bytes = SUM(send) of rows whose exe is the client binary and rport the server's port;
    accounted connections = sum over local ports of min(connections the client made from that
    port, bytes the view has for it // --bytes). Ports are reused during a long storm, so this is
@@ -29,7 +31,8 @@ programs are small C programs compiled at run time (Python would be the bottlene
 Daemon CPU = utime+stime of every process in the daemon's process group (/proc/PID/stat) over the
 interval, divided by wall time (100 % = one core); PSS = sum of Pss from /proc/PID/smaps_rollup.
 Both are also split by worker, told apart by their open files (bpf links: monitor; fanotify:
-identity; snitch.db: writer; error.log: keeper; the group leader: supervisor). BPF programs run in
+identity; snitch.db: writer; the live socket: live; the group leader: supervisor; of the other two,
+the first started is the notifier, the second the keeper). BPF programs run in
 the context of the processes making traffic, so their cost shows in the storm rate, not here.
 """
 
@@ -57,7 +60,7 @@ from tests.daemon_harness import Daemon
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY = 1.0  # seconds between CPU/PSS samples
 SETTLE_SECONDS = 3.0  # after start: the initial /proc scan and hashing are not "idle"
-ROLES = ("supervisor", "monitor", "identity", "writer", "keeper")
+ROLES = ("supervisor", "monitor", "identity", "writer", "live", "keeper", "notifier")
 
 STORM_C = r"""
 /* Loopback TCP connection storm for bench/daemon_load.py.
@@ -359,9 +362,7 @@ def group_pids(pgid: int) -> List[int]:
     return pids
 
 
-def role_of(pid: int, leader: int) -> str:
-    if pid == leader:
-        return "supervisor"
+def _fd_targets(pid: int) -> List[str]:
     targets = []
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -370,14 +371,51 @@ def role_of(pid: int, leader: int) -> str:
             except OSError:
                 pass
     except OSError:
-        return "?"
-    if "anon_inode:bpf_link" in targets:
-        return "monitor"
-    if "anon_inode:[fanotify]" in targets:
-        return "identity"
-    if any(t.endswith("/snitch.db") for t in targets):
-        return "writer"
-    return "keeper"
+        pass
+    return targets
+
+
+def _socket_inodes(path: Path) -> List[str]:
+    """fd link targets of the UNIX sockets bound to `path`."""
+    with open("/proc/net/unix") as f:
+        return [f"socket:[{line.split()[6]}]" for line in f if line.rstrip("\n").endswith(" " + str(path))]
+
+
+def _ppid_and_start(pid: int) -> Tuple[int, int]:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0
+    return int(fields[1]), int(fields[19])  # ppid, starttime (fields 4 and 22 of stat)
+
+
+def roles_of(pids: List[int], leader: int, live_socket: Path) -> Dict[int, str]:
+    """Which worker each of the daemon's processes is, by what it holds open: bpf links (monitor),
+    fanotify (identity), snitch.db (writer), the live socket (live). The keeper and notifier hold
+    nothing of their own; the supervisor starts the notifier first. A child of a worker (the
+    notifier's per-user helpers) counts as that worker."""
+    live = set(_socket_inodes(live_socket))
+    roles, rest = {leader: "supervisor"}, []
+    for pid in pids:
+        if pid == leader or _ppid_and_start(pid)[0] != leader:
+            continue
+        targets = _fd_targets(pid)
+        if "anon_inode:bpf_link" in targets:
+            roles[pid] = "monitor"
+        elif "anon_inode:[fanotify]" in targets:
+            roles[pid] = "identity"
+        elif any(t.endswith("/snitch.db") for t in targets):
+            roles[pid] = "writer"
+        elif live & set(targets):
+            roles[pid] = "live"
+        else:
+            rest.append(pid)
+    rest.sort(key=lambda pid: _ppid_and_start(pid)[1])
+    roles.update(zip(rest, ("notifier", "keeper") if len(rest) > 1 else ("keeper",)))
+    for pid in pids:
+        if pid not in roles:
+            roles[pid] = roles.get(_ppid_and_start(pid)[0], "notifier")
+    return roles
 
 
 def cpu_ticks(pid: int) -> Optional[int]:
@@ -409,6 +447,7 @@ class Sampler:
 
     def __init__(self, daemon: Daemon):
         self.leader = daemon.proc.pid
+        self.live_socket = daemon.paths.live_socket
         self.roles: Dict[int, str] = {}
         self.samples: List[Sample] = []
         self._stop = threading.Event()
@@ -417,9 +456,8 @@ class Sampler:
 
     def sample(self) -> Sample:
         pids = group_pids(self.leader)
-        for pid in pids:
-            if pid not in self.roles:
-                self.roles[pid] = role_of(pid, self.leader)
+        if set(pids) - set(self.roles):
+            self.roles.update(roles_of(pids, self.leader, self.live_socket))
         ticks = {pid: t for pid in pids if (t := cpu_ticks(pid)) is not None}
         s = Sample(time.monotonic(), ticks, {pid: pss_kib(pid) for pid in pids})
         self.samples.append(s)
@@ -495,13 +533,15 @@ def stop_daemon(daemon: Daemon, limit: float, problems: List[str]) -> float:
         daemon.stop(timeout=limit)
     except subprocess.TimeoutExpired:
         problems.append(f"the daemon did not stop within {limit:g} s after SIGTERM; killed. Its processes:")
-        for pid in group_pids(daemon.proc.pid):
+        pids = group_pids(daemon.proc.pid)
+        roles = roles_of(pids, daemon.proc.pid, daemon.paths.live_socket)
+        for pid in pids:
             try:
                 wchan = Path(f"/proc/{pid}/wchan").read_text()
                 stack = Path(f"/proc/{pid}/stack").read_text().split("\n")[:3]
             except OSError:
                 wchan, stack = "?", []
-            problems.append(f"  pid {pid} ({role_of(pid, daemon.proc.pid)}): wchan {wchan}, {' < '.join(stack)}")
+            problems.append(f"  pid {pid} ({roles.get(pid, '?')}): wchan {wchan}, {' < '.join(stack)}")
         daemon.kill_group()
     return time.monotonic() - begin
 
@@ -539,6 +579,7 @@ class Results:
     catch_up: float = 0.0
     work_seconds: Dict[str, float] = field(default_factory=dict)  # CPU from storm start until quiet again
     after_pss: Dict[str, int] = field(default_factory=dict)
+    settled_pss: Dict[str, int] = field(default_factory=dict)  # --settle-seconds after catching up
     stop_seconds: float = 0.0
     client_sent_in_view: int = 0
     client_rows: int = 0
@@ -598,6 +639,9 @@ def storm_phase(args, storm: Path, work: Path, r: Results) -> None:
         e = sampler.sample()
         r.work_seconds = {role: use * (e.time - c.time) for role, use in sampler.cpu(c, e).items()}
         r.after_pss = sampler.pss(e)
+        print(f"settling: {args.settle_seconds:g} s ...", flush=True)
+        time.sleep(args.settle_seconds)
+        r.settled_pss = sampler.pss(sampler.sample())
         r.server = server.stop()
         r.stop_seconds = stop_daemon(daemon, args.stop_limit, r.problems)
     finally:
@@ -717,17 +761,19 @@ def report(args, r: Results) -> None:
         ("Daemon PSS idle", mib(r.idle_pss["all"]), "-"),
         ("Daemon PSS storm (max / end / after catch-up)", f"{mib(r.storm_pss_max['all'])} / "
          f"{mib(r.storm_pss_end['all'])} / {mib(r.after_pss['all'])}", "-"),
+        (f"Daemon PSS settled ({args.settle_seconds:g} s after catch-up)", mib(r.settled_pss["all"]), "-"),
         ("snitch.db after storm", f"{r.db_rows:,} rows, {r.db_bytes / 2**20:.1f} MiB (with WAL)", "-"),
     ]
     print("\n| Figure | Result | Target |\n|---|---|---|")
     for name, value, target in rows:
         print(f"| {name} | {value} | {target} |")
-    print("\n| Worker | CPU idle | CPU storm | CPU s, storm until quiet | PSS idle | PSS storm max | PSS after |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| Worker | CPU idle | CPU storm | CPU s, storm until quiet | PSS idle | PSS storm max | PSS after | "
+          "PSS settled |\n|---|---|---|---|---|---|---|---|")
     for role in ROLES:
         print(f"| {role} | {100 * r.idle_cpu.get(role, 0):.1f} % | {100 * r.storm_cpu.get(role, 0):.1f} % | "
               f"{r.work_seconds.get(role, 0):.1f} | {mib(r.idle_pss.get(role, 0))} | "
-              f"{mib(r.storm_pss_max.get(role, 0))} | {mib(r.after_pss.get(role, 0))} |")
+              f"{mib(r.storm_pss_max.get(role, 0))} | {mib(r.after_pss.get(role, 0))} | "
+              f"{mib(r.settled_pss.get(role, 0))} |")
     print("\nDaemon CPU per second during the storm (% of a core):",
           " ".join(f"{100 * c:.0f}" for c in r.cpu_series))
     print("short-lived sha256 values recorded:", r.short_shas)
@@ -752,6 +798,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--bytes", type=int, default=100, help="bytes each storm connection writes")
     p.add_argument("--write-limit", type=int, default=10, help='"DB write limit (seconds)" (daemon default 10)')
     p.add_argument("--catch-up-limit", type=float, default=300.0)
+    p.add_argument("--settle-seconds", type=float, default=30.0,
+                   help="idle seconds after catching up before PSS is read again")
     p.add_argument("--stop-limit", type=float, default=150.0, help="seconds to wait for the daemon to stop")
     args = p.parse_args(argv)
     quick = args.quick

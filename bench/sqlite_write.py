@@ -3,7 +3,9 @@
     python3 bench/sqlite_write.py [rows] [rows per window]
 
 Every window holds distinct (identity, endpoint) pairs drawn from a fixed population, as a busy
-machine would produce, so later windows mostly reuse known processes and endpoints.
+machine would produce, so later windows mostly reuse known processes and endpoints. The storm
+line is a loopback connection storm instead: one client's connections to one server, a local
+port each, the ephemeral ports used over and over (both ends' rows, as the daemon stores them).
 """
 
 import os
@@ -45,6 +47,27 @@ def windows(rng: random.Random, rows: int, per_window: int, start: int = 1_700_0
     return result
 
 
+EPHEMERAL = range(32768, 61000)  # Linux's default ip_local_port_range
+
+
+def storm_windows(rows: int, per_window: int, start: int = 1_700_000_000):
+    """Lists of Connections of a connection storm, one per write window of 10 s."""
+    client = Identity(ProcessInfo("/usr/bin/client", "client", "client", "%064x" % 1), netns=4026531840)
+    server = Identity(ProcessInfo("/usr/bin/server", "server", "server", "%064x" % 2), netns=4026531840)
+    result, n = [], 0
+    for w in range(rows // per_window):
+        window = []
+        while len(window) < per_window:
+            port = EPHEMERAL[n % len(EPHEMERAL)]
+            n += 1
+            window.append(Connection(client, Endpoint(2, 6, "127.0.0.1", port, "127.0.0.1", 8000),
+                                     start + 10 * w, 100, 0, 3, 2))
+            window.append(Connection(server, Endpoint(2, 6, "127.0.0.1", 8000, "127.0.0.1", port),
+                                     start + 10 * w, 0, 100, 2, 3))
+        result.append(window)
+    return result
+
+
 def timed(label: str, rows: int, write, batches) -> None:
     started = time.perf_counter()
     for batch in batches:
@@ -66,6 +89,12 @@ def main() -> None:
               sqlite_store.SqliteWriter(conn).write, batches)
         size = os.path.getsize(path) + os.path.getsize(path + "-wal")
         print(f"{'  snitch.db + -wal size':<44} {size / rows:>10,.0f} bytes/row")
+
+        conn3, _ = sqlite_store.open_db(os.path.join(tmp, "storm.db"))
+        storm = storm_windows(rows, 10 * per_window)
+        timed("SqliteWriter, connection storm", sum(map(len, storm)),
+              sqlite_store.SqliteWriter(conn3).write, storm)
+        sqlite_store.close_db(conn3)
 
         conn2, _ = sqlite_store.open_db(os.path.join(tmp, "fresh.db"))
         timed("write_connections (ids looked up each time)", rows,

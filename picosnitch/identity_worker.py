@@ -2,18 +2,33 @@
 
 import signal
 import time
+from itertools import islice
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
+from picosnitch import heap
 from picosnitch.fanotify_watch import ExecutableWatcher, FanotifyUnavailable
 from picosnitch.identity import IdentityResolver
 from picosnitch.messages import ErrorReport, Stop
 
 EXPIRE_EVERY = 30.0
+CHUNK = 5_000  # Connections per message: a storm's batch is sent, and unpickled, in parts
 
 
 def window_start(now: float, limit: int) -> int:
     """The write window a moment falls in: windows are `limit` seconds, aligned to the epoch."""
     return int(now // limit * limit)
+
+
+def resolve(resolver: IdentityResolver, batch: list, ts: int, consumers) -> None:
+    """Turns one batch of kernel records into Connections and sends them to every consumer,
+    CHUNK at a time, each part pickled once for all of them."""
+    resolver.new_batch()
+    connections = (c for record in batch for c in resolver.handle(record, ts))
+    while part := list(islice(connections, CHUNK)):
+        message = ForkingPickler.dumps(part)
+        for consumer in consumers:
+            consumer.send_bytes(message)
 
 
 def run(config, from_monitor, consumers, to_keeper) -> int:
@@ -43,15 +58,12 @@ def run(config, from_monitor, consumers, to_keeper) -> int:
                         consumer.send(Stop("identity"))
                     to_keeper.send(Stop("identity"))
                     return 0
-                ts = window_start(time.time(), limit)
-                resolver.new_batch()
-                connections = [c for record in batch for c in resolver.handle(record, ts)]
-                if connections:
-                    for consumer in consumers:
-                        consumer.send(connections)
+                resolve(resolver, batch, window_start(time.time(), limit), consumers)
+                del batch  # a storm's batch is large: not kept until the next one arrives
             if time.monotonic() >= next_expiry:
                 next_expiry = time.monotonic() + EXPIRE_EVERY
                 resolver.expire()
+                heap.trim()  # what a burst of batches left free in the heap
     finally:
         if watcher:
             watcher.close()

@@ -174,21 +174,61 @@ def open_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
-class SqliteWriter:
-    """Writes Connections, remembering the ids of processes, identities and endpoints.
+class RecentIds:
+    """Ids of rows that recur, by key, in two generations of at most `limit` entries each.
 
-    The cache only ever holds ids of committed rows, and is emptied by prune(), which may delete
-    them. Use one writer per database and let nothing else write to it.
+    Only keys that come back are worth remembering: a connection storm makes an endpoint per
+    connection (its local port), and remembering those would keep tens of thousands of objects
+    alive long after the storm. A key used while in the older generation moves to the newer one;
+    when the newer one is full it becomes the older one, and what was older is forgotten.
     """
 
-    CACHE_LIMIT = 100_000  # entries per kind; beyond that start over rather than grow forever
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._new: dict = {}
+        self._old: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._old)
+
+    def get(self, key) -> "int | None":
+        found = self._new.get(key)
+        if found is None:
+            found = self._old.pop(key, None)
+            if found is not None:
+                self.keep(key, found)
+        return found
+
+    def keep(self, key, row_id: int) -> None:
+        if len(self._new) >= self.limit:
+            self._old, self._new = self._new, {}
+        self._new[key] = row_id
+
+    def clear(self) -> None:
+        self._new.clear()
+        self._old.clear()
+
+
+class SqliteWriter:
+    """Writes Connections, remembering the ids of processes, identities and endpoints that recur.
+
+    An id is remembered when a write finds its row already stored (RecentIds), so the cache only
+    ever holds ids of committed rows; prune(), which may delete them, empties it. Use one writer
+    per database and let nothing else write to it.
+    """
+
+    CACHE_LIMIT = 4096  # entries per kind and generation (RecentIds)
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.conn.execute(_CREATE_BATCH)
-        self._processes: dict = {}
-        self._identities: dict = {}
-        self._endpoints: dict = {}
+        # One cursor for every statement of a write. conn.execute() makes a cursor per call, and
+        # the connection keeps a weak reference to each of the last 200: garbage per row, and
+        # after a storm those last references would pin the memory around them.
+        self._cursor = conn.cursor()
+        self._processes = RecentIds(self.CACHE_LIMIT)
+        self._identities = RecentIds(self.CACHE_LIMIT)
+        self._endpoints = RecentIds(self.CACHE_LIMIT)
 
     def write(self, connections: "list[Connection]") -> None:
         """Add the traffic of `connections` to snitch.db in one transaction.
@@ -211,38 +251,44 @@ class SqliteWriter:
                 total[3] += c.packets_recv
         if not merged:
             return
-        new = ({}, {}, {})  # ids inserted by this transaction, cached only once committed
+        new = ({}, {}, {})  # ids inserted by this transaction, never cached: see RecentIds
         with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(_INSERT_BATCH, [
+            self._cursor.execute("BEGIN IMMEDIATE")
+            self._cursor.executemany(_INSERT_BATCH, [
                 (ts, ts - ts % 3600, self._identity_id(identity, new),
                  self._endpoint_id(endpoint, new[2]), *counts)
                 for (identity, endpoint, ts), counts in merged.items()])
-            db_schema.add_to_rollups(self.conn, _BATCH_PAIRS, _BATCH_HOURS)
-            self.conn.execute(_UPSERT_TRAFFIC)
-            self.conn.execute(_UPSERT_HOURLY)
-            self.conn.execute("DELETE FROM temp.batch")
-        for cache, fresh in zip((self._processes, self._identities, self._endpoints), new):
-            if len(cache) + len(fresh) > self.CACHE_LIMIT:
-                cache.clear()
-            cache.update(fresh)
+            db_schema.add_to_rollups(self._cursor, _BATCH_PAIRS, _BATCH_HOURS)  # runs conn.execute()
+            self._cursor.execute(_UPSERT_TRAFFIC)
+            self._cursor.execute(_UPSERT_HOURLY)
+            self._cursor.execute("DELETE FROM temp.batch")
 
-    def prune(self, retention_days: int, now: "float | None" = None) -> None:
-        """prune() this database and forget the cached ids it may have deleted."""
-        prune(self.conn, retention_days, now)
+    def release_memory(self) -> None:
+        """Forget the cached ids and let SQLite free its page cache (sqlite3_db_release_memory),
+        after a burst; both fill again as rows are written."""
         for cache in (self._processes, self._identities, self._endpoints):
             cache.clear()
+        self._cursor.execute("PRAGMA shrink_memory")
 
-    def _lookup(self, cache: dict, fresh: dict, key, select: str, insert: str, params) -> int:
+    def prune(self, retention_days: int, now: "float | None" = None) -> None:
+        """prune() this database, then release_memory(): forget the cached ids it may have
+        deleted, and the pages it read."""
+        prune(self.conn, retention_days, now)
+        self.release_memory()
+
+    def _lookup(self, cache: RecentIds, fresh: dict, key, select: str, insert: str, params) -> int:
         """Id of `key`'s row, inserting it if new; `params()` gives the values to bind."""
         found = cache.get(key)
         if found is None:
             found = fresh.get(key)
         if found is None:
             values = params()
-            row = self.conn.execute(select, values).fetchone()
-            found = row[0] if row else self.conn.execute(insert, values).lastrowid
-            fresh[key] = found
+            row = self._cursor.execute(select, values).fetchone()
+            if row:  # stored by an earlier write: it recurs
+                found = row[0]
+                cache.keep(key, found)
+            else:
+                found = fresh[key] = self._cursor.execute(insert, values).lastrowid
         return found
 
     def _process_id(self, p: ProcessInfo, fresh: dict) -> int:

@@ -11,6 +11,7 @@ Stopping: SIGTERM to the monitor, which drains the kernel and sends Stop down th
 worker finishes what it holds and passes Stop on, so nothing pending is lost.
 """
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -84,6 +85,9 @@ class Supervisor:
     def _start(self, name: str) -> None:
         target, args = self.targets[name]
         process = _ctx.Process(target=_exit_with, args=(target, args), name=f"picosnitch-{name}", daemon=False)
+        # The forked worker shares the supervisor's objects until it writes to them, and a full
+        # collection (heap.trim) writes to every object it examines: frozen, they are not examined.
+        gc.freeze()
         process.start()
         self.processes[name] = process
 

@@ -299,6 +299,60 @@ def test_rollups_follow_writes_and_retention(db):
     assert stored_rollups(db) == {name: [] for name in stored_rollups(db)}
 
 
+def test_the_writer_remembers_the_ids_of_what_recurs_only(db):
+    """A storm's endpoints (one per ephemeral port) are looked up once and not kept; an endpoint
+    that comes back is looked up once more, then remembered until release_memory()."""
+    lookups = []
+    db.set_trace_callback(lambda sql: lookups.append(sql) if sql.startswith("SELECT id FROM endpoints") else None)
+    writer = sqlite_store.SqliteWriter(db)
+    storm = [Endpoint(2, 6, "127.0.0.1", port, "127.0.0.1", 4000) for port in range(32768, 33768)]
+    writer.write([connection(endpoint=e, ts=1000) for e in storm])
+    assert len(lookups) == 1000 and len(writer._endpoints) == 0
+
+    for ts in (1010, 1020, 1030, 1040):
+        lookups.clear()
+        writer.write([connection(endpoint=storm[0], ts=ts), connection(ts=ts)])
+        assert len(lookups) == {1010: 2, 1020: 1, 1030: 0, 1040: 0}[ts]  # HTTPS is new at 1010
+    writer.release_memory()
+    lookups.clear()
+    writer.write([connection(endpoint=storm[0], ts=1050), connection(ts=1050)])
+    assert len(lookups) == 2
+    assert db.execute("SELECT count(*) FROM endpoints").fetchone()[0] == 1001
+    assert sorted((r["ts"], r["lport"], r["send"]) for r in read_back(db) if r["ts"] >= 1010) == \
+        [(ts, port, 100) for ts in range(1010, 1060, 10) for port in (32768, 40000)]
+
+
+def test_ids_forgotten_by_the_bounded_cache_are_read_again_not_inserted_again(db, monkeypatch):
+    """With room for 2 ids per generation, 12 processes, 12 identities and 12 endpoints that all
+    recur are forgotten and found again many times: each stays one row, and every write's
+    traffic lands on its own identity and endpoint."""
+    monkeypatch.setattr(sqlite_store.SqliteWriter, "CACHE_LIMIT", 2)
+    writer = sqlite_store.SqliteWriter(db)
+    keys = [(ProcessInfo(f"/usr/bin/p{i}", f"p{i}", f"p{i}", "%064x" % i), Endpoint(2, 6, "127.0.0.1", 1000 + i))
+            for i in range(12)]
+    rng = random.Random(7)
+    for ts in range(1000, 1200, 10):
+        writer.write([connection(*keys[i], ts=ts, send=i) for i in rng.sample(range(12), 8)])
+    assert len(writer._identities) <= 4 and len(writer._endpoints) <= 4
+    assert [db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("processes", "identities", "endpoints")] == [14, 12, 12]  # + BASH, SYSTEMD
+    rows = read_back(db)
+    assert len(rows) == 20 * 8
+    for row in rows:  # process i only ever talked to endpoint i, sending i bytes
+        i = int(row["name"][1:])
+        assert (row["lport"], row["send"]) == (1000 + i, i)
+
+
+def test_remembered_ids_are_bounded_and_those_in_use_stay():
+    ids = sqlite_store.RecentIds(limit=2)
+    ids.keep("a", 1)
+    ids.keep("b", 2)
+    ids.keep("c", 3)  # the newer generation was full: a and b are now the older one
+    assert ids.get("a") == 1  # used: back in the newer generation, with c
+    ids.keep("d", 4)  # full again: b, unused for two generations, is forgotten
+    assert (ids.get("b"), ids.get("a"), ids.get("c"), ids.get("d"), len(ids)) == (None, 1, 3, 4, 3)
+
+
 def test_a_failed_write_leaves_nothing_behind(db):
     writer = sqlite_store.SqliteWriter(db)
     with pytest.raises(OverflowError):
