@@ -471,7 +471,8 @@ class ViewUI:
         line = "filters: " + (" · ".join(described) if described else "none")
         put(self.screen, 2, 0, fit(line, width - 1), curses.A_BOLD if described else 0)
         title = s.dimensions[s.tab].title
-        head = f"{fit('sent', 11, True)} {fit('received', 11, True)} {fit('conns', 7, True)}  "
+        sent, received, conns = self.number_widths()
+        head = f"{fit('sent', sent, True)} {fit('received', received, True)} {fit('conns', conns, True)}  "
         put(self.screen, 3, 0, fit(head + title, width - 1), curses.A_UNDERLINE)
 
     def _draw_tabs(self, y: int, width: int) -> None:
@@ -499,6 +500,17 @@ class ViewUI:
                 put(self.screen, y, x, "│")
                 x += 1
 
+    def number_widths(self) -> tuple:
+        """Widths of the sent, received and conns columns: wide enough for every row of the tab
+        (the largest value is the widest), so a number is never cut and columns stay put while
+        scrolling."""
+        rows, unit = self.state.rows, UNITS[self.state.unit]
+        if not rows:
+            return 11, 11, 7
+        return (max(11, cells(format_bytes(max(r.send for r in rows), unit))),
+                max(11, cells(format_bytes(max(r.recv for r in rows), unit))),
+                max(7, len(str(max(r.conns for r in rows)))))
+
     def _draw_rows(self, height: int, width: int) -> None:
         s = self.state
         visible = height - self.HEADER_LINES - 1
@@ -511,10 +523,11 @@ class ViewUI:
                 fit("no traffic in this window (t/T: time range, Backspace: remove a filter)",
                     width - 1))
         unit = UNITS[s.unit]
+        sent, received, conns = self.number_widths()
         for line, row in enumerate(s.rows[s.top: s.top + visible]):
-            numbers = (f"{fit(format_bytes(row.send, unit), 11, True)} "
-                       f"{fit(format_bytes(row.recv, unit), 11, True)} "
-                       f"{fit(str(row.conns), 7, True)}  ")
+            numbers = (f"{fit(format_bytes(row.send, unit), sent, True)} "
+                       f"{fit(format_bytes(row.recv, unit), received, True)} "
+                       f"{fit(str(row.conns), conns, True)}  ")
             text = fit(numbers + self.describe(row), width - 1)
             attr = curses.A_REVERSE if s.top + line == s.cursor else 0
             put(self.screen, self.HEADER_LINES + line, 0, text, attr)

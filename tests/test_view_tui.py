@@ -388,6 +388,16 @@ def test_time_ranges_cycle_from_minute_to_all(generated_db, ui):
     assert shown_ages(view.wait_for("range: year ")) == RANGE_SHOWS["year"]
 
 
+def test_number_columns_widen_to_show_every_digit(generated_db, ui):
+    view = ui(generated_db, height=40)
+    view.keys("u")
+    screen = view.wait_for("units: B\n")
+    # 1,000,000,000 B needs 12 cells where the column has 11: it widens, header included
+    assert line_with(screen, "/age/recent").split()[:2] == ["1000000000", "B"]
+    header = line_with(screen, "conns  executable")
+    assert header.index("sent") + len("sent") == line_with(screen, "/age/recent").index(" B ") + 2
+
+
 def test_history_steps_back_and_forward_through_time(generated_db, ui):
     view = ui(generated_db, height=40)
     view.keys("t", "t", "t", "t", "t")
