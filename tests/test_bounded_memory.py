@@ -44,12 +44,15 @@ def to_port(port: int) -> Connection:
 class Writer:
     """writer_worker.run in its own process, as the supervisor starts it."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, start_method: str = "fork"):
+        """start_method "spawn" gives a writer that shares no memory with this (pytest) process,
+        whose own writes would otherwise turn the writer's inherited pages private."""
+        context = multiprocessing.get_context(start_method)
         self.paths = Paths.under(tmp_path)
         self.paths.ensure_dirs()
         inbox, self.inbox = ctx.Pipe(duplex=False)
         self.keeper, to_keeper = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=writer_worker.run, args=(cfg(), self.paths, inbox, to_keeper))
+        self.process = context.Process(target=writer_worker.run, args=(cfg(), self.paths, inbox, to_keeper))
         self.process.start()
         to_keeper.close()  # the writer's is the only one left: its exit ends the pipe
 
@@ -99,7 +102,7 @@ def eventually(condition, seconds: float = 60) -> None:
 
 
 def test_after_a_storm_the_writer_gives_its_memory_back(tmp_path):
-    writer = Writer(tmp_path)
+    writer = Writer(tmp_path, "spawn")
     try:
         writer.inbox.send([to_port(1)])
         # written (snitch.db first, then conn.log): the database is set up
