@@ -18,6 +18,7 @@ from picosnitch.kernel_records import (LOSS_KINDS, Degraded, Flow, FlowKey, Flow
                                        Record, parse_event)
 
 DRAIN_INTERVAL = 0.5  # seconds; a flow is reported at most two intervals after it happened
+DELIVERY_PART = 5000  # records per deliver() call: a storm's drain is passed on, pickled and read in parts
 
 # Programs by the capability they provide, with what is lost without them.
 HOOK_GROUPS = {
@@ -282,9 +283,8 @@ class KernelMonitor:
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
                 batch += self.drain() + self.losses()
-            if batch:
-                deliver(batch)
-        deliver(self.poll(0) + self.drain_all() + self.losses())
+            _deliver_in_parts(deliver, batch)
+        _deliver_in_parts(deliver, self.poll(0) + self.drain_all() + self.losses())
 
     def close(self) -> None:
         if self.ring:
@@ -293,6 +293,11 @@ class KernelMonitor:
         if self.obj:
             self.obj.close()
             self.obj = None
+
+
+def _deliver_in_parts(deliver: Callable[[List[Record]], None], batch: List[Record]) -> None:
+    for start in range(0, len(batch), DELIVERY_PART):
+        deliver(batch[start:start + DELIVERY_PART])
 
 
 def _reason(log: str, prog: str) -> str:
