@@ -447,12 +447,13 @@ class ViewUI:
                 put(self.screen, y, 0, fit(line, width - 1))
             self.screen.refresh()
             return
-        self._draw_header(width)
-        self._draw_rows(height, width)
+        widths = self.number_widths()  # one pass over the tab's rows, for header and rows
+        self._draw_header(width, widths)
+        self._draw_rows(height, width, widths)
         self._draw_footer(height, width)
         self.screen.refresh()
 
-    def _draw_header(self, width: int) -> None:
+    def _draw_header(self, width: int, widths: tuple) -> None:
         s = self.state
         start, end = s.window()
         when = "all time" if start is None else f"{local_time(start)} → {local_time(end)}"
@@ -471,7 +472,7 @@ class ViewUI:
         line = "filters: " + (" · ".join(described) if described else "none")
         put(self.screen, 2, 0, fit(line, width - 1), curses.A_BOLD if described else 0)
         title = s.dimensions[s.tab].title
-        sent, received, conns = self.number_widths()
+        sent, received, conns = widths
         head = f"{fit('sent', sent, True)} {fit('received', received, True)} {fit('conns', conns, True)}  "
         put(self.screen, 3, 0, fit(head + title, width - 1), curses.A_UNDERLINE)
 
@@ -511,7 +512,7 @@ class ViewUI:
                 max(11, cells(format_bytes(max(r.recv for r in rows), unit))),
                 max(7, len(str(max(r.conns for r in rows)))))
 
-    def _draw_rows(self, height: int, width: int) -> None:
+    def _draw_rows(self, height: int, width: int, widths: tuple) -> None:
         s = self.state
         visible = height - self.HEADER_LINES - 1
         if s.cursor < s.top:
@@ -523,7 +524,7 @@ class ViewUI:
                 fit("no traffic in this window (t/T: time range, Backspace: remove a filter)",
                     width - 1))
         unit = UNITS[s.unit]
-        sent, received, conns = self.number_widths()
+        sent, received, conns = widths
         for line, row in enumerate(s.rows[s.top: s.top + visible]):
             numbers = (f"{fit(format_bytes(row.send, unit), sent, True)} "
                        f"{fit(format_bytes(row.recv, unit), received, True)} "
