@@ -90,7 +90,6 @@ struct peer {
 };
 
 #define PEER_SLOTS 4  /* a power of two */
-#define barrier() asm volatile("" ::: "memory")
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 
 /* The counters of one process (or, for datagrams with a named peer, one thread) on one socket.
