@@ -67,13 +67,18 @@ class Tmux:
         return self.screen().splitlines()
 
     def wait_for(self, check, timeout: float = 10) -> str:
-        """The screen once `check` (a text it contains, or a predicate) holds; fails after."""
+        """The screen once `check` (a text it contains, or a predicate) holds; fails after.
+
+        The screen must also read the same twice in a row: a capture can catch the program
+        half-way through redrawing (a new filter line above the old, erased, rows)."""
         test = (lambda s: check in s) if isinstance(check, str) else check
         deadline = time.monotonic() + timeout
         while True:
             screen = self.screen()
             if test(screen):
-                return screen
+                time.sleep(0.02)
+                if self.screen() == screen:
+                    return screen
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {check!r}; screen:\n{screen}")
             time.sleep(0.05)
