@@ -22,7 +22,7 @@ class BuildPyWithBpf(build_py):
         if not shutil.which("clang"):
             raise SystemExit("building picosnitch needs clang and libbpf's headers to compile its BPF "
                              "object: apt-get install clang libbpf-dev (Debian/Ubuntu)")
-        subprocess.run(["make", "-s", "-C", "picosnitch/bpf"], check=True)
+        subprocess.run(["make", "-s", "-C", "picosnitch/kernel/bpf"], check=True)
         subprocess.run([sys.executable, "scripts/make-manpage.py", MANPAGE], check=True)
         self.data_files = self._get_data_files()  # now including the fresh picosnitch.bpf.o
         super().run()

@@ -4,7 +4,7 @@ asserts nothing.
 
     python3 -m bench.overhead [--seconds 3] [--rounds 5] [--markdown] [--no-stats] [--workload tcp1k ...]
 
-Run as root from the repository root, after `make -C picosnitch/bpf`. Needs gcc: the traffic
+Run as root from the repository root, after `make -C picosnitch/kernel/bpf`. Needs gcc: the traffic
 generator is a small C program compiled at run time, since Python would be the bottleneck and
 hide the cost being measured.
 
@@ -40,8 +40,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from picosnitch import libbpf
-from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor, cgroup2_root
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import DRAIN_INTERVAL, KernelMonitor, cgroup2_root
 
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 WARMUP_SECONDS = 0.3

@@ -8,10 +8,12 @@ import sys
 import threading
 from typing import List, Optional
 
-from picosnitch import __version__, daemon_control, systemd_unit
-from picosnitch.kernel_monitor import KernelMonitor, MonitorError
-from picosnitch.kernel_records import to_json_dict
-from picosnitch.libbpf import LibbpfError
+from picosnitch import __version__
+from picosnitch.daemon import control as daemon_control
+from picosnitch.daemon import systemd_unit
+from picosnitch.kernel.libbpf import LibbpfError
+from picosnitch.kernel.monitor import KernelMonitor, MonitorError
+from picosnitch.kernel.records import to_json_dict
 from picosnitch.paths import Paths
 
 USAGE = """\
@@ -121,14 +123,14 @@ def run(args: List[str]) -> int:
         return daemon_control.status(paths)
     db = db_option(args)
     if command == "view" and (len(args) == 1 or db is not None):
-        from picosnitch import view_tui  # curses is loaded only for the UIs
+        from picosnitch.ui import view as view_tui  # curses is loaded only for the UIs
         return view_tui.main(paths, db=db)
     if command == "top" and len(args) == 1:
-        from picosnitch import top_tui
+        from picosnitch.ui import top as top_tui
         return top_tui.main(paths)
     if command == "dash" and (len(args) == 1 or db is not None):
         try:
-            from picosnitch import dash_app  # starlette and uvicorn only for the dashboard
+            from picosnitch.ui.dash import app as dash_app  # starlette and uvicorn only for the dashboard
         except ImportError as e:
             print(f"picosnitch dash needs the optional packages starlette and uvicorn "
                   f"(pip install 'picosnitch[dash]'): {e}", file=sys.stderr)

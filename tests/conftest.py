@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor
+from picosnitch.kernel.monitor import DRAIN_INTERVAL, KernelMonitor
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))

@@ -19,22 +19,23 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from dash_harness import REPO, DashServer
-from picosnitch import cli, config, dash_api, sqlite_store
+
+from picosnitch import cli, config
+from picosnitch.central.backlog import Batch
+from picosnitch.central.queries import server_readers
+from picosnitch.central.rollup import HourlyRollup, hour_of
+from picosnitch.central.settings import load_driver, parse
+from picosnitch.central.writer import ServerWriter, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.db_schema import VIEW_COLUMNS
 from picosnitch.paths import Paths
-from picosnitch.server_queries import server_readers
-from picosnitch.sql_backlog import Batch
-from picosnitch.sql_rollup import HourlyRollup, hour_of
-from picosnitch.sql_server_config import load_driver, parse
-from picosnitch.sql_server_writer import ServerWriter, make_row
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.store.schema import VIEW_COLUMNS
+from picosnitch.ui.dash import api as dash_api
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sql_servers  # noqa: E402
-from test_dash_browser import (browser, choose, drawn, loaded,  # noqa: E402,F401 (a fixture)
-                               severe_console_messages, shot)
+from test_dash_browser import browser, choose, drawn, loaded, severe_console_messages, shot  # noqa: E402,F401 (a fixture)
 from test_view_tui import url_of  # noqa: E402
 
 TABLE = "dash_central"

@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 
 import maxminddb
-import pytest
-
 import mmdb_writer
+import pytest
 from dash_harness import DashServer
 from mmdb_writer import country
-from picosnitch import sqlite_store
-from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.paths import Paths
-from picosnitch.view_tui import Annotations
 from test_dash_browser import browser, loaded, severe_console_messages, shot  # noqa: F401 (fixture)
 from test_view_tui import REPO, Tmux, daemon_db, line_with, open_tab, ui  # noqa: F401 (fixtures)
+
+from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
+from picosnitch.paths import Paths
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.ui.view import Annotations
 
 NETWORKS = {
     "10.232.0.0/14": country("DE", "Germany"),

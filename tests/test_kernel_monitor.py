@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Recorder
 from netlab import HOST4, PEER4, PEER6, TcpPeer, UdpEcho
-from picosnitch import libbpf
-from picosnitch.kernel_monitor import KernelMonitor, cgroup2_root
+
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import KernelMonitor, cgroup2_root
 
 GEN = str(Path(__file__).parent / "traffic_gen.py")
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}

@@ -18,17 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch import config, sql_worker, writer_worker
+from picosnitch import config
+from picosnitch.central import worker as sql_worker
+from picosnitch.central.backlog import Backlog
+from picosnitch.central.settings import load_driver, parse
+from picosnitch.central.writer import ServerWriter, is_local, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.db_schema import VIEW_COLUMNS
-from picosnitch.identity_worker import window_start
+from picosnitch.identity.worker import window_start
 from picosnitch.messages import ErrorReport, Stop
 from picosnitch.paths import Paths
 from picosnitch.sanitize import printable
-from picosnitch.sql_backlog import Backlog
-from picosnitch.sql_server_config import parse, load_driver
-from picosnitch.sql_server_writer import ServerWriter, is_local, make_row
-from picosnitch.sqlite_store import open_readonly
+from picosnitch.store import worker as writer_worker
+from picosnitch.store.schema import VIEW_COLUMNS
+from picosnitch.store.sqlite import open_readonly
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sql_servers  # noqa: E402

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch import db_schema, sqlite_store
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo, from_row
 from picosnitch.sanitize import to_bytes
+from picosnitch.store import schema as db_schema
+from picosnitch.store import sqlite as sqlite_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -452,7 +453,7 @@ def test_someone_elses_database_is_moved_aside(tmp_path):
 CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
-    from picosnitch import sqlite_store
+    from picosnitch.store import sqlite as sqlite_store
     from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 
     conn, problem = sqlite_store.open_db(sys.argv[1])
@@ -516,7 +517,7 @@ def test_readonly_open_of_a_missing_file_says_so(tmp_path):
         sqlite_store.open_readonly(str(tmp_path / "snitch.db"))
 
 
-READER = ("import sys; sys.path.insert(0, sys.argv[2]); from picosnitch import sqlite_store\n"
+READER = ("import sys; sys.path.insert(0, sys.argv[2]); from picosnitch.store import sqlite as sqlite_store\n"
           "try:\n"
           "    print(sqlite_store.open_readonly(sys.argv[1])"
           ".execute('SELECT count(*) FROM connections').fetchone()[0])\n"

@@ -13,11 +13,10 @@ import pytest
 
 pytest.importorskip("requests")
 from picosnitch import config as config_module  # noqa: E402
-from picosnitch import virustotal, vt_worker  # noqa: E402
-from picosnitch.messages import ErrorReport, Stop  # noqa: E402
-from picosnitch.record_keeper import SHA256_BY_EXE, RecordKeeper  # noqa: E402
-from picosnitch.messages import VtRequest, VtResult  # noqa: E402
-from picosnitch.vt_worker import UPLOADED  # noqa: E402
+from picosnitch.alerts import virustotal, vt_worker  # noqa: E402
+from picosnitch.alerts.record_keeper import SHA256_BY_EXE, RecordKeeper  # noqa: E402
+from picosnitch.alerts.vt_worker import UPLOADED  # noqa: E402
+from picosnitch.messages import ErrorReport, Stop, VtRequest, VtResult  # noqa: E402  # noqa: E402
 
 try:  # the private session bus and notification server, for the test through the daemon
     from test_notifications import desktop_user, server  # noqa: E402,F401 - fixtures
