@@ -27,7 +27,7 @@ import time
 from picosnitch.store import queries as view_queries
 from picosnitch.store import schema as db_schema
 from picosnitch.store import sqlite as sqlite_store
-from picosnitch.ui.view import RANGES, window
+from picosnitch.ui.text import RANGES, window
 
 DEFAULT_DB = "/var/tmp/picosnitch-bench-view/snitch-{rows}.db"
 WINDOW = 10

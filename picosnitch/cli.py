@@ -8,13 +8,14 @@ import sys
 import threading
 from typing import List, Optional
 
-from picosnitch import __version__
+from picosnitch import __version__, config, installed
 from picosnitch.daemon import control as daemon_control
 from picosnitch.daemon import systemd_unit
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
 from picosnitch.kernel.records import to_json_dict
 from picosnitch.paths import Paths
+from picosnitch.sanitize import printable
 
 USAGE = """\
 usage: picosnitch COMMAND
@@ -111,6 +112,20 @@ def db_option(args: List[str]) -> Optional[str]:
     return None
 
 
+class ReaderConfigError(Exception):
+    """config.json is there but unusable for a reader; str() is the one sentence to print."""
+
+
+def reader_config(command: str, paths: Paths) -> config.Config:
+    """config.json's settings for `picosnitch COMMAND` (view, dash), read once, here: the
+    defaults when there is no such file; a file that is there but unusable stops the command
+    with its one sentence (ReaderConfigError), as it stops the daemon."""
+    try:
+        return config.load_or_defaults(paths.config)
+    except config.ConfigError as error:
+        raise ReaderConfigError(f"picosnitch {command}: {printable(str(error))}") from None
+
+
 def run(args: List[str]) -> int:
     command = args[0] if args else "help"
     paths = Paths.current()
@@ -123,19 +138,20 @@ def run(args: List[str]) -> int:
         return daemon_control.status(paths)
     db = db_option(args)
     if command == "view" and (len(args) == 1 or db is not None):
-        from picosnitch.ui import view as view_tui  # curses is loaded only for the UIs
-        return view_tui.main(paths, db=db)
+        from picosnitch.ui import view  # curses is loaded only for the terminal UIs
+        return view.main(paths, reader_config(command, paths), db=db)
     if command == "top" and len(args) == 1:
-        from picosnitch.ui import top as top_tui
-        return top_tui.main(paths)
+        from picosnitch.ui import top
+        return top.main(paths)
     if command == "dash" and (len(args) == 1 or db is not None):
         try:
-            from picosnitch.ui.dash import app as dash_app  # starlette and uvicorn only for the dashboard
+            from picosnitch.ui.dash import app  # starlette and uvicorn only for the dashboard
         except ImportError as e:
-            print(f"picosnitch dash needs the optional packages starlette and uvicorn "
-                  f"(pip install 'picosnitch[dash]'): {e}", file=sys.stderr)
+            print(f"picosnitch dash needs the Python packages starlette and uvicorn ({e}): install "
+                  f"them with `{installed.install_extra('dash')}`", file=sys.stderr)
             return 1
-        return dash_app.main(paths, db=db)
+        app.drop_privileges()  # before reading config.json: as the user it serves
+        return app.main(paths, reader_config(command, paths), db=db)
     if command == "monitor" and args[1:] == ["--raw"]:
         return monitor_raw()
     if command not in ROOT_COMMANDS or len(args) != 1:
@@ -165,6 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except daemon_control.ControlError as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return e.status
+    except ReaderConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
     except (MonitorError, LibbpfError) as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return 1

@@ -189,11 +189,13 @@ class Config(collections.abc.Mapping):
     """
 
     def __init__(self, values: dict[str, Any], path: str | os.PathLike = "",
-                 warnings: tuple[str, ...] = (), lines: Optional[dict[str, int]] = None) -> None:
+                 warnings: tuple[str, ...] = (), lines: Optional[dict[str, int]] = None,
+                 missing: Optional[ConfigError] = None) -> None:
         self._values = values
         self.path = str(path)
         self.warnings = list(warnings)
         self._lines = dict(lines or {})
+        self.missing = missing  # why the file was not read, when its defaults stand in for it
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -298,6 +300,21 @@ def load(path: str | os.PathLike) -> Config:
         line = raw.count(b"\n", 0, error.start) + 1
         raise ConfigError(path, "is not valid UTF-8 text", line) from None
     return parse(text, path)
+
+
+def load_or_defaults(path: str | os.PathLike) -> Config:
+    """config.json for the readers (view, dash): the defaults when there is no such file, with
+    `missing` saying so; ConfigError when the file is there but cannot be used.
+
+    The one policy of every command: a file the user wrote is used as written or not at all
+    (the daemon refuses to start, a reader stops with the same sentence), never half-read.
+    """
+    try:
+        return load(path)
+    except ConfigError as error:
+        if os.path.lexists(path):
+            raise
+        return Config(defaults(), path, missing=error)
 
 
 def write_default(path: str | os.PathLike) -> bool:

@@ -28,6 +28,7 @@ from picosnitch.central.rollup import HourlyRollup, hour_of
 from picosnitch.central.settings import load_driver, parse
 from picosnitch.central.writer import ServerWriter, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
+from picosnitch.installed import install_extra
 from picosnitch.paths import Paths
 from picosnitch.store import sqlite as sqlite_store
 from picosnitch.store.schema import VIEW_COLUMNS
@@ -361,7 +362,7 @@ def test_a_missing_driver_names_what_to_install(monkeypatch, capsys, tmp_path, s
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert f'the client "{drivers[0]}" is not installed' in err
-    assert f"install it with: pip install 'picosnitch[{extra}]'" in err
+    assert f"install it with: {install_extra(extra)}" in err
 
 
 def test_the_page_charts_by_host_and_shows_a_lost_server(central, browser):

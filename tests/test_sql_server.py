@@ -25,6 +25,7 @@ from picosnitch.central.settings import load_driver, parse
 from picosnitch.central.writer import ServerWriter, is_local, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.identity.worker import window_start
+from picosnitch.installed import install_extra
 from picosnitch.messages import ErrorReport, Stop
 from picosnitch.paths import Paths
 from picosnitch.sanitize import printable
@@ -67,8 +68,8 @@ def test_the_setting_is_checked_with_clear_messages():
     assert "hidden" not in server.describe() and "u@db.example" in server.describe()
 
 
-@pytest.mark.parametrize("client, extra", [("psycopg", "pip install 'picosnitch[postgres]'"),
-                                           ("pymysql", "pip install 'picosnitch[mysql]'")])
+@pytest.mark.parametrize("client, extra", [("psycopg", install_extra("postgres")),
+                                           ("pymysql", install_extra("mysql"))])
 def test_a_missing_driver_names_the_extra_to_install(monkeypatch, client, extra):
     monkeypatch.setitem(sys.modules, client, None)  # import now raises ImportError
     setting = cfg({"client": client})

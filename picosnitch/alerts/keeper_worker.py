@@ -16,8 +16,8 @@ from picosnitch.alerts.record_keeper import (
     VT_NOT_CHECKED,
     ErrorLog,
     RecordKeeper,
+    record_result,
 )
-from picosnitch.alerts.vt_worker import record_result
 from picosnitch.messages import ErrorReport, Observed, Stop, VtRequest, VtResult
 
 SAVE_EVERY = 5.0

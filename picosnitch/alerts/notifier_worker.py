@@ -31,6 +31,7 @@ from picosnitch.alerts.desktop_sessions import DesktopUser
 from picosnitch.alerts.notification_text import Notice
 from picosnitch.alerts.record_keeper import NewThing
 from picosnitch.alerts.virustotal import is_flagged
+from picosnitch.installed import install_extra
 from picosnitch.messages import ErrorReport, Stop, VtResult
 from picosnitch.sanitize import printable
 
@@ -302,7 +303,8 @@ class Desktops:
         if not notices:
             return
         if self.method is None:
-            self.report("%s need jeepney (the [notify] extra) or notify-send" % KEY, KEY)
+            self.report("%s need jeepney (install it with: %s) or notify-send"
+                        % (KEY, install_extra("notify")), KEY)
             return
         users = self.users()
         if not users:

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from picosnitch.messages import VtResult
 from picosnitch.sanitize import log_field, printable
+from picosnitch.timestamps import local_time
 
 NAMES_BY_EXE = "Names by executable"
 EXES_BY_NAME = "Executables by name"
@@ -42,11 +44,6 @@ VT_NOT_CHECKED = "not checked"  # status of a hash until the VirusTotal worker r
 
 LOG_FILE_MODE = 0o644
 RECORD_FILE_MODE = 0o644
-
-
-def local_time(timestamp: float) -> str:
-    """`YYYY-MM-DD HH:MM:SS` in local time, the format of every log line."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
@@ -334,3 +331,17 @@ class ErrorLog:
             for line in lines:
                 print("picosnitch: %s (cannot write %s: %s)" % (line, printable(str(self.path)),
                       error.strerror), file=sys.stderr)
+
+
+# ---- VirusTotal's answers, as the keeper stores them ----
+
+def exe_log_line(result: VtResult, now: float) -> str:
+    """The exe.log line for a status: time, "virustotal", name, exe, sha256, status."""
+    return ", ".join([local_time(now), "virustotal", log_field(result.name),
+                      log_field(result.exe), log_field(result.sha256), log_field(result.status)])
+
+
+def record_result(keeper: RecordKeeper, result: VtResult) -> None:
+    """Store a status in the record (saved with it) and log it to exe.log."""
+    append_lines(keeper.exe_log_path, [exe_log_line(result, time.time())])
+    keeper.set_vt_status(result.exe, result.sha256, result.status)

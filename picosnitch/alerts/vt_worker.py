@@ -1,7 +1,8 @@
 """The VirusTotal process: looks up the hashes the record keeper asks about, uploads if allowed.
 
 Inbox (from the keeper): VtRequest and Stop. Outbox (to the keeper): VtResult for each status
-a hash gets (record_result() stores it in record.json and exe.log) and ErrorReport.
+a hash gets (record_keeper.record_result() stores it in record.json and exe.log) and
+ErrorReport.
 
 Two processes. The root side only remembers which executables have which hash and, when the
 checker asks to upload a hash the keeper asked about, opens that executable and hands over the
@@ -28,10 +29,9 @@ from multiprocessing.connection import wait
 from typing import Optional
 
 from picosnitch.alerts import desktop_sessions
-from picosnitch.alerts.record_keeper import RecordKeeper, append_lines, local_time
 from picosnitch.alerts.virustotal import DEFAULT_TIMEOUT, PENDING, UNKNOWN, Client, VtError
 from picosnitch.messages import ErrorReport, Stop, VtRequest, VtResult
-from picosnitch.sanitize import log_field, printable
+from picosnitch.sanitize import printable
 
 UNPRIVILEGED_USER = "nobody"
 RETRY_BASE = 60.0  # first wait after a transient failure; doubles each time
@@ -44,18 +44,6 @@ RESTART_WINDOW = 60.0
 UPLOADED = "uploaded, " + PENDING
 ERROR_KEY = "virustotal"
 _SHA256 = re.compile("[0-9a-f]{64}")
-
-
-def exe_log_line(result: VtResult, now: float) -> str:
-    """The exe.log line for a status: time, "virustotal", name, exe, sha256, status."""
-    return ", ".join([local_time(now), "virustotal", log_field(result.name),
-                      log_field(result.exe), log_field(result.sha256), log_field(result.status)])
-
-
-def record_result(keeper: RecordKeeper, result: VtResult) -> None:
-    """Store a status in the record (saved with it) and log it to exe.log."""
-    append_lines(keeper.exe_log_path, [exe_log_line(result, time.time())])
-    keeper.set_vt_status(result.exe, result.sha256, result.status)
 
 
 def _send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:

@@ -24,19 +24,18 @@ from types import ModuleType
 from typing import Optional
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from picosnitch import config as config_module
 from picosnitch.central.settings import (
-    _TABLE_NAME,
     CLIENTS,
     DEFAULT_TABLE,
+    TABLE_NAME,
     DriverMissing,
     ServerConfig,
     import_driver,
     load_driver,
     parse,
 )
-from picosnitch.central.writer import _one_line
-from picosnitch.sanitize import printable
+from picosnitch.config import Config, ConfigError
+from picosnitch.sanitize import one_line, printable
 
 PASSWORD_VARIABLE = "PICOSNITCH_DB_PASSWORD"
 SCHEMES = {"postgresql": "postgres", "postgres": "postgres", "mysql": "mysql", "mariadb": "mysql"}
@@ -89,7 +88,7 @@ def parse_url(url: str, environ: Optional[dict] = None) -> ServerConfig:
             table = value
         else:
             params[key] = _value(value)
-    if not _TABLE_NAME.fullmatch(table):
+    if not TABLE_NAME.fullmatch(table):
         raise CentralError('"table" must be a table name of letters, digits and _ (optionally '
                            '"schema.table"), not %s' % printable(repr(table), 60))
     if not client:
@@ -114,22 +113,26 @@ def from_url(url: str) -> tuple[ServerConfig, ModuleType]:
         raise CentralError(str(missing)) from None
 
 
-def from_config(path) -> tuple[ServerConfig, ModuleType]:
-    """The "DB sql server" of config.json at `path` and its imported driver."""
+def from_config(cfg: Config) -> tuple[ServerConfig, ModuleType]:
+    """The "DB sql server" of config.json's settings `cfg` and its imported driver."""
+    if cfg.missing is not None:  # "config" names the file: its defaults will not do
+        raise CentralError(str(cfg.missing))
     try:
-        cfg = config_module.load(path)
         server = parse(cfg)
         if server is None:
             raise CentralError('"DB sql server" in %s is {}: no central server is configured'
-                               % path)
+                               % cfg.path)
         return server, load_driver(server, cfg)
-    except config_module.ConfigError as error:
+    except ConfigError as error:
         raise CentralError(str(error)) from None
 
 
-def open_server(target: str, config_path) -> tuple[ServerConfig, ModuleType]:
-    """`target` is a URL, or "config" for config.json's "DB sql server"."""
-    return from_config(config_path) if target == "config" else from_url(target)
+def open_server(target: str, cfg: Optional[Config]) -> tuple[ServerConfig, ModuleType]:
+    """`target` is a URL, or "config" for the "DB sql server" of config.json's settings `cfg`."""
+    if target != "config":
+        return from_url(target)
+    assert cfg is not None, "--db config needs config.json's settings"
+    return from_config(cfg)
 
 
 def connect(server: ServerConfig, driver: ModuleType):
@@ -138,4 +141,4 @@ def connect(server: ServerConfig, driver: ModuleType):
         return driver.connect(**server.params)
     except (driver.Error, OSError) as error:
         raise CentralError("cannot connect to the SQL server %s: %s"
-                           % (server.describe(), _one_line(error))) from None
+                           % (server.describe(), one_line(error))) from None

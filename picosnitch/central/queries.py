@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from picosnitch.central import connect as central_db
+from picosnitch.config import Config
 from picosnitch.store.queries import (
     BY_COLUMN,
     DIMENSIONS,
@@ -475,13 +476,14 @@ class ServerHistory:
             self.conn = None
 
 
-def server_readers(target: str, config_path) -> Callable[[], ServerHistory]:
+def server_readers(target: str, cfg: Optional[Config]) -> Callable[[], ServerHistory]:
     """A function opening a new ServerHistory (its own connection, made on first use) on the
-    server `target` names: a URL, or "config" for config.json's "DB sql server".
+    server `target` names: a URL, or "config" for the "DB sql server" of config.json's settings
+    `cfg`.
 
-    Raises central_db.CentralError when `target` names no server or its driver is missing.
+    Raises central.connect.CentralError when `target` names no server or its driver is missing.
     """
-    server, driver = central_db.open_server(target, config_path)
+    server, driver = central_db.open_server(target, cfg)
     sql = ServerSQL.for_driver(server.dialect, server.table, getattr(driver, "paramstyle", ""))
     errors = (driver.Error, OSError, central_db.CentralError)
     return lambda: ServerHistory(lambda: central_db.connect(server, driver), errors, sql,

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Optional
 
 from picosnitch.central.backlog import replace_file
-from picosnitch.central.writer import ROW_COLUMNS, local_time
+from picosnitch.central.writer import ROW_COLUMNS
+from picosnitch.timestamps import local_time
 
 HOUR = 3600
 _FIGURES = tuple(ROW_COLUMNS.index(name)

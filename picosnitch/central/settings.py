@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any, Optional
 
 from picosnitch.config import Config, ConfigError
+from picosnitch.installed import EXTRAS, Packages, install_command
 from picosnitch.sanitize import printable
 
 KEY = "DB sql server"
@@ -35,25 +36,23 @@ class Client:
 
     module: str
     dialect: str  # "postgres" or "mysql"
-    install: str
+    packages: Packages
     defaults: dict = field(default_factory=dict)
 
 
 _MYSQL_DEFAULTS = {"connect_timeout": 10, "read_timeout": 60, "write_timeout": 60}
 CLIENTS = {
-    "psycopg": Client("psycopg", "postgres", "pip install 'picosnitch[postgres]'",
-                      {"connect_timeout": 10}),
-    "psycopg2": Client("psycopg2", "postgres", "pip install psycopg2-binary",
+    "psycopg": Client("psycopg", "postgres", EXTRAS["postgres"], {"connect_timeout": 10}),
+    "psycopg2": Client("psycopg2", "postgres", Packages(("psycopg2-binary",), ("python3-psycopg2",)),
                        {"connect_timeout": 10}),
-    "pymysql": Client("pymysql", "mysql", "pip install 'picosnitch[mysql]'",
-                      dict(_MYSQL_DEFAULTS, charset="utf8mb4")),
-    "mariadb": Client("mariadb", "mysql", "pip install mariadb", dict(_MYSQL_DEFAULTS)),
+    "pymysql": Client("pymysql", "mysql", EXTRAS["mysql"], dict(_MYSQL_DEFAULTS, charset="utf8mb4")),
+    "mariadb": Client("mariadb", "mysql", Packages(("mariadb",)), dict(_MYSQL_DEFAULTS)),
 }
 
 # A table name, optionally schema-qualified; short enough for "<name>_batches" and index names
 # to stay within MySQL's 64 and PostgreSQL's 63 characters.
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]{0,47}"
-_TABLE_NAME = re.compile(r"(%s\.)?%s" % (_IDENTIFIER, _IDENTIFIER))
+TABLE_NAME = re.compile(r"(%s\.)?%s" % (_IDENTIFIER, _IDENTIFIER))
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def parse(cfg: Config) -> Optional[ServerConfig]:
         raise _problem(cfg, 'has an unknown "client" %s%s; use one of %s' % (
             printable(repr(client), limit=40), hint, choices))
     table = params.pop("table_name", DEFAULT_TABLE)
-    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
+    if not isinstance(table, str) or not TABLE_NAME.fullmatch(table):
         raise _problem(cfg, '"table_name" must be a table name of letters, digits and _ (at most '
                             '48, optionally "schema.table"), not %s' % printable(repr(table), 60))
     for name, value in params.items():
@@ -125,7 +124,7 @@ class DriverMissing(ImportError):
     """A client's driver module is not installed; the message says what to install."""
 
     def __init__(self, client: str, error: ImportError):
-        self.client, self.install = client, CLIENTS[client].install
+        self.client, self.install = client, install_command(CLIENTS[client].packages)
         super().__init__('the client "%s" is not installed (%s); install it with: %s'
                          % (client, error, self.install))
         self.reason = str(error)

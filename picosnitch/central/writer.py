@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import ipaddress
 import socket
-import time
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -40,8 +39,9 @@ from picosnitch.central.backlog import Batch
 from picosnitch.central.settings import ServerConfig
 from picosnitch.connection import Connection
 from picosnitch.messages import ErrorReport
-from picosnitch.sanitize import printable
+from picosnitch.sanitize import one_line, printable
 from picosnitch.store.schema import VIEW_COLUMNS
+from picosnitch.timestamps import local_time
 
 COLUMNS = ("host", "machine_id", "batch_id") + tuple(name for name, _ in VIEW_COLUMNS)
 ROW_COLUMNS = tuple(name for name in COLUMNS if name != "batch_id")  # a row as make_row gives it
@@ -85,11 +85,6 @@ def make_row(connection: Connection, host: str, machine: str) -> list:
             value = row[name]
             values.append(printable(value) if isinstance(value, str) else value)
     return values
-
-
-def local_time(ts: int) -> str:
-    """The `contime` of a row: this machine's local time of `ts`."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _quote(dialect: str, name: str) -> str:
@@ -171,10 +166,6 @@ def is_local(host: Optional[str]) -> bool:
     return True
 
 
-def _one_line(error: BaseException) -> str:
-    return printable(" ".join(str(error).split()), limit=400) or type(error).__name__
-
-
 class ServerWriter:
     """One connection to the server, opened when needed and dropped after any failure."""
 
@@ -210,10 +201,10 @@ class ServerWriter:
             self.conn = self.driver.connect(**self.server.params)
         except self.driver.Error as error:
             raise ServerError("cannot connect to the SQL server %s: %s"
-                              % (self.where, _one_line(error))) from None
+                              % (self.where, one_line(error))) from None
         except OSError as error:  # some drivers let socket errors through
             raise ServerError("cannot connect to the SQL server %s: %s"
-                              % (self.where, _one_line(error))) from None
+                              % (self.where, one_line(error))) from None
         self._warn_if_clear_text()
         self._create_tables()
         self._probe_rollup()
@@ -274,7 +265,7 @@ class ServerWriter:
                 self.conn.commit()
             except self.driver.Error as error:
                 self.conn.rollback()
-                problem = problem or _one_line(error)
+                problem = problem or one_line(error)
         return problem
 
     def write(self, batch: Batch, hourly: list = (), hours: list = ()) -> bool:
@@ -310,11 +301,11 @@ class ServerWriter:
         except self.driver.DataError as error:
             self._rollback()
             raise BatchRejected("the SQL server %s refused a batch of %d rows: %s"
-                                % (self.where, len(rows), _one_line(error))) from None
+                                % (self.where, len(rows), one_line(error))) from None
         except (self.driver.Error, OSError) as error:
             self.close()
             message = "writing to table %s on the SQL server %s failed: %s" % (
-                self.server.table, self.where, _one_line(error))
+                self.server.table, self.where, one_line(error))
             if self.create_problem:
                 message += (" (creating the tables failed too: %s; check \"table_name\", or have"
                             " an administrator create them)" % self.create_problem)

@@ -7,10 +7,10 @@ undecodable bytes are written as `\\xNN` so the file is safe to `cat` in a termi
 """
 
 import re
-import time
 
 from picosnitch.connection import Connection
 from picosnitch.sanitize import printable
+from picosnitch.timestamps import local_time
 
 FIELDS = ("contime", "send", "recv", "exe", "name", "cmdline", "sha256", "pexe", "pname",
           "pcmdline", "psha256", "uid", "lport", "rport", "laddr", "raddr", "domain")
@@ -27,7 +27,7 @@ def clean(value) -> str:
 def format_line(connection: Connection) -> str:
     """The conn.log line for `connection`, without the trailing newline."""
     row = connection.as_row()
-    row["contime"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(connection.ts))
+    row["contime"] = local_time(connection.ts)
     return ",".join(clean(row[name]) for name in FIELDS)
 
 

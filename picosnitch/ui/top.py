@@ -3,21 +3,22 @@
 It reads the daemon's live feed (live_feed.FeedClient), one frame a second. Each line is one
 (executable, name, parent, user); it shows the current rates and what it sent and received since
 `top` started. Keys: s/S sort column, p or space pause, u/U units, arrows/PgUp/PgDn scroll,
-q quit. Values are made safe and fitted as in `picosnitch view`.
+q quit. Values are made safe and fitted as in `picosnitch view` (ui.text).
 """
 
 from __future__ import annotations
 
 import curses
 import dataclasses
-import locale
 import select
 import time
 from dataclasses import dataclass
 
 from picosnitch.daemon.live_feed import KEY_FIELDS, FeedClient, LiveFeedError
 from picosnitch.paths import Paths
-from picosnitch.ui.view import UNITS, fit, format_bytes, put, safe, show_value
+from picosnitch.ui import terminal
+from picosnitch.ui.terminal import put
+from picosnitch.ui.text import UNITS, fit, format_bytes, safe, show_value
 
 # (title, key of a Line) in the order s cycles through them
 SORTS = (("send/s", "send"), ("recv/s", "recv"), ("sent", "sent"), ("received", "received"),
@@ -158,11 +159,7 @@ def main(paths: Paths) -> int:
     except LiveFeedError as exc:
         print(f"picosnitch top: {exc}")
         return 1
-    locale.setlocale(locale.LC_ALL, "")
     try:
-        curses.wrapper(lambda screen: TopUI(screen, client).run())
-    except KeyboardInterrupt:
-        pass
+        return terminal.run("top", lambda screen: TopUI(screen, client).run())
     finally:
         client.close()
-    return 0

@@ -6,7 +6,7 @@ first. Filtering on an entry narrows every tab to it, so the other tabs break it
 reads snitch.db (and record.json, config.json and an optional GeoIP database), never as root
 by necessity.
 
-Every value shown went through `safe` and `fit`: control characters, escape sequences, invalid
+Every value shown went through `safe` and `fit` (ui.text): control characters, escape sequences, invalid
 UTF-8 and Unicode format characters are written as escapes, and a value never takes more cells
 than its column, so hostile process names cannot break the screen.
 """
@@ -15,212 +15,26 @@ from __future__ import annotations
 
 import curses
 import grp
-import json
-import locale
 import os
 import pwd
 import stat
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from picosnitch import config as config_module
-from picosnitch.alerts import record_keeper
 from picosnitch.central.queries import QueryError
+from picosnitch.config import Config
 from picosnitch.paths import Paths
 from picosnitch.sanitize import printable
 from picosnitch.store.queries import DIMENSIONS, HOUR, Dimension, Filter, History, Row, bucket_width
 from picosnitch.store.sqlite import open_readonly
+from picosnitch.timestamps import local_time
+from picosnitch.ui import terminal
+from picosnitch.ui.annotations import Annotations
+from picosnitch.ui.terminal import put
+from picosnitch.ui.text import RANGES, UNITS, cells, fit, format_bytes, safe, show_value, window
 
-# ---- text that is safe to show and fits its cells (also used by top_tui) ----
-
-_ESCAPED_CATEGORIES = {"Cf", "Zl", "Zp", "Co", "Cn", "Cs"}
-_ZERO_WIDTH_CATEGORIES = {"Mn", "Me"}
-
-
-def _char_cells(char: str) -> int:
-    if unicodedata.category(char) in _ZERO_WIDTH_CATEGORIES:
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
-def safe(value: str) -> str:
-    """`value` with anything that could steer a terminal written as an escape.
-
-    Beyond sanitize.printable (controls, undecodable bytes): format characters such as
-    right-to-left overrides, line/paragraph separators, private-use and unassigned code points.
-    """
-    text = printable(value)
-    if text.isascii():
-        return text
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _ESCAPED_CATEGORIES else c
-                   for c in text)
-
-
-def cells(text: str) -> int:
-    """How many terminal cells already-safe `text` takes (wide characters take two)."""
-    return len(text) if text.isascii() else sum(_char_cells(c) for c in text)
-
-
-def fit(text: str, width: int, align_right: bool = False) -> str:
-    """Already-safe `text` cut (ending in an ellipsis) or padded to exactly `width` cells."""
-    if width <= 0:
-        return ""
-    if cells(text) > width:
-        out, used = [], 0
-        for char in text:
-            size = _char_cells(char)
-            if used + size > width - 1:
-                break
-            out.append(char)
-            used += size
-        text = "".join(out) + "…"
-    padding = " " * (width - cells(text))
-    return padding + text if align_right else text + padding
-
-
-_SIZES = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-UNITS = ("auto", "B", "kB", "MB", "GB", "KiB", "MiB", "GiB")
-
-
-def format_bytes(count: float, unit: str) -> str:
-    """`count` bytes in `unit` (one of UNITS); "auto" picks the largest decimal unit that fits."""
-    if unit == "auto":
-        unit = next((u for u in ("GB", "MB", "kB") if count >= _SIZES[u]), "B")
-    if unit == "B":
-        return f"{round(count)} B"
-    return f"{count / _SIZES[unit]:.1f} {unit}"
-
-
-def put(screen, y: int, x: int, text: str, attr: int = 0) -> None:
-    """Write already-fitted text, ignoring the error curses raises for the last cell."""
-    try:
-        screen.addstr(y, x, text, attr)
-    except curses.error:
-        pass
-
-
-# ---- time windows ----
-
-# (name, length in seconds); None is everything stored.
-RANGES = (("minute", 60), ("10 minutes", 600), ("hour", HOUR), ("6 hours", 6 * HOUR),
-          ("day", 24 * HOUR), ("week", 7 * 24 * HOUR), ("month", 30 * 24 * HOUR),
-          ("year", 365 * 24 * HOUR), ("all", None))
 DEFAULT_RANGE = "all"
-
-
-def window(range_name: str, offset: int, now: float) -> tuple[Optional[int], Optional[int]]:
-    """[start, end) of range `range_name`, `offset` whole ranges back from `now`."""
-    length = dict(RANGES)[range_name]
-    if length is None:
-        return None, None
-    end = int(now) + 1 - offset * length
-    return end - length, end
-
-
-def local_time(ts: Optional[int]) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts is not None else "…"
-
-
-# ---- what is shown next to values: country of an address, VirusTotal status of a hash ----
-
-class Annotations:
-    """GeoIP countries (optional maxminddb + a configured mmdb) and VirusTotal statuses.
-
-    A configured GeoIP database that cannot be used turns GeoIP off and leaves one sentence in
-    `problem` for the UI to show; nothing here raises over it.
-    """
-
-    def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None):
-        self.vt_status = vt_status or {}
-        self.problem = ""
-        self._reader = None
-        self._geoip_path = geoip_path
-        if geoip_path:
-            self._open_geoip()
-
-    def _open_geoip(self) -> None:
-        shown = printable(self._geoip_path)
-        try:
-            import maxminddb  # optional extra [geoip]
-        except ImportError:
-            self.problem = (f"GeoIP off: reading {shown} needs the Python package maxminddb "
-                            "(the geoip extra, or Debian's python3-maxminddb)")
-            return
-        try:
-            self._reader = maxminddb.open_database(self._geoip_path)
-        except OSError as exc:
-            self.problem = f"GeoIP off: cannot read {shown}: {exc.strerror or exc}"
-        except (maxminddb.InvalidDatabaseError, ValueError):  # ValueError: an empty file
-            self.problem = f"GeoIP off: {shown} is not a MaxMind DB (.mmdb) file"
-
-    @property
-    def geoip(self) -> bool:
-        """Whether countries are looked up."""
-        return self._reader is not None
-
-    @classmethod
-    def load(cls, paths: Paths) -> "Annotations":
-        """From config.json (defaults if unreadable) and record.json (nothing if unreadable)."""
-        try:
-            cfg = config_module.load(paths.config)
-        except config_module.ConfigError:
-            cfg = config_module.defaults()
-        geoip = cfg["GeoIP database"] if cfg["GeoIP lookup"] else ""
-        statuses = {}
-        try:
-            record = json.loads(paths.record.read_bytes())
-            for hashes in record.get(record_keeper.SHA256_BY_EXE, {}).values():
-                statuses.update(hashes)
-        except (OSError, ValueError, AttributeError):
-            pass
-        return cls(geoip, statuses)
-
-    def country(self, address: str) -> str:
-        """The ISO code of `address`'s country ("" when unknown or GeoIP is off)."""
-        if self._reader is None or not address:
-            return ""
-        try:
-            found = self._reader.get(address)
-        except ValueError:  # not an IP address
-            return ""
-        except Exception:  # the reader's errors for a damaged file; GeoIP is optional, stop it
-            self._reader = None  # not closed: another dash thread may be reading it
-            self.problem = f"GeoIP off: {printable(self._geoip_path)} is damaged (a lookup failed)"
-            return ""
-        if not isinstance(found, dict):
-            return ""
-        country = found.get("country") or found.get("registered_country") or {}
-        return str(country.get("iso_code", "")) if isinstance(country, dict) else ""
-
-    def note(self, column: str, value: object) -> str:
-        """Text shown after `value` in tab `column` ("" for none)."""
-        if column == "raddr" and isinstance(value, str):
-            country = self.country(value)
-            return f" [{country}]" if country else ""
-        if column.endswith("sha256") and value in self.vt_status:
-            return f"[VT: {self.vt_status[value]}]"
-        return ""
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return "?"
-
-
-def show_value(column: str, value: object, width: int = 0) -> str:
-    """A tab value as displayed (safe text). `width` is the entry-time bucket length."""
-    if column == "contime":
-        shown = local_time(int(value))
-        return shown[:13] + ":00 (hour)" if width == HOUR else shown
-    if column == "uid":
-        return f"{value} ({user_name(value)})" if value >= 0 else f"{value} (unknown)"
-    if value == "":
-        return "(none)"
-    return safe(str(value))
 
 
 # ---- the state of the screen, without curses (so it can be reasoned about and tested) ----
@@ -582,24 +396,24 @@ def ownership(path) -> str:
     return ""
 
 
-def _open_server(target: str, paths: Paths):
+def _open_server(target: str, paths: Paths, cfg: Config):
     """A ServerHistory for `target` (a URL, or "config"); the first read checks it works."""
     from picosnitch.central.queries import server_readers
-    history = server_readers(target, paths.config)()
+    history = server_readers(target, cfg)()
     history.bounds()
     return history
 
 
-def main(paths: Paths, db: Optional[str] = None) -> int:
+def main(paths: Paths, cfg: Config, db: Optional[str] = None) -> int:
     """Run the UI; returns an exit status. Errors opening snitch.db are one plain sentence.
 
-    `db` is a central server's URL (or "config" for config.json's "DB sql server") to browse
-    instead of this machine's snitch.db.
+    `cfg` is config.json's settings, as the CLI read them. `db` is a central server's URL (or
+    "config" for config.json's "DB sql server") to browse instead of this machine's snitch.db.
     """
     if db is not None:
         from picosnitch.central.connect import CentralError
         try:
-            history = _open_server(db, paths)
+            history = _open_server(db, paths, cfg)
         except (CentralError, QueryError) as exc:
             print(f"picosnitch view: {printable(str(exc))}")
             return 1
@@ -615,12 +429,8 @@ def main(paths: Paths, db: Optional[str] = None) -> int:
             return 1
         history = History(conn)
         close = conn.close
-    locale.setlocale(locale.LC_ALL, "")
-    annotations = Annotations.load(paths)
     try:
-        curses.wrapper(lambda screen: ViewUI(screen, history, annotations).run())
-    except KeyboardInterrupt:
-        pass
+        annotations = Annotations.load(paths, cfg)
+        return terminal.run("view", lambda screen: ViewUI(screen, history, annotations).run())
     finally:
         close()
-    return 0

@@ -1,8 +1,8 @@
 """The JSON endpoints of `picosnitch dash`, over snitch.db or the central SQL server.
 
 Every endpoint is a GET (Starlette runs these plain functions in its thread pool) answered by a
-history reader: LocalHistory over a read-only snitch.db connection (view_queries), or, with
-`picosnitch dash --db URL`, server_queries.ServerHistory over the central server, which adds the
+history reader: LocalHistory over a read-only snitch.db connection (store.queries), or, with
+`picosnitch dash --db URL`, central.queries.ServerHistory over the central server, which adds the
 dimension `host`. Both have the same methods (tab, series, bounds, first_last_seen), so the
 endpoints do not care which. A server that cannot answer gives HTTP 503 with {"error": one
 sentence}; the next request connects again. Query parameters:
@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import pwd
 import select
 import threading
 import time
@@ -38,11 +37,10 @@ from picosnitch.daemon import live_feed
 from picosnitch.sanitize import from_bytes, to_bytes
 from picosnitch.store import queries as view_queries
 from picosnitch.store.queries import Filter, History
-from picosnitch.ui.view import Annotations, safe
+from picosnitch.ui import text
+from picosnitch.ui.annotations import Annotations
+from picosnitch.ui.text import RANGES, safe, user_name
 
-RANGES = (("minute", 60), ("10 minutes", 600), ("hour", 3600), ("6 hours", 6 * 3600),
-          ("day", 86400), ("week", 7 * 86400), ("month", 30 * 86400),
-          ("year", 365 * 86400), ("all", None))
 DEFAULT_RANGE = "hour"
 MAX_TOP = 50
 MAX_VALUES = 1000
@@ -85,18 +83,11 @@ def value_of(column: str, key: str):
         raise BadRequest(f"bad value key for {column}: {key[:40]!r}") from None
 
 
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return ""
-
-
 def text_of(column: str, value) -> str:
     if value is None:
         return "(other)"
     if column == "uid":
-        name = _user(int(value))
+        name = user_name(int(value))
         return f"{value} ({safe(name)})" if name else str(value)
     if not BY_COLUMN[column].is_text:
         return str(value)
@@ -197,13 +188,13 @@ class Dash:
         offset = _int(params, "offset", 0)
         if offset < 0:
             raise BadRequest("offset must not be negative")
-        length = lengths[name]
-        if length is None:
+        if lengths[name] is None:
             first, last = db.bounds()
             now = int(time.time())
             return (first, last + 1) if first is not None else (now, now + 1)
-        end = int(time.time()) + 1 - offset * length
-        return end - length, end
+        start, end = text.window(name, offset, time.time())
+        assert start is not None and end is not None  # a range of a length
+        return start, end
 
     def live(self) -> "LiveRelay":
         with self._live_lock:

@@ -10,9 +10,9 @@ Safe by default:
   refused: a web page cannot reach the dashboard by rebinding its own domain name to 127.0.0.1.
 - Only GET and HEAD exist. Responses forbid framing, sniffing, inline script and any other
   origin (Content-Security-Policy); the page inserts every value as text, never as HTML.
-- It only reads snitch.db (sqlite_store.open_readonly), as the user who runs it; under sudo it
+- It only reads snitch.db (store.sqlite.open_readonly), as the user who runs it; under sudo it
   drops to the invoking user first. With `--db URL` (or `--db config`) it reads the central SQL
-  server the daemons write to instead (server_queries), with the permissions of that URL's user.
+  server the daemons write to instead (central.queries), with the permissions of that URL's user.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from picosnitch import config as config_module
+from picosnitch.config import Config
+from picosnitch.ui.annotations import Annotations
 from picosnitch.ui.dash import api as dash_api
 
 STATIC = Path(__file__).parent / "static"
@@ -187,20 +189,6 @@ def create_app(dash: dash_api.Dash, hosts: frozenset, token: Optional[str] = Non
     return SecurityMiddleware(app, hosts, token)
 
 
-def read_config(path) -> "config_module.Config | dict":
-    """config.json's settings, or the defaults when there is no such file.
-
-    A file that is there but cannot be used stops the dashboard: it may hold the token, and
-    serving without the token the user set would not be safe.
-    """
-    try:
-        return config_module.load(path)
-    except config_module.ConfigError as exc:
-        if not os.path.lexists(path):
-            return config_module.defaults()
-        raise DashError(str(exc)) from None
-
-
 def token_warning(cfg) -> Optional[str]:
     """A sentence when config.json holds a token that every user can read, else None."""
     path = getattr(cfg, "path", "")
@@ -251,47 +239,48 @@ def drop_privileges(environ=None) -> None:
     os.setuid(uid)
 
 
-def history_readers(paths, db: Optional[str] = None):
+def history_readers(paths, cfg: Config, db: Optional[str] = None):
     """A function opening a new history reader: of snitch.db, or of the central server `db`
-    names (a URL, or "config"; central_db.CentralError when it names none)."""
+    names (a URL, or "config" for the "DB sql server" of `cfg`; central.connect.CentralError
+    when it names none)."""
     if db is not None:
         from picosnitch.central.queries import server_readers
-        return server_readers(db, paths.config)
+        return server_readers(db, cfg)
     from picosnitch.store.sqlite import open_readonly
     return lambda: dash_api.LocalHistory(open_readonly(str(paths.db)))
 
 
-def load(paths, environ=None, db: Optional[str] = None):
-    """(Dash, host, port, token) for `paths`: checks the bind, then that the history (snitch.db,
-    or the central server `db` names) can be read.
+def load(paths, cfg: Config, environ=None, db: Optional[str] = None):
+    """(Dash, host, port, token) for `paths` and config.json's settings `cfg`: checks the bind,
+    then that the history (snitch.db, or the central server `db` names) can be read.
 
-    Raises DashError, FileNotFoundError or PermissionError (snitch.db), central_db.CentralError
-    (a bad URL, a missing driver) or server_queries.QueryError (a server that does not answer).
+    Raises DashError, FileNotFoundError or PermissionError (snitch.db), central.connect.CentralError
+    (a bad URL, a missing driver) or central.queries.QueryError (a server that does not answer).
     """
-    from picosnitch.ui.view import Annotations
-
-    cfg = read_config(paths.config)
     host, port, token = settings(environ, cfg)
     check_bind(host, token)
     options = {"theme": cfg["Dash theme"], "scroll_zoom": cfg["Dash scroll zoom"]}
-    dash = dash_api.Dash(history_readers(paths, db), Annotations.load(paths), options,
+    dash = dash_api.Dash(history_readers(paths, cfg, db), Annotations.load(paths, cfg), options,
                          paths.live_socket)
     with dash.reader() as reader:
         reader.bounds()  # fail now, with one sentence, if the history cannot be read
     return dash, host, port, token
 
 
-def main(paths, db: Optional[str] = None) -> int:
-    """`picosnitch dash [--db URL|config]`: serve until interrupted."""
+def main(paths, cfg: Config, db: Optional[str] = None) -> int:
+    """`picosnitch dash [--db URL|config]`: serve until interrupted.
+
+    The CLI has dropped privileges (drop_privileges) and then read config.json's settings `cfg`:
+    a file that is there but unusable never gets here, since it may hold the token and serving
+    without the token the user set would not be safe."""
     import uvicorn
 
     from picosnitch.central.connect import CentralError
     from picosnitch.central.queries import QueryError
     from picosnitch.sanitize import printable
 
-    drop_privileges()
     try:
-        dash, host, port, token = load(paths, db=db)
+        dash, host, port, token = load(paths, cfg, db=db)
     except (DashError, FileNotFoundError, PermissionError, CentralError, QueryError) as exc:
         print(f"picosnitch dash: {printable(str(exc))}", file=sys.stderr)
         return 1
