@@ -30,11 +30,11 @@ from picosnitch.store.queries import (
     Filter,
     Row,
     SeriesResult,
-    _ranges,
-    _window,
     bucket_width,
+    narrowed_window,
     ranked_series,
     series_bucket,
+    split_hours,
 )
 
 # The central server has one more tab, first: the machine that sent the rows.
@@ -117,7 +117,7 @@ def _filter_conditions(sql: ServerSQL, filters: list[Filter]) -> tuple[list[str]
 
 def _server_where(sql: ServerSQL, start: Optional[int], end: Optional[int],
                   filters: list[Filter]) -> tuple[str, list]:
-    start, end, excluded = _window(start, end, filters)
+    start, end, excluded = narrowed_window(start, end, filters)
     ts = sql.quote("ts")
     conditions, params = [], []
     if start is not None:
@@ -225,7 +225,7 @@ def _plain(value: object) -> object:
 
 # ---- the hourly rollup (sql_rollup writes it) ----
 
-_OPEN = 2 ** 62  # an open end of a window, as view_queries._ranges reads None
+_OPEN = 2 ** 62  # an open end of a window, as store.queries.split_hours reads None
 # More (machine, hours) the rollup lacks than this, each a condition with 4 parameters, and the
 # window is read raw: a statement takes at most 65535 parameters on PostgreSQL.
 MAX_UNCOVERED = 2000
@@ -242,7 +242,7 @@ def _minus(ranges: list, holes) -> list:
 
 def _intervals(start: Optional[int], end: Optional[int], filters: list[Filter]) -> list:
     """[start, end) narrowed and cut by the entry-time filters: disjoint [low, high) ranges."""
-    start, end, excluded = _window(start, end, filters)
+    start, end, excluded = narrowed_window(start, end, filters)
     return _minus([(-_OPEN if start is None else start, _OPEN if end is None else end)],
                   excluded)
 
@@ -312,7 +312,7 @@ def split(run, sql: ServerSQL, intervals: list) -> Optional[Split]:
     `run(query, params)` reads."""
     raw, whole = [], []
     for low, high in intervals:
-        for table, a, b in _ranges(low, high):
+        for table, a, b in split_hours(low, high):
             (whole if table == "traffic_hourly" else raw).append((a, b))
     if not whole:
         return None

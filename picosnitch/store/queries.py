@@ -177,7 +177,7 @@ def _totals_for(columns: set) -> Optional[str]:
     return next((table for table, kept in _TOTALS if endpoint <= kept), None)
 
 
-def _ranges(start: Optional[int], end: Optional[int]) -> list[tuple[str, int, int]]:
+def split_hours(start: Optional[int], end: Optional[int]) -> list[tuple[str, int, int]]:
     """Split [start, end) into (table, from, to) pieces: whole hours from the rollup.
 
     None stands for an open end. The pieces cover exactly the window.
@@ -199,7 +199,7 @@ def _ranges(start: Optional[int], end: Optional[int]) -> list[tuple[str, int, in
     return pieces
 
 
-def _window(start: Optional[int], end: Optional[int], filters: list[Filter]):
+def narrowed_window(start: Optional[int], end: Optional[int], filters: list[Filter]):
     """The window narrowed by the entry-time filters: (start, end, excluded ranges)."""
     excluded = []
     for f in filters:
@@ -231,12 +231,12 @@ def _pieces(start: Optional[int], end: Optional[int], filters: list[Filter],
     filters (see _source). Whole hours come from `rollup`, a table with the rollup's `hour`
     (traffic_hourly, or hourly_by_identity when only identities matter); None reads every
     piece from `traffic`."""
-    start, end, excluded = _window(start, end, filters)
+    start, end, excluded = narrowed_window(start, end, filters)
     conditions, condition_params = _id_conditions(filters)
     if rollup is None:
         ranges = [("traffic", start, end)] if start < end else []
     else:
-        ranges = _ranges(start, end)
+        ranges = split_hours(start, end)
     pieces = []
     for table, low, high in ranges:
         column = "ts" if table == "traffic" else "hour"
@@ -254,7 +254,7 @@ def bucket_width(start: Optional[int], end: Optional[int]) -> int:
 
     0 means each write window is its own bucket.
     """
-    return HOUR if any(t == "traffic_hourly" for t, _, _ in _ranges(start, end)) else 0
+    return HOUR if any(t == "traffic_hourly" for t, _, _ in split_hours(start, end)) else 0
 
 
 class History:
@@ -295,7 +295,7 @@ class History:
         """Whether [start, end) covers more than half the stored time span, and a whole hour
         of the rollup: then the totals minus the outside is the shorter way."""
         first, last = self.bounds()
-        if first is None or not any(t == "traffic_hourly" for t, _, _ in _ranges(start, end)):
+        if first is None or not any(t == "traffic_hourly" for t, _, _ in split_hours(start, end)):
             return False
         low = first if start is None else max(start, first)
         high = last + 1 if end is None else min(end, last + 1)
@@ -358,7 +358,7 @@ class History:
         hourly row is outside, less the raw rows of its hour that lie in the window."""
         if self._outside_key == (start, end):
             return
-        pieces = _ranges(start, end)
+        pieces = split_hours(start, end)
         [(first, last)] = [(low, high) for t, low, high in pieces if t == "traffic_hourly"]
         raw = [(low, high) for t, low, high in pieces if t == "traffic"]
         rows = ["SELECT identity_id, endpoint_id, send, recv, 0 AS inside FROM traffic_hourly "
