@@ -14,6 +14,7 @@ from typing import Dict, Tuple, Union
 from picosnitch.sanitize import from_bytes
 
 FILENAME_MAX, ARGS_MAX, COMM_MAX, DNS_NAME_MAX, DNS_ENTRIES_MAX = 512, 4096, 16, 256, 24
+CELL_DIRTY_BITS = 64
 EVENT_EXEC, EVENT_FORK, EVENT_EXIT, EVENT_DNS = 1, 2, 3, 4
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -39,7 +40,15 @@ class FlowValue(ctypes.Structure):
 
 
 class MonitorConfig(ctypes.Structure):
-    _fields_ = [("tcp_rx_by_seq", u32), ("_pad", u32)]
+    _fields_ = [("tcp_rx_by_seq", u32), ("cells", u32)]
+
+
+class DrainState(ctypes.Structure):
+    _fields_ = [("epoch", u32), ("cells_on", u32)]
+
+
+class RetiredCell(ctypes.Structure):
+    _fields_ = [("cell", u32), ("epoch", u32)]
 
 
 class EventHeader(ctypes.Structure):
@@ -63,6 +72,13 @@ class DnsAddressC(ctypes.Structure):
 class DnsEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("count", u32), ("_pad", u32), ("name", ctypes.c_char * DNS_NAME_MAX),
                 ("addrs", DnsAddressC * DNS_ENTRIES_MAX)]
+
+
+# The C struct each mirror above stands for: kernel_monitor.check_boundary compares them, field by
+# field, with the BTF of the object it loads.
+MIRRORS = {"flow_key": FlowKey, "flow_value": FlowValue, "monitor_config": MonitorConfig, "drain_state": DrainState,
+           "retired_cell": RetiredCell, "event_header": EventHeader, "exec_event": ExecEventC,
+           "fork_event": ForkEventC, "dns_address": DnsAddressC, "dns_event": DnsEventC}
 
 
 def st_dev_from_kernel(dev: int) -> int:

@@ -51,8 +51,26 @@ enum loss_kind {
 /* Settings written into .rodata.config before the object is loaded. */
 struct monitor_config {
 	__u32 tcp_rx_by_seq;  /* TCP receive bytes from copied_seq (catches splice) instead of recvmsg */
-	__u32 _pad;
+	__u32 cells;          /* counter cells (entries of cell_keys, cells_0 and cells_1), a multiple of 64 */
 };
+
+/* The drain's state, shared with user space (section .data.drain). The kernel adds to the counter
+ * cells and flow map of generation epoch & 1; user space reads the other generation, which has
+ * been idle for a whole drain interval, then increments the epoch. */
+struct drain_state {
+	__u32 epoch;
+	__u32 cells_on;  /* set by user space once sock_release is attached and the cells are mapped */
+};
+
+/* A counter cell no socket uses any more, and the epoch it was retired in: it may be handed out
+ * again once user space has read both generations since (epoch + CELL_QUARANTINE). */
+struct retired_cell {
+	__u32 cell;
+	__u32 epoch;
+};
+
+#define CELL_QUARANTINE 3
+#define CELL_DIRTY_BITS 64  /* cells per word of the dirty bitmaps */
 
 enum event_type {
 	EVENT_EXEC = 1,
