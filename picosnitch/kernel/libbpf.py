@@ -9,7 +9,7 @@ import ctypes.util
 import errno
 import mmap
 import os
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Type
 
 c_void_p, c_int, c_char_p, c_size_t, c_uint32 = (
     ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32)
@@ -282,17 +282,18 @@ class Map:
         _call_int(f"setting {self.name}",
                   lib().bpf_map__set_initial_value(self.ptr, ctypes.byref(data), ctypes.sizeof(data)))
 
-    def lookup(self, key: ctypes._SimpleCData, value: ctypes.Structure) -> bool:
+    def lookup(self, key: "ctypes._CData", value: "ctypes._CData") -> bool:
         ret = lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
         if ret < 0 and ctypes.get_errno() != errno.ENOENT:
             raise _fail(f"reading map {self.name}", ret)
         return ret == 0
 
-    def update(self, key: ctypes._SimpleCData, value: ctypes._SimpleCData) -> None:
+    def update(self, key: "ctypes._CData", value: "ctypes._CData") -> None:
         _call_int(f"writing map {self.name}",
                   lib().bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY))
 
-    def pop_all(self, key_type: type, value_type: type, batch: int = 1024) -> Iterator[Tuple]:
+    def pop_all(self, key_type: Type[ctypes.Structure], value_type: Type[ctypes.Structure],
+                batch: int = 1024) -> Iterator[Tuple]:
         """Reads and deletes every entry (hash maps), a batch per syscall."""
         keys, values = (key_type * batch)(), (value_type * batch)()
         token = ctypes.c_uint64()
@@ -317,11 +318,12 @@ class BpfObject:
 
     def __init__(self, path: str):
         self.path = path
-        self.ptr = _call_ptr(f"opening {path}", lib().bpf_object__open_file(path.encode(), None))
+        self.ptr: Optional[int] = _call_ptr(f"opening {path}", lib().bpf_object__open_file(path.encode(), None))
         self.links: List[int] = []
 
     def programs(self) -> List[Program]:
-        found, prev = [], None
+        found: List[Program] = []
+        prev = None
         while True:
             prev = lib().bpf_object__next_program(self.ptr, prev)
             if not prev:
@@ -370,7 +372,7 @@ class RingBuffer:
             return 0
 
         self._callback = SAMPLE_FN(sample)  # must outlive the ring buffer
-        self.ptr = _call_ptr(f"opening ring buffer {ring_map.name}",
+        self.ptr: Optional[int] = _call_ptr(f"opening ring buffer {ring_map.name}",
                              lib().ring_buffer__new(ring_map.fd, self._callback, None, None))
 
     def poll(self, timeout_ms: int) -> int:

@@ -156,7 +156,7 @@ def libc_path(maps: str = "/proc/self/maps") -> Optional[str]:
 
 def _check_privileges() -> None:
     with open("/proc/self/status") as f:
-        caps = int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
+        caps = int(re.search(r"^CapEff:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)  # type: ignore[union-attr]
     sys_admin, perfmon, bpf = 1 << 21, 1 << 38, 1 << 39
     if not caps & sys_admin and (caps & (perfmon | bpf)) != perfmon | bpf:
         raise MonitorError("loading BPF programs needs root (or CAP_BPF and CAP_PERFMON): "
@@ -250,6 +250,7 @@ class KernelMonitor:
 
     def _configure(self, disabled: Dict[str, str]) -> None:
         obj = self.obj
+        assert obj is not None
         for prog in obj.programs():
             prog.autoload = prog.name not in disabled
         obj.map("events").set_max_entries(self.ring_pages * os.sysconf("SC_PAGE_SIZE"))
@@ -264,6 +265,7 @@ class KernelMonitor:
         check_boundary(obj)
 
     def _attach(self, disabled: Dict[str, str]) -> None:
+        assert self.obj is not None
         cgroup_fd = -1
         root = self.cgroup_root or cgroup2_root()
         libc = self.libc or libc_path()
@@ -312,6 +314,7 @@ class KernelMonitor:
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""
+        assert self.ring is not None
         self.ring.poll(int(timeout * 1000))
         records, self._pending = self._pending, []
         return records
@@ -322,6 +325,7 @@ class KernelMonitor:
         The kernel adds to the counter cells and flow map of generation epoch & 1. Those read here
         are the other generation's, which stopped receiving updates when the previous call moved
         the epoch on, so no increment races with reading and clearing them."""
+        assert self.obj is not None
         idle = (self._epoch + 1) & 1
         totals: Dict[bytes, Tuple[FlowKey, FlowValue]] = {}
         if self._cells:
@@ -339,6 +343,7 @@ class KernelMonitor:
 
     def losses(self) -> List[Loss]:
         """What the kernel dropped since the last call, one record per non-zero counter."""
+        assert self.obj is not None
         reports = []
         counters = self.obj.map("losses")
         for i, (what, description) in enumerate(LOSS_KINDS):
@@ -356,15 +361,17 @@ class KernelMonitor:
             batch = self.poll(max(next_drain - time.monotonic(), 0))
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
-                batch += self.drain() + self.losses()
+                batch += [*self.drain(), *self.losses()]
             _deliver_in_parts(deliver, batch)
-        _deliver_in_parts(deliver, self.poll(0) + self.drain_all() + self.losses())
+        _deliver_in_parts(deliver, [*self.poll(0), *self.drain_all(), *self.losses()])
 
     def _map_cells(self) -> None:
+        assert self.obj is not None
         self._cells = CellViews(*(self.obj.map(name).mmap() for name in
                                   ("cell_keys", "cells_0", "cells_1", "dirty_0", "dirty_1")))
 
     def _write_drain_state(self) -> None:
+        assert self.obj is not None
         state = DrainState(epoch=self._epoch, cells_on=int(self._cells is not None))
         self.obj.map(".data.drain").update(ctypes.c_uint32(0), state)
 
@@ -419,7 +426,7 @@ def _add_up(totals: Dict[bytes, Tuple[FlowKey, FlowValue]], entries: Iterable[Tu
     """Sums entries into totals by key: a flow may have counts in a cell and in the flow map."""
     for key, value in entries:
         known = totals.setdefault(bytes(key), (key, FlowValue()))[1]
-        for name, _ in FlowValue._fields_:
+        for name, *_ in FlowValue._fields_:
             setattr(known, name, getattr(known, name) + getattr(value, name))
 
 

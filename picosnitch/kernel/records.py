@@ -207,6 +207,7 @@ def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, None]:
     """Decodes one ring buffer sample (None for a type this version does not know)."""
     header = EventHeader.from_buffer_copy(data[:ctypes.sizeof(EventHeader)])
     when = unix_time(header.ktime_ns)
+    e: ctypes.Structure
     if header.type == EVENT_EXEC:
         e = ExecEventC.from_buffer_copy(data[:ctypes.sizeof(ExecEventC)])
         raw_args = ctypes.string_at(ctypes.addressof(e) + ExecEventC.args.offset, e.args_len)
