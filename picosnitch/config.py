@@ -235,22 +235,27 @@ def strip_comments(text: str) -> str:
     return _STRING_OR_COMMENT.sub(blank, text)
 
 
+def _skip(text: str, position: int) -> int:
+    """The position of the first character at or after `position` that is not white space."""
+    return _WHITESPACE.match(text, position).end()  # type: ignore[union-attr]  # matches ""
+
+
 def _members(text: str) -> list[tuple[str, Any, int]]:
     """(key, value, line) of each member of the top-level object in already valid JSON `text`."""
     decoder = json.JSONDecoder()
-    members = []
-    position = _WHITESPACE.match(text, 0).end() + 1  # past "{"
+    members: list[tuple[str, Any, int]] = []
+    position = _skip(text, 0) + 1  # past "{"
     while True:
-        position = _WHITESPACE.match(text, position).end()
+        position = _skip(text, position)
         if text[position] == "}":
             return members
         line = text.count("\n", 0, position) + 1
-        key, position = json.decoder.scanstring(text, position + 1)
-        position = _WHITESPACE.match(text, position).end() + 1  # past ":"
-        position = _WHITESPACE.match(text, position).end()
+        key, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        position = _skip(text, position) + 1  # past ":"
+        position = _skip(text, position)
         value, position = decoder.raw_decode(text, position)
         members.append((key, value, line))
-        position = _WHITESPACE.match(text, position).end()
+        position = _skip(text, position)
         if text[position] == ",":
             position += 1
 

@@ -6,7 +6,8 @@ to the VirusTotal worker, whose verdicts come back here to be recorded.
 
 import signal
 import time
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from typing import cast
 
 from picosnitch.alerts.record_keeper import (
     NAMES_BY_EXE,
@@ -44,12 +45,12 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
     if to_vt:
         for request in unchecked_hashes(keeper):
             to_vt.send(request)
-    stopped = set()
+    stopped: set[str] = set()
     next_save = time.monotonic() + SAVE_EVERY
     try:
         while not set(wait_for) <= stopped:
             for inbox in wait(inboxes, timeout=SAVE_EVERY):
-                message = inbox.recv()
+                message = cast(Connection, inbox).recv()
                 if isinstance(message, Stop):
                     stopped.add(message.sender)
                 elif isinstance(message, ErrorReport):

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, cast
 
 from picosnitch.alerts import desktop_sessions, notification_text
 from picosnitch.alerts.desktop_sessions import DesktopUser
@@ -136,6 +136,7 @@ class DBusSender:
                     raise
 
     def _call(self, method: str, signature: Optional[str] = None, body: tuple = ()):
+        assert self.connection is not None, "opened by the caller"
         from jeepney import DBusAddress, new_method_call
         from jeepney.wrappers import unwrap_msg
         target = DBusAddress("/org/freedesktop/Notifications", bus_name=NOTIFICATIONS,
@@ -204,7 +205,7 @@ def ask_logind_unprivileged() -> list[int]:
 
     def answer() -> None:
         try:
-            reply = {"uids": desktop_sessions.graphical_session_uids()}
+            reply: dict[str, object] = {"uids": desktop_sessions.graphical_session_uids()}
         except Exception as error:
             reply = {"error": str(error) or repr(error)}
         os.write(writer, json.dumps(reply).encode())
@@ -282,7 +283,7 @@ class Desktops:
         if self._asked is not None and now - self._asked < USERS_REFRESH:
             return self._users
         self._asked = now
-        wanted = self.configured
+        wanted: Sequence[str | int] = self.configured
         if not wanted:
             try:
                 wanted = ask_logind_unprivileged()
@@ -366,10 +367,10 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
             for source in wait([inbox] + [c.answers for c in desktops.children.values()],
                                timeout):
                 if source is not inbox:
-                    desktops.read_answer(source)
+                    desktops.read_answer(cast(Connection, source))
                     continue
                 try:
-                    message = inbox.recv()
+                    message = cast(Connection, inbox).recv()
                 except EOFError:
                     return 0
                 now = time.monotonic()

@@ -12,7 +12,7 @@ servers, which are worth trying again later; `refused` for 401/403 (the API key)
 from __future__ import annotations
 
 import time
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
 
 CLEAN, SUSPICIOUS, MALICIOUS = "clean", "suspicious", "malicious"
 UNKNOWN = "unknown to VirusTotal"
@@ -70,7 +70,7 @@ class Client:
         self.spacing = spacing
         self.timeout = timeout
         self.clock, self.sleep = clock, sleep
-        self._last_end = None
+        self._last_end: Optional[float] = None
 
     def _send(self, method: str, url: str, timeout: tuple[float, float], **kwargs):
         """The response to one request, spaced from the last; VtError unless 200 or 404."""
@@ -121,9 +121,10 @@ class Client:
             raise VtError("the file is larger than VirusTotal accepts (%d bytes)" % size)
         url = "%s/files" % self.base_url
         if size > DIRECT_UPLOAD_LIMIT:
-            url = self._data(self._send("GET", url + "/upload_url", self.timeout))
-            if not (isinstance(url, str) and url.startswith(("https://", "http://"))):
+            upload_url = self._data(self._send("GET", url + "/upload_url", self.timeout))
+            if not (isinstance(upload_url, str) and upload_url.startswith(("https://", "http://"))):
                 raise VtError("VirusTotal sent an unusable upload URL")
+            url = upload_url
         response = self._send("POST", url, UPLOAD_TIMEOUT, files={"file": ("file", file)})
         if response.status_code == 404:
             raise VtError("VirusTotal answered 404 to the upload")

@@ -111,7 +111,7 @@ class Backlog:
 
     def append(self, batch_id: str, rows: list, closes: Optional[int] = None) -> int:
         """Store a batch durably; returns how many rows of older batches had to be dropped."""
-        data = {"id": batch_id, "rows": rows}
+        data: dict[str, object] = {"id": batch_id, "rows": rows}
         if closes is not None:
             data["closes"] = closes
         payload = json.dumps(data, separators=(",", ":")).encode()
@@ -119,6 +119,7 @@ class Backlog:
         with self._lock:
             if self._active is None or self._sizes[self._active] >= self.segment_limit:
                 self._start_segment()
+            assert self._active_fd is not None  # _start_segment opened it
             os.write(self._active_fd, record)
             os.fsync(self._active_fd)
             self._sizes[self._active] += len(record)
@@ -140,7 +141,7 @@ class Backlog:
             start = self._cursor[1] if self._cursor[0] == oldest else 0
             if self._cursor[0] <= oldest:
                 dropped += self._rows_from(oldest, start)
-            if oldest == self._active:
+            if oldest == self._active and self._active_fd is not None:
                 os.close(self._active_fd)
                 self._active = self._active_fd = None
             self._delete(oldest)
@@ -219,7 +220,7 @@ class Backlog:
             self._write_cursor(durably=True)
 
     def _write_cursor(self, durably: bool) -> None:
-        saved = {"segment": self._cursor[0], "offset": self._cursor[1]}
+        saved: dict[str, object] = {"segment": self._cursor[0], "offset": self._cursor[1]}
         if self.saved_state is not None:
             saved["state"] = self.saved_state
         replace_file(self.directory / CURSOR, json.dumps(saved, separators=(",", ":")), durably)

@@ -20,6 +20,7 @@ same messages when one is missing.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Optional
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -51,7 +52,7 @@ def _value(text: str):
     return int(text) if text.isdigit() else text
 
 
-def parse_url(url: str, environ: Optional[dict] = None) -> ServerConfig:
+def parse_url(url: str, environ: Optional[Mapping[str, str]] = None) -> ServerConfig:
     """The ServerConfig a URL names (the client chosen but its driver not imported yet when the
     URL names it; else the first of CLIENT_ORDER that is installed)."""
     environ = os.environ if environ is None else environ

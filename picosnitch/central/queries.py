@@ -18,7 +18,7 @@ figure equals the raw rows' (tests/test_sql_rollup.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from picosnitch.central import connect as central_db
 from picosnitch.config import Config
@@ -220,7 +220,7 @@ def _plain(value: object) -> object:
         return bytes(value).decode("utf-8", "surrogateescape")
     if value is None or isinstance(value, (str, int)):
         return value
-    return int(value)  # Decimal sums
+    return int(value)  # type: ignore[call-overload]  # Decimal sums (the drivers' type)
 
 
 # ---- the hourly rollup (sql_rollup writes it) ----
@@ -310,7 +310,8 @@ def split(run, sql: ServerSQL, intervals: list) -> Optional[Split]:
     """`intervals` as pieces, whole hours from the rollup wherever `<table>_hours` marks them
     complete for a machine; None when it marks none of them, or lacks too many (MAX_UNCOVERED).
     `run(query, params)` reads."""
-    raw, whole = [], []
+    raw: list[tuple[int, int]] = []
+    whole: list[tuple[int, int]] = []
     for low, high in intervals:
         for table, a, b in split_hours(low, high):
             (whole if table == "traffic_hourly" else raw).append((a, b))
@@ -352,7 +353,7 @@ class ServerHistory:
                  rollup: bool = True):
         self._connect, self.errors, self.sql, self.label = connect, errors, sql, label
         self.rollup = rollup
-        self.conn = None
+        self.conn: Any = None  # the driver's DB-API connection, once opened
         self._readable: Optional[bool] = None  # whether this connection may read the rollup
 
     def _run(self, query: str, params: list) -> list:

@@ -68,7 +68,7 @@ def _add(sums: dict, pair: tuple, figures) -> None:
 
 
 def _hourly_row(hour: int, pair: tuple, figures: list) -> list:
-    row = [None] * len(ROW_COLUMNS)
+    row: list = [None] * len(ROW_COLUMNS)
     for index, value in zip(_PAIR, pair):
         row[index] = value
     for index, value in zip(_FIGURES, figures):

@@ -26,6 +26,7 @@ import time
 import uuid
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Optional
 
 from picosnitch.central.backlog import Backlog
 from picosnitch.central.rollup import Horizon, HourlyRollup, hour_of
@@ -91,7 +92,7 @@ class Windows:
             else:
                 same.add(c)
 
-    def take(self, now: float = None) -> list:
+    def take(self, now: Optional[float] = None) -> list:
         """The Connections of every complete window at `now` (all windows if None): a later
         window has begun arriving, or it ended LATE seconds ago."""
         done = [ts for ts in self.pending
@@ -119,7 +120,7 @@ class Sender(threading.Thread):
         self.writer, self.backlog, self.rollup, self.report = writer, backlog, rollup, report
         self.wake = threading.Event()  # a batch was appended
         self.finishing = threading.Event()  # Stop arrived: send what is there, then end
-        self.down_since = None
+        self.down_since: Optional[float] = None
         self.rollup_reported = False
 
     def run(self) -> None:
@@ -147,12 +148,13 @@ class Sender(threading.Thread):
                 self.backlog.lost_rows += len(batch.rows)
                 self.report(ErrorReport("%s; the batch is dropped" % error, "sql-server:rejected"))
             except Exception as error:  # noqa: BLE001 - ServerError, or a driver's surprise
+                problem = str(error)
                 if not isinstance(error, ServerError):
                     self.writer.close()
-                    error = "unexpected error writing to the SQL server %s: %s: %s" % (
+                    problem = "unexpected error writing to the SQL server %s: %s: %s" % (
                         self.writer.where, type(error).__name__, error)
-                self.report(ErrorReport("%s; rows wait in the backlog and are retried" % error,
-                                        "sql-server:" + str(error)[:60]))
+                self.report(ErrorReport("%s; rows wait in the backlog and are retried" % problem,
+                                        "sql-server:" + problem[:60]))
                 self.down_since = self.down_since or time.monotonic()
                 if self.finishing.wait(delay):
                     return  # what is left waits on disk for the next start
@@ -195,7 +197,7 @@ def run(config, paths, inbox, to_keeper) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after storing what is pending
     lock = threading.Lock()
 
-    def report(message: ErrorReport) -> None:
+    def report(message: "ErrorReport | Stop") -> None:
         with lock:
             to_keeper.send(message)
 

@@ -33,7 +33,7 @@ import hmac
 import ipaddress
 import socket
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from picosnitch.central.backlog import Batch
 from picosnitch.central.settings import ServerConfig
@@ -173,7 +173,7 @@ class ServerWriter:
                  report: Callable[[ErrorReport], None]):
         self.server, self.driver, self.report = server, driver, report
         self.where = server.describe()
-        self.conn = None
+        self.conn: Any = None  # the driver's DB-API connection, once opened
         self.create_problem: Optional[str] = None  # why the tables could not be created
         self.rollup_problem: Optional[str] = None  # why the rollup tables take no rows
         mark = "?" if getattr(driver, "paramstyle", "format") == "qmark" else "%s"
@@ -268,7 +268,7 @@ class ServerWriter:
                 problem = problem or one_line(error)
         return problem
 
-    def write(self, batch: Batch, hourly: list = (), hours: list = ()) -> bool:
+    def write(self, batch: Batch, hourly: Sequence = (), hours: Sequence = ()) -> bool:
         """Insert the batch in one transaction, with `hourly` rows (as make_row gives them) for
         `<table>_hourly` and (machine_id, hour) pairs for `<table>_hours`; False when the server
         already had the batch.
@@ -278,7 +278,7 @@ class ServerWriter:
         if self.conn is None:
             self._connect()
 
-        def with_id(rows: list) -> list:
+        def with_id(rows: Sequence) -> list:
             return [[host, machine, batch.batch_id, *rest] for host, machine, *rest in rows]
 
         rows = with_id(batch.rows)

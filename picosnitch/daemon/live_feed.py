@@ -177,7 +177,7 @@ def run(config, paths, inbox, to_keeper=None) -> int:
         while True:
             sources = [inbox] + ([server] if server else [])
             for source in wait(sources, timeout=max(next_frame - time.monotonic(), 0)):
-                if source is server:
+                if server is not None and source is server:
                     server.accept()
                     continue
                 message = inbox.recv()

@@ -19,7 +19,7 @@ import socket
 import time
 from collections import deque
 from multiprocessing.connection import wait
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, cast
 
 from picosnitch.alerts import keeper_worker, notifier_worker, vt_worker
 from picosnitch.central import worker as sql_worker
@@ -117,7 +117,7 @@ class Supervisor:
                         on_ready()
                 sentinels = {p.sentinel: name for name, p in self.processes.items()}
                 for sentinel in wait(list(sentinels), timeout=0.2):
-                    name = sentinels[sentinel]
+                    name = sentinels[cast(int, sentinel)]
                     if self.stopping:
                         break
                     self.processes[name].join(5)  # reaped, so that its exit code is known
@@ -139,6 +139,7 @@ class Supervisor:
     def _restart(self, name: str) -> bool:
         """Restarts a worker that exited; False when it must not be (fatal, or crash loop)."""
         code = self.processes[name].exitcode
+        assert code is not None, "it has exited"
         why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         if name == "monitor" and code == monitor_worker.EXIT_FATAL:
             self.report("the kernel monitor cannot run here (see the previous line); picosnitch stops")
@@ -162,7 +163,7 @@ class Supervisor:
         """Stops the pipeline from its head. A worker whose upstream died without saying Stop is
         sent one by the supervisor instead (a duplicate Stop is never read, so it is harmless)."""
         monitor = self.processes["monitor"]
-        if monitor.is_alive():
+        if monitor.is_alive() and monitor.pid is not None:
             os.kill(monitor.pid, signal.SIGTERM)
         for name in reversed(self.order):
             process = self.processes[name]

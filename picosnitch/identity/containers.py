@@ -50,7 +50,8 @@ def _unescape(name: str) -> str:
 
 def _paths(cgroup_text: str) -> list:
     """The cgroup paths in the file, the v2 and the name=systemd hierarchies first."""
-    first, rest = [], []
+    first: list[str] = []
+    rest: list[str] = []
     for line in cgroup_text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:

@@ -53,6 +53,7 @@ class DnsCache:
 
     def expire(self, now: Optional[float] = None) -> None:
         now = time.time() if now is None else now
-        for table in (self.by_process, self.by_address):
+        tables: tuple[dict, dict] = (self.by_process, self.by_address)
+        for table in tables:
             for key in [k for k, (_, t) in table.items() if now - t > self.expiry]:
                 del table[key]

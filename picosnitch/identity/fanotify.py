@@ -206,6 +206,7 @@ class ExecutableWatcher:
     def _watch_with_handles(self, path: str, directory: str) -> None:
         # Handles first: they fail on filesystems without FID support before anything is marked.
         file_key, dir_key = file_handle(path), file_handle(directory)
+        assert self._fid_fd is not None, "only called with a FID group"
         _fanotify_mark(self._fid_fd, directory, DIR_EVENTS, FAN_MARK_ONLYDIR)
         _fanotify_mark(self._fid_fd, path, FILE_EVENTS)
         self._files.setdefault(file_key, set()).add(path)
@@ -243,7 +244,7 @@ class ExecutableWatcher:
                 changed.update(self._watched)
                 continue
             named = []  # (directory, entry name) records
-            whole_dirs = []  # directories whose changed entry is not named (FID-only kernels)
+            whole_dirs: list[str] = []  # directories whose changed entry is not named (FID-only kernels)
             offset = 0
             while offset + _INFO_HEADER.size <= len(info):
                 info_type, _, length = _INFO_HEADER.unpack_from(info, offset)

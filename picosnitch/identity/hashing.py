@@ -121,7 +121,7 @@ class HashCache:
         try:
             st = os.fstat(fd)
             learning = mask is None
-            if learning:
+            if mask is None:
                 mask = 0 if filesystem_magic(fd) == BTRFS_SUPER_MAGIC else ALL_BITS
                 self._dev_masks[st.st_dev] = mask
             if (st.st_dev & mask, st.st_ino) != (dev & mask, ino):

@@ -21,7 +21,7 @@ UNKNOWN = "!unknown"  # sha256/exe of traffic whose executable could not be iden
 
 
 class IdentityResolver:
-    def __init__(self, config, report: Callable[[object], None], watch: Optional[Callable[[str], None]] = None,
+    def __init__(self, config, report: Callable[[object], None], watch: Optional[Callable[[str], object]] = None,
                  proc: str = "/proc"):
         """report(message) receives ErrorReport and Observed messages; watch(path) is called
         once for every executable hashed, so that changes to it are noticed."""

@@ -48,7 +48,7 @@ def run(config, from_monitor, consumers, to_keeper) -> int:
     try:
         while True:
             for source in wait(sources, timeout=EXPIRE_EVERY):
-                if source is watcher:
+                if watcher is not None and source is watcher:
                     for path in watcher.read_changes():
                         resolver.rehash(path)
                     continue

@@ -205,7 +205,8 @@ def narrowed_window(start: Optional[int], end: Optional[int], filters: list[Filt
     for f in filters:
         if f.column != "contime":
             continue
-        low, high = int(f.value), int(f.value) + f.width
+        low = int(f.value)  # type: ignore[call-overload]  # an entry-time filter holds a unix time
+        high = low + f.width
         if f.exclude:
             excluded.append((low, high))
         else:
@@ -237,14 +238,14 @@ def _pieces(start: Optional[int], end: Optional[int], filters: list[Filter],
         ranges = [("traffic", start, end)] if start < end else []
     else:
         ranges = split_hours(start, end)
-    pieces = []
+    pieces: list[tuple[str, str, str, list]] = []
     for table, low, high in ranges:
         column = "ts" if table == "traffic" else "hour"
         sql, params = f"{column} >= ? AND {column} < ?", [low, high]
         for ex_low, ex_high in excluded:
             sql += f" AND NOT ({column} >= ? AND {column} < ?)"
             params += [ex_low, ex_high]
-        pieces.append((rollup if table == "traffic_hourly" else table, column,
+        pieces.append((rollup or table if table == "traffic_hourly" else table, column,
                        " AND ".join([sql] + conditions), params + condition_params))
     return pieces
 
@@ -295,7 +296,7 @@ class History:
         """Whether [start, end) covers more than half the stored time span, and a whole hour
         of the rollup: then the totals minus the outside is the shorter way."""
         first, last = self.bounds()
-        if first is None or not any(t == "traffic_hourly" for t, _, _ in split_hours(start, end)):
+        if first is None or last is None or not any(t == "traffic_hourly" for t, _, _ in split_hours(start, end)):
             return False
         low = first if start is None else max(start, first)
         high = last + 1 if end is None else min(end, last + 1)

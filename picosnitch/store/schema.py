@@ -216,7 +216,7 @@ ON CONFLICT ({key}) DO UPDATE SET send = send + excluded.send, recv = recv + exc
     pairs = pairs + excluded.pairs"""
 
 
-def add_to_rollups(conn: sqlite3.Connection, pairs: str, hours: Optional[str] = None,
+def add_to_rollups(conn: "sqlite3.Connection | sqlite3.Cursor", pairs: str, hours: Optional[str] = None,
                    params: "dict | tuple" = ()) -> None:
     """Add to the rollups, inside the caller's transaction, before traffic_hourly changes.
 

@@ -251,7 +251,7 @@ class SqliteWriter:
                 total[3] += c.packets_recv
         if not merged:
             return
-        new = ({}, {}, {})  # ids inserted by this transaction, never cached: see RecentIds
+        new: tuple[dict, dict, dict] = ({}, {}, {})  # ids inserted by this transaction, never cached: see RecentIds
         with self.conn:
             self._cursor.execute("BEGIN IMMEDIATE")
             self._cursor.executemany(_INSERT_BATCH, [
@@ -289,6 +289,7 @@ class SqliteWriter:
                 cache.keep(key, found)
             else:
                 found = fresh[key] = self._cursor.execute(insert, values).lastrowid
+        assert found is not None, "an INSERT has a row id"
         return found
 
     def _process_id(self, p: ProcessInfo, fresh: dict) -> int:

@@ -12,6 +12,7 @@ from multiprocessing.connection import wait
 from typing import Dict
 
 from picosnitch import heap
+from picosnitch.connection import Connection
 from picosnitch.messages import ErrorReport, Stop
 from picosnitch.store.conn_log import ConnLog
 from picosnitch.store.sqlite import SqliteWriter, close_db, open_db
@@ -73,7 +74,7 @@ def run(config, paths, from_identity, to_keeper) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after writing what is pending
     limit = config["DB write limit (seconds)"]
     destinations = Destinations(config, paths, to_keeper.send)
-    pending: Dict[tuple, object] = {}
+    pending: Dict[tuple, Connection] = {}
     written = 0  # rows written in this window so far
     busy = False  # a window since memory was last given back had QUIET_ROWS rows or more
     next_write = time.monotonic() + limit

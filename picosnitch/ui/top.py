@@ -52,9 +52,8 @@ class Rates:
             line.send = line.recv = 0.0
         for rate in frame["rates"]:
             key = tuple(rate[f] for f in KEY_FIELDS)
-            line = self.lines.get(key)
-            if line is None:
-                line = self.lines[key] = Line(*key)
+            found = self.lines.get(key)
+            line = found if found is not None else self.lines.setdefault(key, Line(*key))
             line.send, line.recv = rate["send"], rate["recv"]
             line.sent += rate["send"] * frame["interval"]
             line.received += rate["recv"] * frame["interval"]

@@ -270,7 +270,7 @@ class ViewUI:
     def _draw_header(self, width: int, widths: tuple) -> None:
         s = self.state
         start, end = s.window()
-        when = "all time" if start is None else f"{local_time(start)} → {local_time(end)}"
+        when = "all time" if start is None or end is None else f"{local_time(start)} → {local_time(end)}"
         history = f"  (history -{s.offset})" if s.offset else ""
         title = (f"picosnitch view │ range: {s.range_name}{history} │ {when} │ "
                  f"units: {UNITS[s.unit]}")

@@ -185,7 +185,7 @@ class Dash:
         lengths = dict(RANGES)
         if name not in lengths:
             raise BadRequest(f"unknown range {name[:40]!r}")
-        offset = _int(params, "offset", 0)
+        offset = _int(params, "offset", 0) or 0
         if offset < 0:
             raise BadRequest("offset must not be negative")
         if lengths[name] is None:
@@ -232,7 +232,7 @@ def meta(dash: Dash, db, params) -> dict:
 def series(dash: Dash, db, params) -> dict:
     column = dimension(params, db)
     start, end = dash.window(params, db)
-    top = min(max(_int(params, "top", 10), 1), MAX_TOP)
+    top = min(max(_int(params, "top", 10) or 10, 1), MAX_TOP)
     result = db.series(column, start, end, filters(params, db), top)
     return {"dim": column, "start": result.start, "end": result.end, "bucket": result.bucket,
             "times": result.times,

@@ -69,7 +69,7 @@ def is_loopback_bind(host: str) -> bool:
         return False
     addresses = {info[4][0] for info in infos}
     return bool(addresses) and all(
-        ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+        ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses)
 
 
 def check_bind(host: str, token: Optional[str]) -> None:
@@ -151,6 +151,7 @@ class SecurityMiddleware:
         return None
 
     def _has_token(self, headers) -> bool:
+        assert self.token, "only asked when a token is set"
         expected = self.token.encode()
         authorization = headers.get("authorization", "")
         if authorization.startswith("Bearer ") and hmac.compare_digest(
