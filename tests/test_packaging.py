@@ -305,7 +305,7 @@ def wheel(tmp_path_factory):
         pytest.skip("needs python3-build, python3-setuptools, python3-wheel")
     work = tmp_path_factory.mktemp("wheel")
     source = source_copy(work / "src")
-    subprocess.run([SYSTEM_PYTHON, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(work / "dist")],
+    subprocess.run([SYSTEM_PYTHON, "-m", "build", "--wheel", "--outdir", str(work / "dist")],
                    cwd=source, check=True, capture_output=True)
     found, = (work / "dist").glob("*.whl")
     return found
