@@ -2,10 +2,10 @@
 text, or the BPF source) and holds it against the code it describes."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from picosnitch import cli, config, installed
 from picosnitch.kernel import monitor

@@ -8,7 +8,7 @@ in append-only segment files `segment-<number>` in one directory:
              + payload (JSON {"id": batch id, "rows": [[value, ...], ...], "closes": hour})
 
 (`closes`, optional: the writer had every row of the hours before that time when it stored
-this batch; see sql_rollup.)
+this batch; see central.rollup.)
 
 Each append is fsync'ed before it returns; each process appends to a segment of its own, so a
 crash can only leave a torn record at the end of a segment, which the next start cuts off. The

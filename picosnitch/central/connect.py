@@ -13,7 +13,7 @@ are passed to the driver's connect() (numbers as numbers). A password left out o
 taken from $PICOSNITCH_DB_PASSWORD when set (a URL on the command line is visible to other
 users in `ps`); libpq also reads ~/.pgpass and $PGPASSWORD itself.
 
-Drivers are the same as the daemon's (sql_server_config.CLIENTS), loaded the same way, with the
+Drivers are the same as the daemon's (central.settings.CLIENTS), loaded the same way, with the
 same messages when one is missing.
 """
 

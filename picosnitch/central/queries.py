@@ -2,12 +2,12 @@
 
 The central server holds the table the daemons' "DB sql server" writers fill: one flat row per
 snitch.db row, with `host` and `machine_id` in front. ServerHistory reads it with the tabs,
-filters and figures of view_queries.History, plus a `host` tab, and gives the dashboard the
-series, bounds and first/last seen that view_queries gives it for snitch.db. Its SQL is
+filters and figures of store.queries.History, plus a `host` tab, and gives the dashboard the
+series, bounds and first/last seen that store.queries gives it for snitch.db. Its SQL is
 written for PostgreSQL or MySQL/MariaDB and the driver's paramstyle. There a pair is (machine,
 identity, endpoint) and the window is grouped in one query.
 
-Like snitch.db, the server has an hourly rollup (sql_rollup keeps it), but one a machine's writer
+Like snitch.db, the server has an hourly rollup (central.rollup keeps it), but one a machine's writer
 fills only for the hours it knows it has every row of, and marks in `<table>_hours`; and older
 writers fill none. So a window is read as its partial hours from the raw rows, the whole hours
 each machine's rollup marks from `<table>_hourly`, and every other whole hour of every machine
@@ -223,7 +223,7 @@ def _plain(value: object) -> object:
     return int(value)  # type: ignore[call-overload]  # Decimal sums (the drivers' type)
 
 
-# ---- the hourly rollup (sql_rollup writes it) ----
+# ---- the hourly rollup (central.rollup writes it) ----
 
 _OPEN = 2 ** 62  # an open end of a window, as store.queries.split_hours reads None
 # More (machine, hours) the rollup lacks than this, each a condition with 4 parameters, and the
@@ -433,7 +433,7 @@ class ServerHistory:
 
     def series(self, column: str, start: int, end: int, filters: list[Filter],
                top: int = 10) -> SeriesResult:
-        """As view_queries.series: bytes per bucket (series_bucket) by value of `column`.
+        """As store.queries.series: bytes per bucket (series_bucket) by value of `column`.
         Whole hours come from the rollup only when the buckets are whole hours."""
         bucket = series_bucket(start, end)
 
@@ -443,7 +443,7 @@ class ServerHistory:
         return ranked_series(self._transaction(work), start, end, bucket, top)
 
     def first_last_seen(self, filters: list[Filter]) -> tuple[Optional[int], Optional[int]]:
-        """As view_queries.first_last_seen: over all history, time filters ignored.
+        """As store.queries.first_last_seen: over all history, time filters ignored.
 
         With the rollup: its first and last hour with such traffic, then the raw rows of those
         two hours and of the hours it lacks."""

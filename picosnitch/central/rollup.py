@@ -1,6 +1,6 @@
 """The central server's hourly rollup, kept by the remote SQL writer: what it adds to a batch.
 
-The sender thread (sql_worker.Sender) sums, per hour and pair (host, machine, identity,
+The sender thread (central.worker.Sender) sums, per hour and pair (host, machine, identity,
 endpoint), the rows the server has committed: a batch's rows count once its transaction
 commits (or is found committed before). When a batch arrives whose `closes` says the worker had
 every row of the hours before that time, the open hours before it are closed: their sums go to
@@ -8,11 +8,11 @@ every row of the hours before that time, the open hours before it are closed: th
 transaction, so a reader sees both or neither. A row that still arrives for a closed hour (a
 list held up for longer than the worker waits) brings its own rollup rows and mark in its
 batch. Hence, for every (machine, hour) in `<table>_hours`, `<table>_hourly` sums exactly the
-machine's rows of that hour in `<table>`: the invariant server_queries relies on.
+machine's rows of that hour in `<table>`: the invariant central.queries relies on.
 
 That holds only if the sums cover every row the server has of the machine in that hour, rows
 committed by earlier runs of the daemon included. A clean stop saves the sums with the backlog's
-cursor (sql_backlog), and the next start goes on from them. Otherwise (a crash, the first start)
+cursor (central.backlog), and the next start goes on from them. Otherwise (a crash, the first start)
 the worker marks hours from `since` on only: after the hour it starts in, and after the last
 hour any earlier run stored rows for (the horizon file, moved before rows of a later hour are
 stored). The hours before stay unmarked: readers sum their raw rows. Marks are per machine id,

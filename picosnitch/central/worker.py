@@ -15,7 +15,7 @@ cut by a restart of the daemon is two rows there (snitch.db adds them up): sum b
 (host, ts, identity, endpoint) when that matters.
 
 Each batch also says which hours the worker has every row of (`closes`): the sender then closes
-them in the server's hourly rollup (sql_rollup).
+them in the server's hourly rollup (central.rollup).
 """
 
 import os

@@ -3,7 +3,7 @@
 The server holds four tables (`<table>` is "DB sql server" table_name, default "connections"):
 
 - `<table>`: one row per connection row of a host's snitch.db, with the columns of its
-  `connections` view (db_schema.VIEW_COLUMNS, same names, same order) after three more:
+  `connections` view (store.schema.VIEW_COLUMNS, same names, same order) after three more:
   `host` (hostname), `machine_id` (stable id of the machine: an HMAC of /etc/machine-id, which
   is not sent itself) and `batch_id`. Text is valid UTF-8: control characters and bytes that
   are not UTF-8 appear as `\\xNN` escapes, as in picosnitch's other output. `contime` is the
@@ -18,7 +18,7 @@ The server holds four tables (`<table>` is "DB sql server" table_name, default "
 - `<table>_hours`: one row per (machine_id, hour) whose rows `<table>_hourly` sums completely
   (`batch_id` says which batch wrote it; the same hour may appear more than once). The rollup
   rows of an hour and its row here are inserted with a batch, in its transaction: see
-  sql_rollup for when, and server_queries for how readers use them.
+  central.rollup for when, and central.queries for how readers use them.
 
 The tables and their indexes (ts; host, ts) are created on first use when the user may;
 otherwise create them once as an administrator with create_statements() and

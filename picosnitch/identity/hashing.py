@@ -72,7 +72,7 @@ class HashCache:
 
     `st_dev_mask` None picks the mask per device: 0 on btrfs, all bits elsewhere. An integer is
     applied to every device. A cache hit does not touch the file at all, so entries must be
-    dropped with `invalidate` when the file changes (fanotify_watch reports that). Not thread-safe.
+    dropped with `invalidate` when the file changes (identity.fanotify reports that). Not thread-safe.
     """
 
     def __init__(self, st_dev_mask: Optional[int] = None):

@@ -17,7 +17,7 @@ table built without filters serves every filter of the same window. The cost gro
 number of distinct connections in the window: about a second for the ~700k of a busy month.
 
 Windows holding most of what is stored (with the default 30-day retention: month, year and all,
-the default range): each tab is read from the totals of everything stored (db_schema's
+the default range): each tab is read from the totals of everything stored (store.schema's
 `totals_by_peer`, or `totals_by_lport` for the local port tab; a few 10^4 rows) minus what lies
 outside the window. The outside is summed per pair into `outside` (whole hours from the rollup,
 less the raw rows of the window's partial hours), with whether the pair also has traffic inside;
@@ -37,7 +37,7 @@ rollups: it is read the first way only, with the same figures.
 Filters on the entry time tab narrow the window instead (they are time ranges); every other
 filter becomes a condition on the identity or endpoint (id, or the totals' own columns).
 
-The central server is read with the same tabs and filters by server_queries.
+The central server is read with the same tabs and filters by central.queries.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _totals_conditions(filters: list[Filter]) -> tuple[str, list]:
     return " AND ".join(conditions) or "1", params
 
 
-# The totals tables (db_schema) and the endpoint columns each keeps; every identity column is
+# The totals tables (store.schema) and the endpoint columns each keeps; every identity column is
 # reached through identity_id.
 _TOTALS = (("totals_by_peer", frozenset({"laddr", "raddr", "rport", "domain"})),
            ("totals_by_lport", frozenset({"lport"})))
@@ -259,7 +259,7 @@ def bucket_width(start: Optional[int], end: Optional[int]) -> int:
 
 
 class History:
-    """Tabs over one read-only snitch.db connection (see sqlite_store.open_readonly)."""
+    """Tabs over one read-only snitch.db connection (see store.sqlite.open_readonly)."""
 
     dimensions = DIMENSIONS
     label = ""  # where the rows come from, when not this machine's snitch.db
@@ -531,7 +531,7 @@ def ranked_series(cells, start: int, end: int, bucket: int, top: int) -> SeriesR
 
 
 def has_rollups(conn: sqlite3.Connection) -> bool:
-    """Whether snitch.db has the rollups of schema version 2 (db_schema). A daemon not yet
+    """Whether snitch.db has the rollups of schema version 2 (store.schema). A daemon not yet
     restarted after an upgrade still writes version 1, which is read without them."""
     return conn.execute("PRAGMA user_version").fetchone()[0] >= 2
 

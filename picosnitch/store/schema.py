@@ -7,7 +7,7 @@ whose columns are documented in VIEW_COLUMNS and kept stable.
 
 Three more rollups let the UIs answer long time ranges without touching every connection (a
 month of a busy machine holds ~10^6 (identity, endpoint) pairs, one per TCP connection, because
-each has its own local port; see view_queries for how they are read):
+each has its own local port; see store.queries for how they are read):
 
 - `hourly_by_identity`: traffic_hourly summed per (hour, identity), with how many of its rows
   (distinct endpoints) went into each sum: the entry-time tab, by hour.
@@ -16,10 +16,10 @@ each has its own local port; see view_queries for how they are read):
 - `totals_by_lport`: the same per identity and local port.
 
 All three are derived from traffic_hourly: they change in the transaction that writes traffic
-(sqlite_store.SqliteWriter) and in the one that prunes it (sqlite_store.prune), through
+(store.sqlite.SqliteWriter) and in the one that prunes it (store.sqlite.prune), through
 add_to_rollups, which also fills them when a version-1 database is migrated.
 
-Text columns hold the exact bytes picosnitch saw (see sqlite_store for how they are bound and
+Text columns hold the exact bytes picosnitch saw (see store.sqlite for how they are bound and
 read back): they may contain escape sequences, newlines, NUL and invalid UTF-8. Note that
 SQLite's length() and some string functions stop at the first NUL; compare with
 CAST(column AS BLOB) when that matters.

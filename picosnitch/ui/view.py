@@ -1,6 +1,6 @@
 """`picosnitch view`: browse the history in snitch.db in a curses terminal UI.
 
-One tab per column of the `connections` view (view_queries.DIMENSIONS); each lists the values
+One tab per column of the `connections` view (store.queries.DIMENSIONS); each lists the values
 seen in the time window with their sent and received bytes and connection counts, most traffic
 first. Filtering on an entry narrows every tab to it, so the other tabs break it down. It only
 reads snitch.db (and record.json, config.json and an optional GeoIP database), never as root
