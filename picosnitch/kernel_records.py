@@ -32,7 +32,7 @@ LOSS_KINDS = (
 class FlowKey(ctypes.Structure):
     _fields_ = [("tgid", u32), ("ppid", u32), ("uid", u32), ("netns", u32), ("exe_ino", u64),
                 ("exe_dev", u32), ("family", u16), ("protocol", u16), ("lport", u16), ("rport", u16),
-                ("_pad", u32), ("laddr", u8 * 16), ("raddr", u8 * 16)]
+                ("exec_id", u32), ("laddr", u8 * 16), ("raddr", u8 * 16), ("comm", ctypes.c_char * COMM_MAX)]
 
 
 class FlowValue(ctypes.Structure):
@@ -57,8 +57,9 @@ class EventHeader(ctypes.Structure):
 
 class ExecEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("ppid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32),
-                ("args_len", u32), ("args_truncated", u32), ("_pad", u32), ("comm", ctypes.c_char * COMM_MAX),
-                ("filename", ctypes.c_char * FILENAME_MAX), ("args", ctypes.c_char * ARGS_MAX)]
+                ("args_len", u32), ("args_truncated", u32), ("exec_id", u32), ("comm", ctypes.c_char * COMM_MAX),
+                ("filename", ctypes.c_char * FILENAME_MAX), ("path", ctypes.c_char * FILENAME_MAX),
+                ("args", ctypes.c_char * ARGS_MAX)]
 
 
 class ForkEventC(ctypes.Structure):
@@ -123,6 +124,8 @@ class Flow:
     bytes_recv: int
     packets_sent: int
     packets_recv: int
+    exec_id: int = 0  # which exec of tgid sent it (Exec.exec_id); a fork keeps its parent's
+    comm: str = ""  # the process's name when it sent
     kind: str = field(default="flow", repr=False)
 
     @classmethod
@@ -130,7 +133,7 @@ class Flow:
         return cls(key.tgid, key.ppid, key.uid, key.netns, st_dev_from_kernel(key.exe_dev), key.exe_ino,
                    key.family, key.protocol, address(key.family, bytes(key.laddr)), key.lport,
                    address(key.family, bytes(key.raddr)), key.rport, value.bytes_sent, value.bytes_recv,
-                   value.packets_sent, value.packets_recv)
+                   value.packets_sent, value.packets_recv, key.exec_id, from_bytes(key.comm))
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,12 @@ class Exec:
     exe_dev: int
     exe_ino: int
     comm: str
-    filename: str
+    filename: str  # the file executed: the interpreter, for a #! script
     argv: Tuple[str, ...]
     argv_truncated: bool
     time: float
+    exec_id: int = 0  # counts the execs of the thread that exec'd; flows carry it (Flow.exec_id)
+    path: str = ""  # the path given to execve: the script, for a #! script (may be relative)
     kind: str = field(default="exec", repr=False)
 
 
@@ -211,7 +216,8 @@ def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, None]:
         e = ExecEventC.from_buffer_copy(data[:ctypes.sizeof(ExecEventC)])
         raw_args = ctypes.string_at(ctypes.addressof(e) + ExecEventC.args.offset, e.args_len)
         return Exec(e.h.tgid, e.ppid, e.uid, st_dev_from_kernel(e.exe_dev), e.exe_ino, from_bytes(e.comm),
-                    from_bytes(e.filename), _argv(raw_args), bool(e.args_truncated), when)
+                    from_bytes(e.filename), _argv(raw_args), bool(e.args_truncated), when, e.exec_id,
+                    from_bytes(e.path))
     if header.type == EVENT_FORK:
         e = ForkEventC.from_buffer_copy(data[:ctypes.sizeof(ForkEventC)])
         return Fork(e.h.tgid, e.ppid, when)

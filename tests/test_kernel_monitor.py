@@ -218,6 +218,26 @@ def test_renamed_process_is_tied_to_its_executable(recorder, lab):
     flows = recorder.flows(pid)
     assert {(f.exe_dev, f.exe_ino) for f in flows} == {(exe.st_dev, exe.st_ino)}
     assert sum(f.bytes_sent for f in flows) == 12_345
+    assert {f.comm for f in flows} == {"innocent"}  # the name it had when it sent, not its exec name
+
+
+def test_flows_name_the_exec_they_came_from_not_the_fork_before_it(recorder, lab):
+    echo = UdpEcho(PEER4)
+    serve(lab, echo, True)
+    pid, counts = generate(sys.executable, GEN, "exec-children", PEER4, str(echo.port), "10")
+    echo.stop()
+
+    recorder.settle()
+    (parent_exec,) = recorder.of("exec", pid)
+    assert {f.exec_id for f in recorder.of("flow", pid)} == {parent_exec.exec_id}
+    for child, size in counts["children"]:  # the same binary as the parent, each with its own argv
+        (child_exec,) = recorder.of("exec", child)
+        assert child_exec.exec_id != parent_exec.exec_id and child_exec.argv[-1] == str(size)
+        flows = recorder.of("flow", child)
+        assert {f.exec_id for f in flows} == {child_exec.exec_id}
+        assert sum(f.bytes_sent for f in flows) == size
+    forked = recorder.of("flow", counts["forked"])  # forked, never exec'd: still the parent's image
+    assert {f.exec_id for f in forked} == {parent_exec.exec_id} and sum(f.bytes_sent for f in forked) == 999
 
 
 def test_short_lived_process_is_attributed_with_argv_and_executable(recorder, lab, netops):

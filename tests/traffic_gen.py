@@ -163,6 +163,26 @@ def fork_inherit(host, port, parent_size, child_size):
     return {"sent": int(parent_size), "recv": 0, "child": pid, "child_sent": int(child_size)}
 
 
+def exec_children(host, port, count):
+    """Sends a datagram, then starts `count` children that exec this same program to send datagrams
+    of their own sizes (1001, 1002, ...), and one forked child that sends without exec."""
+    s = connect(host, port, socket.SOCK_DGRAM)
+    s.send(b"p" * 1000)
+    children = []
+    for i in range(1, int(count) + 1):
+        pid = os.fork()
+        if pid == 0:
+            os.execv(sys.executable, [sys.executable, __file__, "udp-connected", host, port, "1", str(1000 + i)])
+        children.append([pid, 1000 + i])
+    forked = os.fork()
+    if forked == 0:
+        s.send(b"f" * 999)
+        os._exit(0)
+    for pid in [c[0] for c in children] + [forked]:
+        os.waitpid(pid, 0)
+    return {"sent": 1000, "recv": 0, "children": children, "forked": forked}
+
+
 def resolve_tcp(name, family, port, size):
     """getaddrinfo(name) for IPv`family` (4 or 6), then `tcp` to the first address it returns."""
     af = socket.AF_INET6 if family == "6" else socket.AF_INET
@@ -282,7 +302,7 @@ def sctp(host, port, size):
 SCENARIOS = {
     "tcp": tcp, "udp-connected": udp_connected, "udp-unconnected": udp_unconnected, "sendfile": sendfile,
     "splice": splice, "ping": ping, "raw": raw, "packet-send": packet_send, "packet-recv": packet_recv,
-    "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit, "resolve-tcp": resolve_tcp,
+    "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit, "exec-children": exec_children, "resolve-tcp": resolve_tcp,
     "tcp-late-read": tcp_late_read, "tcp-duplex": tcp_duplex, "tcp-many": tcp_many, "drip": drip,
     "udp-flood": udp_flood, "udp-pull": udp_pull, "ping-raw": ping_raw, "sctp": sctp,
 }

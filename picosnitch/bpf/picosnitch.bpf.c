@@ -267,6 +267,8 @@ static __always_inline void fill_key(struct flow_key *key, struct task_struct *t
 	key->uid = uid_of(task);
 	key->exe_ino = exe->i_ino;
 	key->exe_dev = exe->i_sb->s_dev;
+	key->exec_id = task->self_exec_id;
+	__builtin_memcpy(key->comm, task->group_leader->comm, sizeof(key->comm));
 	fill_endpoint(key, sk, st, peer);
 }
 
@@ -332,8 +334,11 @@ static __always_inline bool key_current(const struct owner_slot *slot, const str
 	struct sock_common *c = &sk->__sk_common;
 	__u32 raddr4 = c->skc_daddr;
 
+	const __u64 *comm = (const __u64 *)key->comm, *now = (const __u64 *)task->group_leader->comm;
+
 	if (slot->exe_file != (__u64)task->mm->exe_file || slot->parent != (__u64)task->real_parent ||
-	    key->uid != uid_of(task))
+	    key->uid != uid_of(task) || key->exec_id != (__u32)task->self_exec_id ||
+	    comm[0] != now[0] || comm[1] != now[1])  /* renamed (prctl PR_SET_NAME) */
 		return false;
 	if (peer)
 		return key->rport == peer->port && same16(key->raddr, peer->addr);
@@ -757,9 +762,10 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->exe_ino = inode->i_ino;
 	e->exe_dev = inode->i_sb->s_dev;
-	e->_pad = 0;
+	e->exec_id = p->self_exec_id;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->interp);
+	bpf_probe_read_kernel_str(e->path, sizeof(e->path), bprm->filename);
 
 	/* Up to PS_ARGS_MAX - 1 bytes: a power-of-two mask is what the verifier accepts as a bound. */
 	start = p->mm->arg_start;

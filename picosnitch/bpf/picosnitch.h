@@ -24,9 +24,10 @@ struct flow_key {
 	__u16 protocol;  /* sk_protocol: IPPROTO_* or, for AF_PACKET, the ethertype */
 	__u16 lport;
 	__u16 rport;
-	__u32 _pad;
+	__u32 exec_id;   /* task->self_exec_id: which exec of tgid the traffic came from (fork keeps it) */
 	__u8 laddr[16];
 	__u8 raddr[16];
+	char comm[PS_COMM_MAX];  /* the process's name (its thread group leader's comm) when it sent */
 };
 
 /* Bytes are application payload; "packets" count the send/receive operations that moved them. */
@@ -93,9 +94,10 @@ struct exec_event {
 	__u32 exe_dev;
 	__u32 args_len;  /* bytes of args used; NUL-separated argv */
 	__u32 args_truncated;
-	__u32 _pad;
+	__u32 exec_id;   /* task->self_exec_id after this exec */
 	char comm[PS_COMM_MAX];
-	char filename[PS_FILENAME_MAX];  /* path of the executed file (the interpreter, for scripts) */
+	char filename[PS_FILENAME_MAX];  /* path of the executed file (the interpreter, for #! scripts) */
+	char path[PS_FILENAME_MAX];      /* the path given to execve: the script, for #! scripts */
 	char args[PS_ARGS_MAX];
 };
 
