@@ -225,6 +225,26 @@ def test_renamed_process_is_tied_to_its_executable(recorder, lab):
     flows = recorder.flows(pid)
     assert {(f.exe_dev, f.exe_ino) for f in flows} == {(exe.st_dev, exe.st_ino)}
     assert sum(f.bytes_sent for f in flows) == 12_345
+    assert {f.comm for f in flows} == {"innocent"}  # the name it had when it sent, not its exec name
+
+
+def test_flows_name_the_exec_they_came_from_not_the_fork_before_it(recorder, lab):
+    echo = UdpEcho(PEER4)
+    serve(lab, echo, True)
+    pid, counts = generate(sys.executable, GEN, "exec-children", PEER4, str(echo.port), "10")
+    echo.stop()
+
+    recorder.settle()
+    (parent_exec,) = recorder.of("exec", pid)
+    assert {f.exec_id for f in recorder.of("flow", pid)} == {parent_exec.exec_id}
+    for child, size in counts["children"]:  # the same binary as the parent, each with its own argv
+        (child_exec,) = recorder.of("exec", child)
+        assert child_exec.exec_id != parent_exec.exec_id and child_exec.argv[-1] == str(size)
+        flows = recorder.of("flow", child)
+        assert {f.exec_id for f in flows} == {child_exec.exec_id}
+        assert sum(f.bytes_sent for f in flows) == size
+    forked = recorder.of("flow", counts["forked"])  # forked, never exec'd: still the parent's image
+    assert {f.exec_id for f in forked} == {parent_exec.exec_id} and sum(f.bytes_sent for f in forked) == 999
 
 
 def test_short_lived_process_is_attributed_with_argv_and_executable(recorder, lab, netops):
@@ -256,6 +276,82 @@ def test_child_is_charged_for_its_own_sends_on_an_inherited_socket(recorder, lab
     assert recorder.totals(counts["child"])[key][0] == 7000
     (fork,) = recorder.of("fork", counts["child"])
     assert fork.ppid == pid
+
+
+class Port53:
+    """A UDP and a TCP echo on port 53 of a lab address, run in the lab namespace's threads."""
+
+    def __init__(self, host):
+        self.host, self.port = host, 53
+        self.ready, self.stopped = threading.Event(), threading.Event()
+
+    def serve(self):
+        udp = socket.socket(family(self.host), socket.SOCK_DGRAM)
+        tcp = socket.socket(family(self.host), socket.SOCK_STREAM)
+        udp.bind((self.host, 53))
+        tcp.bind((self.host, 53))
+        tcp.listen()
+        udp.settimeout(0.1)
+        tcp.settimeout(0.1)
+        self.ready.set()
+        while not self.stopped.is_set():
+            try:
+                data, peer = udp.recvfrom(4096)
+                udp.sendto(data, peer)
+            except socket.timeout:
+                pass
+            try:
+                conn, _ = tcp.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.sendall(conn.recv(4096))
+        udp.close()
+        tcp.close()
+
+
+@pytest.fixture(scope="module")
+def port53(lab):
+    server = Port53(PEER4)
+    serve(lab, server, True)
+    yield server
+    server.stopped.set()
+
+
+@pytest.mark.parametrize("how", ["recv", "recvfrom", "recvmsg", "tcp"])
+def test_what_a_process_receives_from_port_53_reaches_user_space_as_received(recorder, port53, how):
+    pid, counts = generate(sys.executable, GEN, "dns-ask", PEER4, "53", how)
+
+    recorder.settle()
+    (answer,) = [p for p in recorder.of("payload", pid) if p.what == "dns_answer"]
+    assert answer.data == bytes.fromhex(counts["answer"])  # TCP: with its 2-byte length prefix
+    assert (answer.raddr, answer.rport, answer.protocol) == (PEER4, 53, socket.IPPROTO_TCP if how == "tcp" else
+                                                            socket.IPPROTO_UDP)
+    assert answer.comm == "python3" or answer.comm.startswith("python")
+
+
+@pytest.mark.parametrize("how,starts", [("tls", b"\x16\x03"), ("http", b"GET / HTTP/1.1\r\nHost: http.")])
+def test_a_tcp_connections_first_send_reaches_user_space_if_it_may_name_the_server(recorder, lab, how, starts):
+    peer = TcpPeer(PEER4)
+    thread = serve(lab, peer, True)
+    pid, _ = generate(sys.executable, GEN, "first-send", PEER4, str(peer.port), how)
+    thread.join(5)
+
+    recorder.settle()
+    (first,) = recorder.of("payload", pid)  # the first send only, never the second
+    assert first.what == "first_send" and first.data.startswith(starts)
+    assert (b"tls.picosnitch.test" if how == "tls" else b"http.picosnitch.test") in first.data
+    assert (first.raddr, first.rport) == (PEER4, peer.port)
+
+
+def test_a_first_send_that_names_no_server_stays_in_the_kernel(recorder, lab):
+    peer = TcpPeer(PEER4)
+    thread = serve(lab, peer, True)
+    pid, _ = generate(sys.executable, GEN, "first-send", PEER4, str(peer.port), "plain")
+    thread.join(5)
+
+    recorder.settle()
+    assert recorder.of("payload", pid) == []  # not even the HTTP request it sent second
 
 
 def test_getaddrinfo_of_a_name_from_etc_hosts_is_reported(recorder, tmp_path):

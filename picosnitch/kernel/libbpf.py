@@ -112,6 +112,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_object__btf": (c_void_p, [c_void_p]),
         "ring_buffer__new": (c_void_p, [c_int, SAMPLE_FN, c_void_p, c_void_p]),
         "ring_buffer__poll": (c_int, [c_void_p, c_int]),
+        "ring_buffer__add": (c_int, [c_void_p, c_int, SAMPLE_FN, c_void_p]),
         "ring_buffer__free": (None, [c_void_p]),
     }
     for name, (restype, argtypes) in sig.items():
@@ -364,16 +365,20 @@ class BpfObject:
 
 
 class RingBuffer:
-    """A libbpf ring_buffer over one BPF_MAP_TYPE_RINGBUF map; calls on_sample(bytes)."""
+    """A libbpf ring_buffer over one or more BPF_MAP_TYPE_RINGBUF maps; calls on_sample(bytes)."""
 
-    def __init__(self, ring_map: Map, on_sample: Callable[[bytes], None]):
+    def __init__(self, ring_maps: List[Map], on_sample: Callable[[bytes], None]):
         def sample(_ctx: int, data: int, size: int) -> int:
             on_sample(ctypes.string_at(data, size))
             return 0
 
         self._callback = SAMPLE_FN(sample)  # must outlive the ring buffer
-        self.ptr: Optional[int] = _call_ptr(f"opening ring buffer {ring_map.name}",
-                             lib().ring_buffer__new(ring_map.fd, self._callback, None, None))
+        first, *more = ring_maps
+        self.ptr: Optional[int] = _call_ptr(f"opening ring buffer {first.name}",
+                                            lib().ring_buffer__new(first.fd, self._callback, None, None))
+        for ring_map in more:
+            _call_int(f"opening ring buffer {ring_map.name}",
+                      lib().ring_buffer__add(self.ptr, ring_map.fd, self._callback, None))
 
     def poll(self, timeout_ms: int) -> int:
         """Delivers pending samples; returns how many (0 after timeout_ms without any)."""

@@ -230,7 +230,7 @@ class KernelMonitor:
         if not any(p in disabled for p in HOOK_GROUPS["socket_counters"][0]):
             self._map_cells()
         self._write_drain_state()
-        self.ring = libbpf.RingBuffer(self.obj.map("events"), self._on_event)
+        self.ring = libbpf.RingBuffer([self.obj.map("events"), self.obj.map("payloads")], self._on_event)
         self.load_seconds = time.monotonic() - begin
         return list(self.degraded)
 

@@ -69,7 +69,9 @@ struct signal_struct { atomic_t live; };
 struct task_struct {
 	int pid;
 	int tgid;
+	u64 self_exec_id;  /* u64 since 5.7 */
 	struct task_struct *real_parent;
+	struct task_struct *group_leader;
 	struct mm_struct *mm;
 	struct signal_struct *signal;
 	const struct cred *cred;
@@ -78,7 +80,8 @@ struct task_struct {
 
 struct linux_binprm {
 	struct file *file;
-	const char *interp;  /* the file actually executed: the interpreter, for scripts */
+	const char *filename;  /* the path given to execve */
+	const char *interp;    /* the file actually executed: the interpreter, for scripts */
 };
 
 #pragma clang attribute pop

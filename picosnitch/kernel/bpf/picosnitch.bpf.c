@@ -43,6 +43,15 @@
 #define SOCK_DONE 1
 #define TCP_ESTABLISHED 1
 #define EEXIST 17
+#define X86_64_USER_CS 0x33  /* the code segment of 64-bit user mode (32-bit tasks: 0x23) */
+#define X86_64_READ 0
+#define X86_64_WRITE 1
+#define X86_64_READV 19
+#define X86_64_WRITEV 20
+#define X86_64_SENDTO 44
+#define X86_64_RECVFROM 45
+#define X86_64_SENDMSG 46
+#define X86_64_RECVMSG 47
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -76,12 +85,19 @@ struct {
 	__uint(max_entries, 256 * 4096);
 } events SEC(".maps");
 
-/* The records sent through the ring buffer, named here so that the object's BTF describes them:
+/* DNS answers and first sends: a ring of their own, so that a burst of them never costs an exec event. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} payloads SEC(".maps");
+
+/* The records sent through the ring buffers, named here so that the object's BTF describes them:
  * user space checks its mirrors of them against it (kernel_monitor.check_boundary). */
 const struct exec_event *btf_exec_event __attribute__((unused));
 const struct fork_event *btf_fork_event __attribute__((unused));
 const struct exit_event *btf_exit_event __attribute__((unused));
 const struct dns_event *btf_dns_event __attribute__((unused));
+const struct payload_event *btf_payload_event __attribute__((unused));
 
 /* Counter cells: the counts of one process (or thread) on one socket under one flow key, in arrays
  * user space maps into its memory. A socket's state names its owners' cells, so a send or receive
@@ -143,9 +159,12 @@ struct owner_slot {
 #define OWNER_SLOTS 2  /* owners sharing a socket beyond this use the flow map directly */
 #define THREAD_OWNED 0x80000000u
 
+#define SEQ_KNOWN 1    /* counted_seq holds */
+#define FIRST_SEEN 2   /* the socket's first send was looked at for a name */
+
 struct sock_state {
 	__u32 counted_seq;  /* TCP: copied_seq up to which received bytes have been counted */
-	__u16 seq_known;
+	__u16 flags;
 	__u16 lport;        /* the local port, kept: the kernel zeroes it when a TCP socket closes */
 	struct peer send_peers[PEER_SLOTS];
 	struct peer recv_peers[PEER_SLOTS];
@@ -176,6 +195,13 @@ static __always_inline void count_loss(__u32 kind, __u64 n)
 	__u64 *v = bpf_map_lookup_elem(&losses, &kind);
 	if (v)
 		__sync_fetch_and_add(v, n);
+}
+
+static __always_inline void fill_header(struct event_header *h, __u32 type, __u32 tgid)
+{
+	h->type = type;
+	h->tgid = tgid;
+	h->ktime_ns = bpf_ktime_get_boot_ns();
 }
 
 static __always_inline __u32 current_epoch(void)
@@ -267,6 +293,8 @@ static __always_inline void fill_key(struct flow_key *key, struct task_struct *t
 	key->uid = uid_of(task);
 	key->exe_ino = exe->i_ino;
 	key->exe_dev = exe->i_sb->s_dev;
+	key->exec_id = task->self_exec_id;
+	__builtin_memcpy(key->comm, task->group_leader->comm, sizeof(key->comm));
 	fill_endpoint(key, sk, st, peer);
 }
 
@@ -332,8 +360,11 @@ static __always_inline bool key_current(const struct owner_slot *slot, const str
 	struct sock_common *c = &sk->__sk_common;
 	__u32 raddr4 = c->skc_daddr;
 
+	const __u64 *comm = (const __u64 *)key->comm, *now = (const __u64 *)task->group_leader->comm;
+
 	if (slot->exe_file != (__u64)task->mm->exe_file || slot->parent != (__u64)task->real_parent ||
-	    key->uid != uid_of(task))
+	    key->uid != uid_of(task) || key->exec_id != (__u32)task->self_exec_id ||
+	    comm[0] != now[0] || comm[1] != now[1])  /* renamed (prctl PR_SET_NAME) */
 		return false;
 	if (peer)
 		return key->rport == peer->port && same16(key->raddr, peer->addr);
@@ -492,6 +523,118 @@ static __always_inline bool take_peer(struct task_struct *task, struct peer *pee
 	return false;
 }
 
+/* The user-space buffer the current syscall sent from or received into, and its length: the buffer
+ * of read/write/recvfrom/sendto, or the first iovec of readv/writev/recvmsg/sendmsg. 0 for every
+ * other way of moving data (sendfile, splice, io_uring, sendmmsg, ...), and on architectures other
+ * than x86_64, whose syscall registers this does not know. */
+static __always_inline __u64 syscall_buffer(struct task_struct *task, bool sending, __u64 *len)
+{
+#ifdef __TARGET_ARCH_x86
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	unsigned long nr, cs, arg, count;
+	__u64 iov[2];
+
+	if (!regs || bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_rax) ||
+	    bpf_probe_read_kernel(&cs, sizeof(cs), &regs->cs) || cs != X86_64_USER_CS ||
+	    bpf_probe_read_kernel(&arg, sizeof(arg), &regs->rsi) ||
+	    bpf_probe_read_kernel(&count, sizeof(count), &regs->rdx))
+		return 0;
+	if (nr == (sending ? X86_64_WRITE : X86_64_READ) || nr == (sending ? X86_64_SENDTO : X86_64_RECVFROM)) {
+		*len = count;
+		return arg;
+	}
+	if (nr == (sending ? X86_64_SENDMSG : X86_64_RECVMSG)) {  /* struct msghdr: msg_iov at 16 */
+		if (bpf_probe_read_user(&arg, sizeof(arg), (void *)(arg + 16)))
+			return 0;
+	} else if (nr != (sending ? X86_64_WRITEV : X86_64_READV)) {
+		return 0;
+	}
+	if (bpf_probe_read_user(iov, sizeof(iov), (void *)arg))  /* struct iovec: base, len */
+		return 0;
+	*len = iov[1];
+	return iov[0];
+#else
+	return 0;
+#endif
+}
+
+/* Sends `len` bytes of the process's own buffer to user space, who parses the names in them. */
+static __always_inline void send_payload(struct task_struct *task, struct sock *sk, struct sock_state *st,
+					 const struct peer *peer, __u32 kind, __u64 buf, __u64 len)
+{
+	struct payload_event *e;
+
+	if (!buf || !len)
+		return;
+	e = bpf_ringbuf_reserve(&payloads, sizeof(*e), 0);
+	if (!e) {
+		count_loss(LOSS_RINGBUF_PAYLOAD, 1);
+		return;
+	}
+	fill_header(&e->h, EVENT_PAYLOAD, task->tgid);
+	e->kind = kind;
+	fill_key(&e->key, task, sk, st, peer);
+	if (len > PS_PAYLOAD_MAX)
+		len = PS_PAYLOAD_MAX;
+	if (bpf_probe_read_user(e->data, len, (void *)buf)) {
+		bpf_ringbuf_discard(e, 0);
+		return;
+	}
+	e->len = len;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Whether bytes a TCP connection starts with may name its server: a TLS handshake record holding
+ * a ClientHello (SNI), or an HTTP/1 request (Host). */
+static __always_inline bool may_name_server(const __u8 *b)
+{
+	__u32 word = b[0] | b[1] << 8 | b[2] << 16 | (__u32)b[3] << 24;
+
+	if (b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01)
+		return true;
+	switch (word) {  /* the first four bytes of each method, little-endian */
+	case 0x20544547:  /* "GET " */
+	case 0x54534f50:  /* "POST" */
+	case 0x20545550:  /* "PUT " */
+	case 0x44414548:  /* "HEAD" */
+	case 0x454c4544:  /* "DELE" */
+	case 0x4954504f:  /* "OPTI" */
+	case 0x43544150:  /* "PATC" */
+	case 0x4e4e4f43:  /* "CONN" */
+		return true;
+	}
+	return false;
+}
+
+/* A TCP socket's first send: its bytes go to user space if they may name the server. */
+static __always_inline void look_at_first_send(struct task_struct *task, struct sock *sk, struct sock_state *st,
+					       int ret)
+{
+	__u8 head[8] = {};
+	__u64 len = 0, buf;
+
+	st->flags |= FIRST_SEEN;
+	buf = syscall_buffer(task, true, &len);
+	if (ret < 6 || !buf || bpf_probe_read_user(head, 6, (void *)buf) || !may_name_server(head))
+		return;
+	send_payload(task, sk, st, NULL, PAYLOAD_FIRST_SEND, buf, len < (__u64)ret ? len : (__u64)ret);
+}
+
+/* A message received from port 53 (UDP, or TCP with its length prefix): to user space, which reads
+ * the answers in it. */
+static __always_inline void look_at_dns_answer(struct task_struct *task, struct sock *sk, struct sock_state *st,
+					       const struct peer *peer, __u64 received)
+{
+	__u64 len = 0, buf = syscall_buffer(task, false, &len);
+
+	send_payload(task, sk, st, peer, PAYLOAD_DNS_ANSWER, buf, len < received ? len : received);
+}
+
+static __always_inline __u16 remote_port(struct sock *sk, const struct peer *peer)
+{
+	return peer ? peer->port : bpf_ntohs(sk->__sk_common.skc_dport);
+}
+
 static __always_inline void on_send(struct sock *sk, int ret)
 {
 	struct task_struct *task;
@@ -504,8 +647,11 @@ static __always_inline void on_send(struct sock *sk, int ret)
 	task = bpf_get_current_task_btf();
 	st = state_of(sk);
 	has_peer = st && is_udp(sk) && take_peer(task, st->send_peers, &peer);
-	if (ret > 0)
-		account(task, sk, st, has_peer ? &peer : NULL, ret, true);
+	if (ret <= 0)
+		return;
+	account(task, sk, st, has_peer ? &peer : NULL, ret, true);
+	if (st && !(st->flags & FIRST_SEEN) && is_tcp(sk))
+		look_at_first_send(task, sk, st, ret);
 }
 
 /* TCP data consumed so far, as a sequence number: copied_seq, less the FIN once read. */
@@ -522,22 +668,26 @@ static __always_inline __u32 tcp_consumed_seq(struct sock *sk, struct tcp_sock *
  * first seen here (opened before the monitor started) only sets the baseline. */
 static __always_inline void tcp_count_consumed(struct sock *sk, struct tcp_sock *tp, struct sock_state *st)
 {
+	struct task_struct *task;
 	__u32 seq;
 	__s32 delta;
 
 	if (!tp || !st)
 		return;
 	seq = tcp_consumed_seq(sk, tp);
-	if (!st->seq_known) {
+	if (!(st->flags & SEQ_KNOWN)) {
 		st->counted_seq = seq;
-		st->seq_known = 1;
+		st->flags |= SEQ_KNOWN;
 		return;
 	}
 	delta = (__s32)(seq - st->counted_seq);
 	if (delta <= 0)
 		return;
 	st->counted_seq = seq;
-	account(bpf_get_current_task_btf(), sk, st, NULL, delta, false);
+	task = bpf_get_current_task_btf();
+	account(task, sk, st, NULL, delta, false);
+	if (remote_port(sk, NULL) == 53)
+		look_at_dns_answer(task, sk, st, NULL, delta);
 }
 
 static __always_inline void on_recv(struct sock *sk, int ret, int flags)
@@ -556,8 +706,11 @@ static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 	task = bpf_get_current_task_btf();
 	st = state_of(sk);
 	has_peer = st && is_udp(sk) && take_peer(task, st->recv_peers, &peer);
-	if (ret > 0 && !(flags & MSG_PEEK))
-		account(task, sk, st, has_peer ? &peer : NULL, ret, false);
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return;
+	account(task, sk, st, has_peer ? &peer : NULL, ret, false);
+	if (remote_port(sk, has_peer ? &peer : NULL) == 53 && is_udp(sk))
+		look_at_dns_answer(task, sk, st, has_peer ? &peer : NULL, ret);
 }
 
 SEC("tp_btf/sock_send_length")
@@ -608,7 +761,7 @@ int BPF_PROG(inet_sock_set_state, struct sock *sk, int oldstate, int newstate)
 	tp = tcp_sk_checked(sk);
 	if (st && tp) {
 		st->counted_seq = tcp_consumed_seq(sk, tp);
-		st->seq_known = 1;
+		st->flags |= SEQ_KNOWN;
 		st->lport = sk->__sk_common.skc_num;
 	}
 	return 0;
@@ -734,13 +887,6 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-static __always_inline void fill_header(struct event_header *h, __u32 type, __u32 tgid)
-{
-	h->type = type;
-	h->tgid = tgid;
-	h->ktime_ns = bpf_ktime_get_boot_ns();
-}
-
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
@@ -757,9 +903,10 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->exe_ino = inode->i_ino;
 	e->exe_dev = inode->i_sb->s_dev;
-	e->_pad = 0;
+	e->exec_id = p->self_exec_id;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->interp);
+	bpf_probe_read_kernel_str(e->path, sizeof(e->path), bprm->filename);
 
 	/* Up to PS_ARGS_MAX - 1 bytes: a power-of-two mask is what the verifier accepts as a bound. */
 	start = p->mm->arg_start;
