@@ -166,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         missing = accuracy.ensure_packages(["nethogs", "busybox-static"])
         if missing:
             log(f"could not install {missing}: the nethogs column / container scenario will say so")
-    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "bpf")], check=True)
+    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "kernel" / "bpf")], check=True)
     header = machine()
     log(f"machine: {header}")
 

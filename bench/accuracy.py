@@ -658,7 +658,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         missing = ensure_packages(["nethogs", "busybox-static"])
         if missing:
             print(f"could not install {missing}; the scenarios that need them are N/A", file=sys.stderr)
-    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "bpf")], check=True)
+    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "kernel" / "bpf")], check=True)
     results = run(numbers, repeats, use_nethogs=not args.no_nethogs and not args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

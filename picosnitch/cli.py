@@ -100,12 +100,12 @@ def needs_root(command: str) -> Optional[str]:
     return message
 
 
-def db_option(args: List[str]) -> Optional[str]:
-    """The URL (or "config") of `COMMAND --db URL` or `COMMAND --db=URL`, else None."""
-    if len(args) == 3 and args[1] == "--db":
-        return args[2]
-    if len(args) == 2 and args[1].startswith("--db="):
-        return args[1][len("--db="):]
+def db_option(options: List[str]) -> Optional[str]:
+    """The URL (or "config") of the options `--db URL` or `--db=URL`, else None."""
+    if len(options) == 2 and options[0] == "--db":
+        return options[1]
+    if len(options) == 1 and options[0].startswith("--db="):
+        return options[0][len("--db="):]
     return None
 
 

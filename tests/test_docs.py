@@ -52,8 +52,13 @@ def test_every_command_is_in_the_readme_commands_table():
     assert documented == set(cli.COMMANDS)
 
 
+def test_the_db_option_is_read_in_both_spellings():
+    assert cli.db_option(["--db", "config"]) == cli.db_option(["--db=config"]) == "config"
+    assert cli.db_option([]) is None and cli.db_option(["--db"]) is None
+
+
 def test_an_unknown_command_or_option_is_refused_with_the_usage(capsys):
-    for args in (["frobnicate"], ["status", "--now"], ["monitor"], ["view", "--db"]):
+    for args in (["frobnicate"], ["status", "--now"], ["monitor"], ["view", "--db"], ["dash", "--db", "x", "y"]):
         assert cli.run(args) == 2
         assert capsys.readouterr().err.startswith(f"picosnitch: unknown command {' '.join(args)!r}")
 

@@ -2,6 +2,7 @@
 config.json that cannot be used. Each is one sentence on stderr and an exit status, never a
 traceback, and a missing package names the command that installs it for this installation."""
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import sys
 import pytest
 from daemon_harness import REPO
 
-from picosnitch import installed
+from picosnitch import config, installed
+from picosnitch.alerts import vt_worker
 from picosnitch.daemon.live_feed import LiveFeedServer
-from picosnitch.installed import EXTRAS, install_command, method
+from picosnitch.installed import EXTRAS, install_command, install_extra, method
+from picosnitch.messages import ErrorReport, Stop, VtRequest
 from picosnitch.paths import Paths
 from picosnitch.store import sqlite as sqlite_store
 
@@ -100,3 +103,22 @@ def test_each_installation_gets_its_own_command(monkeypatch):
     # a package Debian does not have is installed with pip even for the Debian package
     monkeypatch.setattr(installed, "method", lambda: "deb")
     assert install_command(installed.Packages(("mariadb",))).endswith("-m pip install mariadb")
+
+
+def test_virustotal_without_requests_says_what_to_install_once_and_waits_for_stop(monkeypatch):
+    monkeypatch.setitem(sys.modules, "requests", None)  # import now raises ImportError
+    ctx = multiprocessing.get_context("fork")
+    inbox, to_worker = ctx.Pipe(duplex=False)
+    from_worker, outbox = ctx.Pipe(duplex=False)
+    cfg = dict(config.defaults(), **{"VT API key": "k" * 64})
+    worker = ctx.Process(target=vt_worker.run, args=(cfg, inbox, outbox))
+    worker.start()
+    to_worker.send(VtRequest("/usr/bin/x", "x", "ab" * 32))
+    to_worker.send(Stop("keeper"))
+    worker.join(10)
+    assert worker.exitcode == 0
+    said = []
+    while from_worker.poll(0.5):
+        said.append(from_worker.recv())
+    assert said == [ErrorReport("VirusTotal lookups need the Python package requests (install it with: "
+                                f"{install_extra('virustotal')}); they are off", "virustotal")]

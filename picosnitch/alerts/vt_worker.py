@@ -30,6 +30,7 @@ from typing import Optional
 
 from picosnitch.alerts import desktop_sessions
 from picosnitch.alerts.virustotal import DEFAULT_TIMEOUT, PENDING, UNKNOWN, Client, VtError
+from picosnitch.installed import install_extra
 from picosnitch.messages import ErrorReport, Stop, VtRequest, VtResult
 from picosnitch.sanitize import printable
 
@@ -308,6 +309,12 @@ def run(config, inbox, outbox, user: str = UNPRIVILEGED_USER,
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the keeper
+    try:
+        import requests  # noqa: F401 - the checker's HTTP client, imported here only to know
+    except ImportError:
+        outbox.send(ErrorReport("VirusTotal lookups need the Python package requests (install it "
+                                "with: %s); they are off" % install_extra("virustotal"), ERROR_KEY))
+        return _drain_until_stop(inbox)
     root = RootSide(config, outbox, user, timeout, retry_base, analysis_wait)
     checking = True
     try:
@@ -326,3 +333,13 @@ def run(config, inbox, outbox, user: str = UNPRIVILEGED_USER,
                     root.request(message)
     finally:
         root.stop()
+
+
+def _drain_until_stop(inbox) -> int:
+    """Read and drop requests until Stop (or the keeper is gone), as a worker with nothing to do."""
+    while True:
+        try:
+            if isinstance(inbox.recv(), Stop):
+                return 0
+        except EOFError:
+            return 0
