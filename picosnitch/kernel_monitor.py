@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from picosnitch import libbpf
+from picosnitch.libc_probes import LibcProbes
 from picosnitch.kernel_records import (CELL_DIRTY_BITS, LOSS_KINDS, MIRRORS, Degraded, DrainState, Flow, FlowKey,
                                        FlowValue, Loss, MonitorConfig, Record, RetiredCell, parse_event)
 
@@ -183,6 +184,8 @@ class KernelMonitor:
         self.load_seconds = 0.0
         self._epoch = 0
         self._cells: Optional[CellViews] = None
+        self._uprobes: List[libbpf.Program] = []
+        self.libcs: Optional[LibcProbes] = None
         self._pending: List[Record] = []
         self._losses_seen = [0] * len(LOSS_KINDS)
 
@@ -218,6 +221,7 @@ class KernelMonitor:
             self._map_cells()
         self._write_drain_state()
         self.ring = libbpf.RingBuffer([self.obj.map("events"), self.obj.map("payloads")], self._on_event)
+        self.watch_running_roots()
         self.load_seconds = time.monotonic() - begin
         return list(self.degraded)
 
@@ -267,9 +271,8 @@ class KernelMonitor:
                             cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
                         self.obj.keep_link(prog.attach_cgroup(cgroup_fd))
                     elif kind in ("uprobe", "uretprobe"):
-                        if libc is None:
-                            raise libbpf.LibbpfError("the C library could not be found")
-                        self.obj.keep_link(prog.attach_uprobe(libc, "getaddrinfo", kind == "uretprobe"))
+                        self._uprobes.append(prog)  # attached to each C library below
+                        continue
                     else:
                         self.obj.keep_link(prog.attach())
                     self.attached.append(prog.name)
@@ -278,6 +281,40 @@ class KernelMonitor:
         finally:
             if cgroup_fd >= 0:
                 os.close(cgroup_fd)
+        if self._uprobes:
+            self.libcs = LibcProbes(self._probe_libc, self._report_libc)
+            try:
+                if libc is None:
+                    raise libbpf.LibbpfError("the C library could not be found")
+                self.libcs.add(libc, strict=True)
+                self.attached += [prog.name for prog in self._uprobes]
+            except (libbpf.LibbpfError, OSError) as e:
+                self.libcs = None
+                for prog in self._uprobes:
+                    disabled[prog.name] = str(e)
+
+    def _probe_libc(self, path: str) -> None:
+        """Attaches the getaddrinfo uprobes to one C library (by any path to the file)."""
+        links = []
+        try:
+            for prog in self._uprobes:
+                links.append(prog.attach_uprobe(path, "getaddrinfo", prog.section.startswith("uretprobe")))
+        except libbpf.LibbpfError as e:
+            for link in links:
+                libbpf.destroy_link(link)
+            raise OSError(str(e)) from None
+        for link in links:
+            self.obj.keep_link(link)
+
+    def _report_libc(self, message: str) -> None:
+        self._pending.append(Degraded("getaddrinfo_enter, getaddrinfo_exit", message, "see the message"))
+
+    def watch_running_roots(self) -> None:
+        """Probes the C libraries of the roots processes already run in (containers started before)."""
+        if self.libcs:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    self.libcs.notice(int(entry))
 
     def _report_disabled(self, disabled: Dict[str, str]) -> None:
         counted = [g for g in ("bytes", "bytes_fallback")
@@ -296,6 +333,8 @@ class KernelMonitor:
         record = parse_event(data)
         if record is not None:
             self._pending.append(record)
+            if record.kind == "exec" and self.libcs:
+                self.libcs.notice(record.tgid)
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""

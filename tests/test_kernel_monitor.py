@@ -8,6 +8,7 @@ network namespace the tests create.
 import ctypes
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -415,6 +416,30 @@ def test_an_object_that_disagrees_with_the_mirrors_is_refused_with_a_sentence(mo
             monitor.start()
     finally:
         monitor.close()
+
+
+MUSL_LIBC = "/usr/lib/x86_64-linux-musl/libc.so"
+
+
+@pytest.mark.skipif(not shutil.which("musl-gcc") or not os.path.exists(MUSL_LIBC),
+                    reason="needs musl-tools (scripts/install-system-deps.sh test)")
+def test_getaddrinfo_in_another_root_with_its_own_c_library_is_reported(recorder, tmp_path):
+    # A root of its own, as a container has: musl's C library (a file the host does not use) and
+    # a program linked against it, run in its own mount and network namespaces.
+    root = tmp_path / "root"
+    (root / "lib").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy(MUSL_LIBC, root / "lib" / "ld-musl-x86_64.so.1")
+    (root / "etc" / "hosts").write_text("10.231.8.8 musl-root.picosnitch.test\n")
+    subprocess.run(["musl-gcc", "-O2", "-o", str(root / "gai"), str(Path(__file__).parent / "c" / "gai.c")],
+                   check=True)
+    # It resolves half a second after its exec: a root is probed when a process first execs in it.
+    pid, out = generate("unshare", "--mount", "--net", f"--root={root}", "/gai", "musl-root.picosnitch.test", "0.5")
+
+    assert out["address"] == "10.231.8.8"
+    recorder.settle()
+    (lookup,) = [d for d in recorder.of("dns", pid) if d.name == "musl-root.picosnitch.test"]
+    assert lookup.addresses == ("10.231.8.8",)
 
 
 def test_a_tiny_ring_buffer_under_an_exec_storm_reports_its_losses():
