@@ -420,6 +420,11 @@ class CellViews:
     def drain(self, generation: int) -> Iterable[Tuple[FlowKey, FlowValue]]:
         """Every cell with counts in `generation` (which the kernel must not be adding to), with
         its key; the counts and the dirty bits are cleared."""
+        for _, key, value in self.drain_cells(generation):
+            yield key, value
+
+    def drain_cells(self, generation: int) -> Iterable[Tuple[int, FlowKey, FlowValue]]:
+        """drain(), with each cell's number."""
         dirty, counts = self.dirty[generation], self.counts[generation]
         for word, bits in enumerate(dirty):
             if not bits:
@@ -431,7 +436,7 @@ class CellViews:
                 cell = word * CELL_DIRTY_BITS + low.bit_length() - 1
                 value = FlowValue.from_buffer_copy(counts[cell])
                 ctypes.memset(ctypes.addressof(counts[cell]), 0, ctypes.sizeof(FlowValue))
-                yield FlowKey.from_buffer_copy(self.keys[cell]), value
+                yield cell, FlowKey.from_buffer_copy(self.keys[cell]), value
 
     def close(self) -> None:
         for view in self.dirty:
