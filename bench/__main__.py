@@ -18,10 +18,10 @@ overhead run; it exits 1 when a detection FAILs and does not touch docs/BENCHMAR
 
 import argparse
 import json
-import shutil
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
