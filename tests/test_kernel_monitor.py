@@ -8,6 +8,7 @@ network namespace the tests create.
 import ctypes
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -424,6 +425,30 @@ def test_an_object_that_disagrees_with_the_mirrors_is_refused_with_a_sentence(mo
         monitor.close()
 
 
+MUSL_LIBC = "/usr/lib/x86_64-linux-musl/libc.so"
+
+
+@pytest.mark.skipif(not shutil.which("musl-gcc") or not os.path.exists(MUSL_LIBC),
+                    reason="needs musl-tools (scripts/install-system-deps.sh test)")
+def test_getaddrinfo_in_another_root_with_its_own_c_library_is_reported(recorder, tmp_path):
+    # A root of its own, as a container has: musl's C library (a file the host does not use) and
+    # a program linked against it, run in its own mount and network namespaces.
+    root = tmp_path / "root"
+    (root / "lib").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy(MUSL_LIBC, root / "lib" / "ld-musl-x86_64.so.1")
+    (root / "etc" / "hosts").write_text("10.231.8.8 musl-root.picosnitch.test\n")
+    subprocess.run(["musl-gcc", "-O2", "-o", str(root / "gai"), str(Path(__file__).parent / "c" / "gai.c")],
+                   check=True)
+    # It resolves half a second after its exec: a root is probed when a process first execs in it.
+    pid, out = generate("unshare", "--mount", "--net", f"--root={root}", "/gai", "musl-root.picosnitch.test", "0.5")
+
+    assert out["address"] == "10.231.8.8"
+    recorder.settle()
+    (lookup,) = [d for d in recorder.of("dns", pid) if d.name == "musl-root.picosnitch.test"]
+    assert lookup.addresses == ("10.231.8.8",)
+
+
 def test_a_tiny_ring_buffer_under_an_exec_storm_reports_its_losses():
     monitor = KernelMonitor(ring_pages=2)
     try:
@@ -458,15 +483,27 @@ def test_when_cells_and_the_flow_map_are_full_the_dropped_flows_and_bytes_are_re
 
 
 def test_counter_cells_are_reused_once_user_space_has_read_them():
-    # 500 short-lived sockets through 63 cells, with a flow map too small to take the rest.
-    monitor = KernelMonitor(flow_entries=2, cells=64)
+    # 1,000 short-lived sockets and 511 cells: once the cells never used run out, retired ones are
+    # handed out again. Other processes' traffic takes cells too, so which cells our sockets get is
+    # seen from the cells user space reads (and bytes without a free cell go to the flow map).
+    monitor = KernelMonitor(cells=512)
+    cells_of = {}  # cell -> local ports of our sockets seen in it
     try:
         monitor.start()
+        drain_cells = monitor._cells.drain_cells
+
+        def noting(generation):
+            for cell, key, value in drain_cells(generation):
+                if key.tgid == os.getpid() and value.bytes_sent:
+                    cells_of.setdefault(cell, set()).add(key.lport)
+                yield cell, key, value
+
+        monitor._cells.drain_cells = noting
         receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         receiver.bind(("127.0.0.1", 0))
         ours = []
         for _ in range(10):
-            for _ in range(50):
+            for _ in range(100):
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     s.sendto(b"q" * 10, receiver.getsockname())
             for _ in range(3):  # a retired cell is handed out again after three epochs
@@ -474,8 +511,9 @@ def test_counter_cells_are_reused_once_user_space_has_read_them():
         losses = {loss.what: loss.count for loss in monitor.losses()}
     finally:
         monitor.close()
-    assert sum(f.bytes_sent for f in ours) == 500 * 10
+    assert sum(f.bytes_sent for f in ours) == 1000 * 10
     assert "flow_map_full" not in losses
+    assert any(len(ports) > 1 for ports in cells_of.values())  # a cell carried two of our sockets in turn
 
 
 def test_a_hook_the_kernel_refuses_leaves_the_rest_working():

@@ -213,6 +213,10 @@ def _struct_layout(btf: int, name: str) -> Optional[Tuple[int, Dict[str, int]]]:
     return t.size, offsets
 
 
+def destroy_link(link: int) -> None:
+    lib().bpf_link__destroy(link)
+
+
 class Program:
     """One BPF program of an object, before or after load."""
 

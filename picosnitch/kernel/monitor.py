@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from picosnitch.kernel import libbpf
+from picosnitch.kernel.libc_probes import LibcProbes
 from picosnitch.kernel.records import (
     CELL_DIRTY_BITS,
     LOSS_KINDS,
@@ -196,6 +197,8 @@ class KernelMonitor:
         self.load_seconds = 0.0
         self._epoch = 0
         self._cells: Optional[CellViews] = None
+        self._uprobes: List[libbpf.Program] = []
+        self.libcs: Optional[LibcProbes] = None
         self._pending: List[Record] = []
         self._losses_seen = [0] * len(LOSS_KINDS)
 
@@ -231,6 +234,7 @@ class KernelMonitor:
             self._map_cells()
         self._write_drain_state()
         self.ring = libbpf.RingBuffer([self.obj.map("events"), self.obj.map("payloads")], self._on_event)
+        self.watch_running_roots()
         self.load_seconds = time.monotonic() - begin
         return list(self.degraded)
 
@@ -282,9 +286,8 @@ class KernelMonitor:
                             cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
                         self.obj.keep_link(prog.attach_cgroup(cgroup_fd))
                     elif kind in ("uprobe", "uretprobe"):
-                        if libc is None:
-                            raise libbpf.LibbpfError("the C library could not be found")
-                        self.obj.keep_link(prog.attach_uprobe(libc, "getaddrinfo", kind == "uretprobe"))
+                        self._uprobes.append(prog)  # attached to each C library below
+                        continue
                     else:
                         self.obj.keep_link(prog.attach())
                     self.attached.append(prog.name)
@@ -293,6 +296,41 @@ class KernelMonitor:
         finally:
             if cgroup_fd >= 0:
                 os.close(cgroup_fd)
+        if self._uprobes:
+            self.libcs = LibcProbes(self._probe_libc, self._report_libc)
+            try:
+                if libc is None:
+                    raise libbpf.LibbpfError("the C library could not be found")
+                self.libcs.add(libc, strict=True)
+                self.attached += [prog.name for prog in self._uprobes]
+            except (libbpf.LibbpfError, OSError) as e:
+                self.libcs = None
+                for prog in self._uprobes:
+                    disabled[prog.name] = str(e)
+
+    def _probe_libc(self, path: str) -> None:
+        """Attaches the getaddrinfo uprobes to one C library (by any path to the file)."""
+        assert self.obj is not None
+        links = []
+        try:
+            for prog in self._uprobes:
+                links.append(prog.attach_uprobe(path, "getaddrinfo", prog.section.startswith("uretprobe")))
+        except libbpf.LibbpfError as e:
+            for link in links:
+                libbpf.destroy_link(link)
+            raise OSError(str(e)) from None
+        for link in links:
+            self.obj.keep_link(link)
+
+    def _report_libc(self, message: str) -> None:
+        self._pending.append(Degraded("getaddrinfo_enter, getaddrinfo_exit", message, "see the message"))
+
+    def watch_running_roots(self) -> None:
+        """Probes the C libraries of the roots processes already run in (containers started before)."""
+        if self.libcs:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    self.libcs.notice(int(entry))
 
     def _report_disabled(self, disabled: Dict[str, str]) -> None:
         counted = [g for g in ("bytes", "bytes_fallback")
@@ -311,6 +349,8 @@ class KernelMonitor:
         record = parse_event(data)
         if record is not None:
             self._pending.append(record)
+            if record.kind == "exec" and self.libcs:
+                self.libcs.notice(record.tgid)
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""
@@ -401,6 +441,11 @@ class CellViews:
     def drain(self, generation: int) -> Iterable[Tuple[FlowKey, FlowValue]]:
         """Every cell with counts in `generation` (which the kernel must not be adding to), with
         its key; the counts and the dirty bits are cleared."""
+        for _, key, value in self.drain_cells(generation):
+            yield key, value
+
+    def drain_cells(self, generation: int) -> Iterable[Tuple[int, FlowKey, FlowValue]]:
+        """drain(), with each cell's number."""
         dirty, counts = self.dirty[generation], self.counts[generation]
         for word, bits in enumerate(dirty):
             if not bits:
@@ -412,7 +457,7 @@ class CellViews:
                 cell = word * CELL_DIRTY_BITS + low.bit_length() - 1
                 value = FlowValue.from_buffer_copy(counts[cell])
                 ctypes.memset(ctypes.addressof(counts[cell]), 0, ctypes.sizeof(FlowValue))
-                yield FlowKey.from_buffer_copy(self.keys[cell]), value
+                yield cell, FlowKey.from_buffer_copy(self.keys[cell]), value
 
     def close(self) -> None:
         for view in self.dirty:
