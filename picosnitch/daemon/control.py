@@ -11,6 +11,7 @@ from typing import Optional
 from picosnitch import config as config_file
 from picosnitch.central import settings as sql_server_config
 from picosnitch.daemon.supervisor import Supervisor
+from picosnitch.identity.log_ignore import IgnoreRules
 from picosnitch.kernel.monitor import preflight
 from picosnitch.paths import Paths
 
@@ -61,11 +62,43 @@ def load_config(paths: Paths):
         server = sql_server_config.parse(config)
         if server:
             sql_server_config.load_driver(server, config)  # a missing driver names the extra to install
+        _check_log_ignore(config)
+        _check_open_files(config)
     except config_file.ConfigError as e:
-        raise ControlError(f"{e}; picosnitch will not start until it is fixed", EXIT_CONFIG) from None
+        raise _refusal(e) from None
     for warning in config.warnings:
         print(f"picosnitch: {warning}", file=sys.stderr)
     return config
+
+
+def _refusal(error: config_file.ConfigError) -> ControlError:
+    return ControlError(f"{error}; picosnitch will not start until it is fixed", EXIT_CONFIG)
+
+
+def _check_log_ignore(config) -> None:
+    """Each "Log ignore" entry must be something the identity worker can match (a subnet such as
+    999.1.1.1/77 is not): refused here, with its line, rather than crash that worker."""
+    try:
+        IgnoreRules.from_config(config["Log ignore"])
+    except ValueError as e:
+        raise config_file.ConfigError(config.path, str(e), config.line_of("Log ignore"), key="Log ignore") from None
+
+
+NR_OPEN = "/proc/sys/fs/nr_open"
+
+
+def _check_open_files(config) -> None:
+    """"Set RLIMIT_NOFILE" may not exceed what the kernel allows a process (fs.nr_open)."""
+    limit = config["Set RLIMIT_NOFILE"]
+    try:
+        with open(NR_OPEN) as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        return  # not knowable here: setrlimit() will say
+    if limit is not None and limit > ceiling:
+        raise config_file.ConfigError(
+            config.path, f'"Set RLIMIT_NOFILE" must be at most {ceiling} (fs.nr_open), not {limit}',
+            config.line_of("Set RLIMIT_NOFILE"), key="Set RLIMIT_NOFILE")
 
 
 def _lock_pid_file(paths: Paths) -> int:
@@ -84,7 +117,12 @@ def _apply_limits(config) -> None:
     limit = config["Set RLIMIT_NOFILE"]
     if limit:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+        except (OSError, ValueError) as e:
+            raise _refusal(config_file.ConfigError(
+                config.path, f'"Set RLIMIT_NOFILE" {limit} cannot be set ({e})',
+                config.line_of("Set RLIMIT_NOFILE"), key="Set RLIMIT_NOFILE")) from None
 
 
 def prepare(paths: Paths):
