@@ -47,3 +47,13 @@ class VtResult:
     name: str
     sha256: str
     status: str
+
+
+@dataclass(frozen=True)
+class WorkerEnded:
+    """A worker's last words to the supervisor: why it is about to exit. `fatal`: restarting it
+    cannot help (the kernel monitor cannot run here), so the daemon stops."""
+
+    name: str
+    reason: str
+    fatal: bool = False

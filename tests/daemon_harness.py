@@ -26,9 +26,10 @@ class Daemon:
         self.settings = {"DB write limit (seconds)": 1, **settings}
         self.proc = None
         self.notify = None  # the $NOTIFY_SOCKET the daemon reports READY=1 and STOPPING=1 on
+        self.package_root = REPO  # where `picosnitch` is imported from
 
     def env(self) -> dict:
-        return dict(os.environ, PICOSNITCH_PREFIX=str(self.prefix), PYTHONPATH=str(REPO))
+        return dict(os.environ, PICOSNITCH_PREFIX=str(self.prefix), PYTHONPATH=str(self.package_root))
 
     def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         """Runs `picosnitch ARGS` against this prefix."""

@@ -47,26 +47,32 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
             to_vt.send(request)
     stopped: set[str] = set()
     next_save = time.monotonic() + SAVE_EVERY
+
+    def handle(message) -> None:
+        if isinstance(message, Stop):
+            stopped.add(message.sender)
+        elif isinstance(message, ErrorReport):
+            errors.error(message.message, message.key)
+            if to_notifier:
+                to_notifier.send(message)
+        elif isinstance(message, Observed):
+            observe(keeper, message, to_notifier, to_vt)
+        elif isinstance(message, VtResult):
+            record_result(keeper, message)
+            if to_notifier:
+                to_notifier.send(message)
+
     try:
         while not set(wait_for) <= stopped:
             for inbox in wait(inboxes, timeout=SAVE_EVERY):
-                message = cast(Connection, inbox).recv()
-                if isinstance(message, Stop):
-                    stopped.add(message.sender)
-                elif isinstance(message, ErrorReport):
-                    errors.error(message.message, message.key)
-                    if to_notifier:
-                        to_notifier.send(message)
-                elif isinstance(message, Observed):
-                    observe(keeper, message, to_notifier, to_vt)
-                elif isinstance(message, VtResult):
-                    record_result(keeper, message)
-                    if to_notifier:
-                        to_notifier.send(message)
+                handle(cast(Connection, inbox).recv())
             if time.monotonic() >= next_save:
                 next_save = time.monotonic() + SAVE_EVERY
                 keeper.save()
                 errors.flush()
+        for inbox in inboxes:  # what the others said last, e.g. the supervisor's reason for stopping
+            while inbox.poll():
+                handle(inbox.recv())
     finally:
         keeper.save()
         errors.flush()

@@ -140,9 +140,13 @@ def run_foreground(paths: Paths, config, on_ready=None) -> int:
     lock = _lock_pid_file(paths)
     try:
         _apply_limits(config)
-        return Supervisor(config, paths).run(on_ready)
+        supervisor = Supervisor(config, paths)
+        status = supervisor.run(on_ready)
     finally:
         os.close(lock)
+    if supervisor.failure:
+        raise ControlError(supervisor.failure, status)
+    return status
 
 
 def start_background(paths: Paths, config) -> int:
@@ -161,8 +165,9 @@ def start_background(paths: Paths, config) -> int:
         if answer.startswith(b"ready"):
             print(f"picosnitch started (pid {answer.split()[1].decode()})")
             return 0
-        raise ControlError(answer.decode(errors="replace").strip() or
-                           f"picosnitch did not start; see {paths.error_log}")
+        code, _, message = answer.decode(errors="replace").strip().partition(" ")
+        raise ControlError(message or f"picosnitch did not start; see {paths.error_log}",
+                           int(code) if code.isdigit() else 1)
     os.close(ready_r)
     os.setsid()
     if os.fork():
@@ -179,7 +184,10 @@ def start_background(paths: Paths, config) -> int:
     try:
         status = run_foreground(paths, config, on_ready)
     except ControlError as e:
-        os.write(ready_w, f"{e}\n".encode())
+        try:
+            os.write(ready_w, f"{e.status} {e}\n".encode())
+        except OSError:
+            pass  # it was ready, and said so: the reason is in error.log
         status = e.status
     os._exit(status)
 

@@ -9,6 +9,11 @@
 Every worker also reports errors to the keeper, which owns record.json, exe.log and error.log.
 Stopping: SIGTERM to the monitor, which drains the kernel and sends Stop down the pipeline; each
 worker finishes what it holds and passes Stop on, so nothing pending is lost.
+
+A worker that ends tells the supervisor why first (WorkerEnded), so the line saying it is
+restarted names the reason. One that keeps crashing is started again after a pause that grows,
+never given up on: the others go on with what still works, and error.log says what does not.
+Only a kernel monitor that cannot run here at all stops the daemon, with its reason.
 """
 
 import gc
@@ -16,7 +21,9 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
+import traceback
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Dict, Optional, cast
@@ -26,12 +33,28 @@ from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.identity import worker as identity_worker
 from picosnitch.kernel import worker as monitor_worker
-from picosnitch.messages import ErrorReport, Stop
+from picosnitch.messages import ErrorReport, Stop, WorkerEnded
+from picosnitch.sanitize import printable
 from picosnitch.store import worker as writer_worker
 
 RESTARTS_ALLOWED = 5  # within RESTART_WINDOW seconds, per worker; more is a crash loop
 RESTART_WINDOW = 60.0
+FIRST_PAUSE = 10.0  # seconds before a crash-looping worker is started again; doubles each time
+LONGEST_PAUSE = 600.0
 STOP_TIMEOUT = 30.0
+EXIT_MONITOR_FATAL = 78  # EX_CONFIG, as for a bad config.json: systemd must not restart us in a loop
+
+# What stops working while a worker is down, for the line that says it keeps crashing.
+WITHOUT = {
+    "monitor": "no traffic is recorded",
+    "identity": "no traffic is recorded",
+    "writer": "snitch.db and conn.log are not written (the other workers keep what they can)",
+    "live": "picosnitch top shows nothing",
+    "sql": "the SQL server gets no rows",
+    "keeper": "record.json, exe.log and error.log are not written",
+    "notifier": "no desktop notifications are shown",
+    "vt": "no VirusTotal lookups are made",
+}
 
 _ctx = multiprocessing.get_context("fork")
 
@@ -65,9 +88,11 @@ class Supervisor:
         to_keeper = {name: _ctx.Pipe(duplex=False) for name in ("supervisor", "identity", *consumers, *helpers)}
         self.to_keeper = to_keeper["supervisor"][1]
         self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
+        self.last_words, self.to_supervisor = _ctx.Pipe(duplex=False)  # WorkerEnded, one short message each
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
         targets = {
-            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid())),
+            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid(),
+                                             self.to_supervisor)),
             "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
                                                to_keeper["identity"][1])),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
@@ -84,11 +109,16 @@ class Supervisor:
         self.targets: Dict[str, tuple] = targets
         self.processes: Dict[str, multiprocessing.process.BaseProcess] = {}
         self.restarts: Dict[str, deque] = {name: deque() for name in self.order}
+        self.reasons: Dict[str, str] = {}  # each worker's last words, until its exit is handled
+        self.paused: Dict[str, float] = {}  # crash-looping workers: when each is started again
+        self.pauses: Dict[str, float] = {}  # the pause each crash loop gets next
         self.stopping = False
+        self.failure: Optional[str] = None  # why the daemon stopped on its own, for the command's stderr
 
     def _start(self, name: str) -> None:
         target, args = self.targets[name]
-        process = _ctx.Process(target=_exit_with, args=(target, args), name=f"picosnitch-{name}", daemon=False)
+        process = _ctx.Process(target=_exit_with, args=(name, target, args, self.to_supervisor),
+                               name=f"picosnitch-{name}", daemon=False)
         # The forked worker shares the supervisor's objects until it writes to them, and a full
         # collection (heap.trim) writes to every object it examines: frozen, they are not examined.
         gc.freeze()
@@ -96,10 +126,14 @@ class Supervisor:
         self.processes[name] = process
 
     def report(self, message: str) -> None:
+        """A line for error.log; also on stderr while the keeper, who writes error.log, is down."""
         self.to_keeper.send(ErrorReport(message))
+        if "keeper" in self.paused:
+            print(f"picosnitch: {message}", file=sys.stderr, flush=True)
 
     def run(self, on_ready: Optional[Callable[[], None]] = None) -> int:
-        """Runs until SIGTERM/SIGINT; returns the exit status."""
+        """Runs until SIGTERM/SIGINT, or until the kernel monitor cannot run (`failure` says
+        why); returns the exit status."""
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         for name in self.order:
@@ -107,7 +141,6 @@ class Supervisor:
         for warning in self.config.warnings:
             self.report(warning)
         announced = False
-        status = 0
         try:
             while not self.stopping:
                 if not announced and self.ready.is_set():
@@ -115,49 +148,89 @@ class Supervisor:
                     sd_notify("READY=1")
                     if on_ready:
                         on_ready()
-                sentinels = {p.sentinel: name for name, p in self.processes.items()}
-                for sentinel in wait(list(sentinels), timeout=0.2):
-                    name = sentinels[cast(int, sentinel)]
+                self._start_paused()
+                running = {p.sentinel: name for name, p in self.processes.items() if name not in self.paused}
+                for ready in wait([*running, self.last_words], timeout=self._wait_time()):
+                    if ready is self.last_words:
+                        self._read_last_words()
+                        continue
+                    name = running[cast(int, ready)]
                     if self.stopping:
                         break
                     self.processes[name].join(5)  # reaped, so that its exit code is known
                     if self.processes[name].exitcode is None:  # still exiting: next round
                         continue
+                    self._read_last_words()
                     if self.processes[name].exitcode == 0:  # finished: its upstream stopped
                         self._request_stop()
                     elif not self._restart(name):
-                        status = 1
                         self._request_stop()
         finally:  # even after a bug here: workers left running would keep the exit waiting forever
             sd_notify("STOPPING=1")
             self._stop_all()
-        return status
+        return EXIT_MONITOR_FATAL if self.failure else 0
 
     def _request_stop(self) -> None:
         self.stopping = True
 
+    def _wait_time(self) -> float:
+        if not self.paused:
+            return 0.2
+        return min(0.2, max(min(self.paused.values()) - time.monotonic(), 0))
+
+    def _read_last_words(self) -> None:
+        while self.last_words.poll():
+            ended = self.last_words.recv()
+            if not isinstance(ended, WorkerEnded):
+                continue
+            self.reasons[ended.name] = ended.reason
+            if ended.fatal and self.failure is None:
+                self.failure = f"{ended.reason}; picosnitch stops"
+                self.report(self.failure)
+                self._request_stop()
+
     def _restart(self, name: str) -> bool:
-        """Restarts a worker that exited; False when it must not be (fatal, or crash loop)."""
+        """Restarts a worker that exited, at once or after a pause if it keeps crashing; False
+        when it must not be (the kernel monitor cannot run here)."""
         code = self.processes[name].exitcode
         assert code is not None, "it has exited"
         why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        reason = self.reasons.pop(name, None)
+        if reason:
+            why += ": " + reason
         if name == "monitor" and code == monitor_worker.EXIT_FATAL:
-            self.report("the kernel monitor cannot run here (see the previous line); picosnitch stops")
+            if self.failure is None:
+                self.failure = f"the kernel monitor cannot start ({why}); picosnitch stops"
+                self.report(self.failure)
             return False
         now = time.monotonic()
         history = self.restarts[name]
         while history and now - history[0] > RESTART_WINDOW:
             history.popleft()
         if len(history) >= RESTARTS_ALLOWED:
-            self.report(f"the {name} worker crashed {len(history) + 1} times within {RESTART_WINDOW:.0f} s "
-                        f"({why}); picosnitch stops")
-            return False
+            pause = self.pauses.get(name, FIRST_PAUSE)
+            self.pauses[name] = min(pause * 2, LONGEST_PAUSE)
+            self.paused[name] = now + pause
+            history.clear()
+            self.report(f"the {name} worker crashed {RESTARTS_ALLOWED + 1} times within {RESTART_WINDOW:.0f} s "
+                        f"(the last time {why}); until it runs again {WITHOUT[name]}; it is started again "
+                        f"in {pause:.0f} s")
+            return True
         history.append(now)
         self.report(f"the {name} worker stopped unexpectedly ({why}); restarting it")
+        self._start_now(name)
+        return True
+
+    def _start_paused(self) -> None:
+        for name, when in list(self.paused.items()):
+            if time.monotonic() >= when:
+                del self.paused[name]
+                self._start_now(name)
+
+    def _start_now(self, name: str) -> None:
         if name == "monitor":
             self.ready.clear()
         self._start(name)
-        return True
 
     def _stop_all(self) -> None:
         """Stops the pipeline from its head. A worker whose upstream died without saying Stop is
@@ -179,5 +252,28 @@ class Supervisor:
                 process.join()
 
 
-def _exit_with(target, args) -> None:
-    os._exit(target(*args) or 0)
+def _exit_with(name: str, target, args, to_supervisor) -> None:
+    """A worker's life: its target's return value is the exit status; an exception is told to
+    the supervisor in one line (and in full on stderr, which the journal keeps) first."""
+    try:
+        status = target(*args) or 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:  # noqa: BLE001 - whatever ends a worker is reported
+        traceback.print_exc()
+        try:
+            to_supervisor.send(WorkerEnded(name, describe(e)))
+        except OSError:
+            pass
+        status = 1
+    os._exit(status)
+
+
+def describe(error: BaseException) -> str:
+    """An exception in one line: its type, message, and the innermost line of picosnitch it came from."""
+    where = ""
+    for frame in traceback.extract_tb(error.__traceback__):
+        if "picosnitch" in frame.filename:
+            where = f" (at picosnitch/{frame.filename.rpartition('picosnitch/')[2]} line {frame.lineno})"
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return printable(text, limit=300) + where

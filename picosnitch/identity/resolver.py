@@ -45,7 +45,11 @@ class IdentityResolver:
     # --- kernel records in, Connections out ---
 
     def handle(self, record, ts: int) -> List[Connection]:
-        """Applies one kernel record; returns the Connections it yields (window start ts)."""
+        """Applies one kernel record; returns the Connections it yields (window start ts). An
+        ErrorReport among them is the monitor's, passed on to error.log."""
+        if isinstance(record, ErrorReport):
+            self.report(record)
+            return []
         kind = record.kind
         if kind in ("exec", "fork", "exit"):
             self.table.apply(record)

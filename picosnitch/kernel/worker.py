@@ -6,14 +6,16 @@ import threading
 from picosnitch import parent_death
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
-from picosnitch.messages import ErrorReport, Stop
+from picosnitch.messages import Stop, WorkerEnded
+from picosnitch.sanitize import printable
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
 
 
-def run(config, to_identity, ready, supervisor_pid: int) -> int:
+def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
     """Loads the BPF programs, sets `ready`, and sends record batches until SIGTERM (also sent
-    when the supervisor dies)."""
+    when the supervisor dies). When the programs cannot be loaded at all, the supervisor is told
+    why (WorkerEnded) and the daemon stops."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -23,7 +25,8 @@ def run(config, to_identity, ready, supervisor_pid: int) -> int:
     try:
         degraded = monitor.start()
     except (MonitorError, LibbpfError) as e:
-        to_identity.send([ErrorReport(f"the kernel monitor cannot start: {e}")])
+        to_supervisor.send(WorkerEnded("monitor", f"the kernel monitor cannot start: {printable(str(e), 1000)}",
+                                       fatal=True))
         to_identity.send(Stop("monitor"))
         return EXIT_FATAL
     if degraded:
