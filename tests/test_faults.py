@@ -9,32 +9,13 @@ traceback for anything a user or another program can do to it.
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
-from daemon_harness import REPO, Daemon, Sink, wait_for
+from daemon_harness import REPO, Daemon, wait_for
+from test_daemon_lifecycle import holder_of, prefix, sink, talk  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the daemon")
-
-
-@pytest.fixture(scope="module")
-def sink():
-    s = Sink()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def prefix(tmp_path):
-    root = tmp_path / "prefix"
-    yield root
-    Daemon(root).cli("stop")
-
-
-def talk(program, port, size):
-    """Runs `program quick` (tests/c/netops.c): connect to the sink, send `size` bytes, exit."""
-    subprocess.run([str(program), "quick", "127.0.0.1", str(port), str(size)], check=True, capture_output=True)
 
 
 def sent_by(daemon, program, port):
@@ -83,18 +64,6 @@ def test_a_monitor_that_cannot_start_says_why_and_the_daemon_stops_with_78(prefi
 
 
 # --- a worker that keeps crashing ------------------------------------------------------------------
-
-def holder_of(daemon, target):
-    """The daemon process that has `target` open."""
-    for pid in daemon.workers():
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return pid
-        except FileNotFoundError:
-            continue
-    return None
-
 
 def test_a_worker_that_keeps_crashing_is_reported_and_started_again_later(prefix, sink, netops):
     with Daemon(prefix) as daemon:
