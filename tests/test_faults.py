@@ -6,6 +6,7 @@ lost, or exactly what was lost said in error.log; the daemon still recording at 
 traceback for anything a user or another program can do to it.
 """
 
+import hashlib
 import os
 import shutil
 import signal
@@ -28,6 +29,10 @@ def still_monitoring(daemon, program, port, size=4321):
     before = sent_by(daemon, program, port)
     talk(program, port, size)
     wait_for(lambda: sent_by(daemon, program, port) >= before + size, what="new traffic in snitch.db")
+
+
+def sha256_of(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def no_traceback(*texts):
@@ -85,3 +90,34 @@ def test_a_worker_that_keeps_crashing_is_reported_and_started_again_later(prefix
         still_monitoring(daemon, netops, sink.port)
         assert daemon.stop() == 0
     no_traceback(daemon.error_log())
+
+
+# --- a stalled writer --------------------------------------------------------------------------------
+
+def test_a_stalled_writer_costs_no_identities_and_no_timestamps(prefix, sink, netops, tmp_path):
+    # A small ring buffer (64 KiB: about a dozen exec events) fills within a second if the
+    # monitor stops reading it, as it did while the writer held up the whole pipeline.
+    program = tmp_path / "short-lived"
+    shutil.copy(netops, program)
+    with Daemon(prefix, **{"Perf ring buffer (pages)": 16}) as daemon:
+        writer = wait_for(lambda: holder_of(daemon, str(daemon.paths.db)), what="the writer")
+        os.kill(writer, signal.SIGSTOP)
+        made = {}
+        try:
+            for i in range(60):  # short-lived processes, for 12 s, while nothing is written
+                made[1000 + i] = time.time()
+                talk(program, sink.port, 1000 + i)
+                time.sleep(0.2)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        wait_for(lambda: len(daemon.rows("exe = ?", (str(program),))) == len(made), timeout=30,
+                 what="a row for every process")
+        rows = daemon.rows("exe = ?", (str(program),))
+        assert sorted(r["send"] for r in rows) == sorted(made)
+        assert {r["sha256"] for r in rows} == {sha256_of(program)}  # none "!unknown"
+        for row in rows:  # the window the traffic was drained in, not the one it was written in
+            assert made[row["send"]] - 1 <= row["ts"] <= made[row["send"]] + 1.5, (row, made[row["send"]])
+        still_monitoring(daemon, netops, sink.port)
+        assert daemon.stop() == 0
+    log = daemon.error_log()
+    assert "the kernel dropped" not in log and "could not be" not in log, log

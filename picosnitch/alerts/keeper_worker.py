@@ -6,9 +6,8 @@ to the VirusTotal worker, whose verdicts come back here to be recorded.
 
 import signal
 import time
-from multiprocessing.connection import Connection, wait
-from typing import cast
 
+from picosnitch import channels
 from picosnitch.alerts.record_keeper import (
     NAMES_BY_EXE,
     NEW_EXE,
@@ -22,6 +21,7 @@ from picosnitch.alerts.record_keeper import (
 from picosnitch.messages import ErrorReport, Observed, Stop, VtRequest, VtResult
 
 SAVE_EVERY = 5.0
+FINISH_TIMEOUT = 20.0  # seconds at exit to hand the helpers what is still queued
 
 
 def unchecked_hashes(keeper: RecordKeeper):
@@ -46,6 +46,7 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
         for request in unchecked_hashes(keeper):
             to_vt.send(request)
     stopped: set[str] = set()
+    helpers = [h for h in (to_notifier, to_vt) if h]
     next_save = time.monotonic() + SAVE_EVERY
 
     def handle(message) -> None:
@@ -64,8 +65,8 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
 
     try:
         while not set(wait_for) <= stopped:
-            for inbox in wait(inboxes, timeout=SAVE_EVERY):
-                handle(cast(Connection, inbox).recv())
+            for inbox in channels.wait(inboxes, SAVE_EVERY, helpers):
+                handle(inbox.recv())
             if time.monotonic() >= next_save:
                 next_save = time.monotonic() + SAVE_EVERY
                 keeper.save()
@@ -76,9 +77,9 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
     finally:
         keeper.save()
         errors.flush()
-        for helper in (to_notifier, to_vt):
-            if helper:
-                helper.send(Stop("keeper"))
+        for helper in helpers:
+            helper.send(Stop("keeper"))
+            helper.finish(FINISH_TIMEOUT)
     return 0
 
 

@@ -25,9 +25,9 @@ import sys
 import time
 import traceback
 from collections import deque
-from multiprocessing.connection import wait
 from typing import Callable, Dict, Optional, cast
 
+from picosnitch import channels
 from picosnitch.alerts import keeper_worker, notifier_worker, vt_worker
 from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
@@ -42,6 +42,7 @@ RESTART_WINDOW = 60.0
 FIRST_PAUSE = 10.0  # seconds before a crash-looping worker is started again; doubles each time
 LONGEST_PAUSE = 600.0
 STOP_TIMEOUT = 30.0
+REPORTS_LIMIT = 4 << 20  # bytes of error reports a worker holds for a keeper that does not read them
 EXIT_MONITOR_FATAL = 78  # EX_CONFIG, as for a bad config.json: systemd must not restart us in a loop
 
 # What stops working while a worker is down, for the line that says it keeps crashing.
@@ -82,18 +83,18 @@ class Supervisor:
         helpers = (["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
         self.order = (*helpers, "keeper", *consumers, "identity", "monitor")  # start order; stop: reversed
         # Each worker's inbox, and who speaks for its upstream when that died without saying Stop.
-        inbox = {name: _ctx.Pipe(duplex=False) for name in ("identity", *consumers, *helpers)}
+        inbox = {name: channels.pair() for name in ("identity", *consumers, *helpers)}
         self.inbox_out = {name: sender for name, (_, sender) in inbox.items()}
         self.upstream = {"identity": "monitor", **{c: "identity" for c in consumers}, **{h: "keeper" for h in helpers}}
-        to_keeper = {name: _ctx.Pipe(duplex=False) for name in ("supervisor", "identity", *consumers, *helpers)}
+        to_keeper = {name: channels.pair(REPORTS_LIMIT) for name in ("supervisor", "identity", *consumers, *helpers)}
         self.to_keeper = to_keeper["supervisor"][1]
         self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
-        self.last_words, self.to_supervisor = _ctx.Pipe(duplex=False)  # WorkerEnded, one short message each
+        self.last_words, self.to_supervisor = channels.pair(REPORTS_LIMIT)  # WorkerEnded, from any worker
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
         targets = {
             "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid(),
                                              self.to_supervisor)),
-            "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
+            "identity": (identity_worker.run, (config, inbox["identity"][0], {c: inbox[c][1] for c in consumers},
                                                to_keeper["identity"][1])),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
@@ -150,7 +151,8 @@ class Supervisor:
                         on_ready()
                 self._start_paused()
                 running = {p.sentinel: name for name, p in self.processes.items() if name not in self.paused}
-                for ready in wait([*running, self.last_words], timeout=self._wait_time()):
+                senders = [self.to_keeper, *self.inbox_out.values()]
+                for ready in channels.wait([*running, self.last_words], self._wait_time(), senders):
                     if ready is self.last_words:
                         self._read_last_words()
                         continue
@@ -245,11 +247,19 @@ class Supervisor:
                     self.to_keeper.send(Stop(producer))
             elif process.is_alive() and name in self.inbox_out:
                 self.inbox_out[name].send(Stop(self.upstream[name]))
-            process.join(STOP_TIMEOUT)
+            self._join(process, STOP_TIMEOUT)
             if process.is_alive():
                 self.report(f"the {name} worker did not stop within {STOP_TIMEOUT:.0f} s; killing it")
                 process.kill()
                 process.join()
+
+
+    def _join(self, process, timeout: float) -> None:
+        """Waits for a worker to exit, sending meanwhile what the supervisor has queued for the others."""
+        deadline = time.monotonic() + timeout
+        senders = [self.to_keeper, *self.inbox_out.values()]
+        while process.is_alive() and time.monotonic() < deadline:
+            channels.wait([process.sentinel], min(0.1, deadline - time.monotonic()), senders)
 
 
 def _exit_with(name: str, target, args, to_supervisor) -> None:

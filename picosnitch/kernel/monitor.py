@@ -373,7 +373,8 @@ class KernelMonitor:
         _add_up(totals, self.obj.map(f"flows_{idle}").pop_all(FlowKey, FlowValue))
         self._epoch += 1
         self._write_drain_state()
-        return [Flow.from_c(k, v) for k, v in totals.values()]
+        now = time.time()
+        return [Flow.from_c(k, v, now) for k, v in totals.values()]
 
     def drain_all(self) -> List[Flow]:
         """Everything still in the kernel (at shutdown): both maps, after a short grace period."""

@@ -10,6 +10,7 @@ from picosnitch.messages import Stop, WorkerEnded
 from picosnitch.sanitize import printable
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
+FINISH_TIMEOUT = 20.0  # seconds to hand over what is still queued at exit
 
 
 def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
@@ -27,7 +28,7 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
     except (MonitorError, LibbpfError) as e:
         to_supervisor.send(WorkerEnded("monitor", f"the kernel monitor cannot start: {printable(str(e), 1000)}",
                                        fatal=True))
-        to_identity.send(Stop("monitor"))
+        to_supervisor.finish(FINISH_TIMEOUT)
         return EXIT_FATAL
     if degraded:
         to_identity.send(degraded)
@@ -37,4 +38,5 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
     finally:
         monitor.close()
     to_identity.send(Stop("monitor"))
+    to_identity.finish(FINISH_TIMEOUT)
     return 0

@@ -8,10 +8,9 @@ after a busy one gives memory back (Destinations.release_memory).
 
 import signal
 import time
-from multiprocessing.connection import wait
 from typing import Dict
 
-from picosnitch import heap
+from picosnitch import channels, heap
 from picosnitch.connection import Connection
 from picosnitch.messages import ErrorReport, Stop
 from picosnitch.store.conn_log import ConnLog
@@ -20,6 +19,7 @@ from picosnitch.store.sqlite import SqliteWriter, close_db, open_db
 PRUNE_EVERY = 86400.0
 MAX_PENDING = 10_000  # rows of a window held before they are written (about 5 MB)
 QUIET_ROWS = 1_000  # a window with fewer rows than this ends a burst
+FINISH_TIMEOUT = 20.0  # seconds at exit to hand the keeper what is still queued
 
 
 class Destinations:
@@ -104,7 +104,7 @@ def run(config, paths, from_identity, to_keeper) -> int:
 
     try:
         while True:
-            if wait([from_identity], timeout=max(next_write - time.monotonic(), 0)) and not receive():
+            if channels.wait([from_identity], max(next_write - time.monotonic(), 0), [to_keeper]) and not receive():
                 flush()
                 return 0
             if time.monotonic() >= next_write:
@@ -122,3 +122,4 @@ def run(config, paths, from_identity, to_keeper) -> int:
     finally:
         destinations.close()
         to_keeper.send(Stop("writer"))
+        to_keeper.finish(FINISH_TIMEOUT)
