@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 MAX_PACKET = 64 * 1024  # bytes: small enough for the kernel to allocate at once, large enough for ~500 rows
 SOCKET_BUFFER = 1 << 20  # asked for; the kernel caps it at net.core.wmem_max
@@ -223,6 +223,16 @@ def parts(items: list) -> List[Tuple[bytes, list]]:
     count = -(-len(message) // (MAX_PACKET * 3 // 4))  # aim below the limit: items differ in size
     size = -(-len(items) // count)
     return [part for start in range(0, len(items), size) for part in parts(items[start:start + size])]
+
+
+def send_parts(senders: Iterable[Channel], items: list, tally: Callable[[list], Any]) -> None:
+    """Sends `items` to each of `senders` as parts(), each part pickled once for all of them
+    and tallied by `tally(part)`, so a part dropped from a full outbox is counted exactly."""
+    senders = list(senders)
+    for message, part in parts(items):
+        counted = tally(part)
+        for sender in senders:
+            sender.send_bytes(message, counted)
 
 
 def wait(readers: Iterable, timeout: Optional[float], senders: Sequence[Channel] = ()) -> list:

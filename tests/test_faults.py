@@ -92,16 +92,18 @@ def test_a_worker_that_keeps_crashing_is_reported_and_started_again_later(prefix
     no_traceback(daemon.error_log())
 
 
-# --- a stalled writer --------------------------------------------------------------------------------
+# --- a stalled worker --------------------------------------------------------------------------------
 
-def test_a_stalled_writer_costs_no_identities_and_no_timestamps(prefix, sink, netops, tmp_path):
+@pytest.mark.parametrize("worker", ["writer", "identity"])
+def test_a_stalled_worker_costs_no_identities_and_no_timestamps(prefix, sink, netops, tmp_path, worker):
     # A small ring buffer (64 KiB: about a dozen exec events) fills within a second if the
     # monitor stops reading it, as it did while the writer held up the whole pipeline.
     program = tmp_path / "short-lived"
     shutil.copy(netops, program)
     with Daemon(prefix, **{"Perf ring buffer (pages)": 16}) as daemon:
-        writer = wait_for(lambda: holder_of(daemon, str(daemon.paths.db)), what="the writer")
-        os.kill(writer, signal.SIGSTOP)
+        held = str(daemon.paths.db) if worker == "writer" else "anon_inode:[fanotify]"
+        stalled = wait_for(lambda: holder_of(daemon, held), what=f"the {worker} worker")
+        os.kill(stalled, signal.SIGSTOP)
         made = {}
         try:
             for i in range(60):  # short-lived processes, for 12 s, while nothing is written
@@ -109,7 +111,7 @@ def test_a_stalled_writer_costs_no_identities_and_no_timestamps(prefix, sink, ne
                 talk(program, sink.port, 1000 + i)
                 time.sleep(0.2)
         finally:
-            os.kill(writer, signal.SIGCONT)
+            os.kill(stalled, signal.SIGCONT)
         wait_for(lambda: len(daemon.rows("exe = ?", (str(program),))) == len(made), timeout=30,
                  what="a row for every process")
         rows = daemon.rows("exe = ?", (str(program),))

@@ -37,12 +37,8 @@ def resolve(resolver: IdentityResolver, batch: list, limit: int, consumers: Dict
     now = time.time()
     connections = [c for record in batch
                    for c in resolver.handle(record, window_start(getattr(record, "time", 0) or now, limit))]
-    if not connections:
-        return
-    for message, part in channels.parts(connections):
-        tally = Tally.of(part)
-        for consumer in consumers.values():
-            consumer.send_bytes(message, tally)
+    if connections:
+        channels.send_parts(consumers.values(), connections, Tally.of)
 
 
 class Losses:

@@ -1,13 +1,21 @@
-"""The privileged monitor process: runs the kernel monitor and passes its records on in batches."""
+"""The privileged monitor process: runs the kernel monitor and passes its records on in batches.
+
+It never waits for the identity worker (channels): the kernel's ring buffer and maps are read on
+time whatever happens downstream. Records the identity worker does not take in time, beyond the
+channel's bound, are dropped and said exactly in the next batch it takes.
+"""
 
 import signal
 import threading
+from dataclasses import dataclass
+from typing import List, Optional
 
-from picosnitch import parent_death
+from picosnitch import channels, parent_death
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
-from picosnitch.messages import Stop, WorkerEnded
+from picosnitch.messages import ErrorReport, Stop, WorkerEnded
 from picosnitch.sanitize import printable
+from picosnitch.timestamps import local_time
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
 FINISH_TIMEOUT = 20.0  # seconds to hand over what is still queued at exit
@@ -34,9 +42,70 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
         to_identity.send(degraded)
     ready.set()
     try:
-        monitor.run(to_identity.send, stop.is_set)
+        monitor.run(Delivery(to_identity), stop.is_set)
     finally:
         monitor.close()
     to_identity.send(Stop("monitor"))
     to_identity.finish(FINISH_TIMEOUT)
     return 0
+
+
+@dataclass
+class Held:
+    """What some records hold: flows and their bytes, other events, and when they happened."""
+
+    flows: int = 0
+    traffic: int = 0
+    events: int = 0
+    first: Optional[float] = None
+    last: Optional[float] = None
+
+    @classmethod
+    def of(cls, records: list) -> "Held":
+        held = cls()
+        for record in records:
+            kind = getattr(record, "kind", "")  # an ErrorReport has none
+            if kind == "flow":
+                held.flows += 1
+                held.traffic += record.bytes_sent + record.bytes_recv
+            elif kind in ("exec", "fork", "exit", "dns", "payload"):
+                held.events += 1
+            when = getattr(record, "time", 0)
+            if when:
+                held.first = when if held.first is None else min(held.first, when)
+                held.last = when if held.last is None else max(held.last, when)
+        return held
+
+    def add(self, other: "Held") -> None:
+        self.flows += other.flows
+        self.traffic += other.traffic
+        self.events += other.events
+        for edge, pick in (("first", min), ("last", max)):
+            mine, theirs = getattr(self, edge), getattr(other, edge)
+            setattr(self, edge, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+
+    def __bool__(self) -> bool:
+        return bool(self.flows or self.events)
+
+    def sentence(self) -> str:
+        span = f" between {local_time(self.first)} and {local_time(self.last)}" if self.first and self.last else ""
+        return (f"{self.flows} flows ({self.traffic} bytes of traffic) and {self.events} process and DNS events"
+                f"{span} were dropped: the identity worker did not read them in time")
+
+
+class Delivery:
+    """Sends the monitor's batches to the identity worker without waiting; what the channel had
+    to drop is said (ErrorReport, passed on to error.log) at the head of the next batch it takes."""
+
+    def __init__(self, to_identity: channels.Channel):
+        self.to_identity = to_identity
+        self.lost = Held()
+
+    def __call__(self, batch: List) -> None:
+        for held in self.to_identity.take_dropped():
+            self.lost.add(held)
+        if self.lost and not self.to_identity.queued:
+            batch = [ErrorReport(self.lost.sentence()), *batch]
+            self.lost = Held()
+        if batch:
+            channels.send_parts([self.to_identity], batch, Held.of)
