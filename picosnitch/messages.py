@@ -12,6 +12,12 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Resend:
+    """To the identity worker: the record keeper was restarted; send it again every identity
+    observed, so nothing the old keeper had not recorded is lost (it ignores what it knows)."""
+
+
+@dataclass(frozen=True)
 class ErrorReport:
     """One line for error.log; reports with the same key are counted rather than repeated."""
 

@@ -31,6 +31,7 @@ class Paths:
     data_dir: Path
     db: Path
     record: Path
+    record_journal: Path  # changes to record.json since it was last saved
     # Reserved for the remote SQL writer's disk backlog. Not made by ensure_dirs(): that writer
     # runs unprivileged, so whoever starts it creates this directory owned by its user.
     sql_backlog: Path
@@ -41,6 +42,7 @@ class Paths:
     run_dir: Path
     pid_file: Path
     live_socket: Path
+    error_counts: Path  # error.log's repeat counts not yet written
 
     @classmethod
     def under(cls, root: str | os.PathLike = "/") -> Paths:
@@ -57,6 +59,7 @@ class Paths:
             data_dir=data_dir,
             db=data_dir / "snitch.db",
             record=data_dir / "record.json",
+            record_journal=data_dir / "record.journal",
             sql_backlog=data_dir / "sql-backlog",
             log_dir=log_dir,
             exe_log=log_dir / "exe.log",
@@ -65,6 +68,7 @@ class Paths:
             run_dir=run_dir,
             pid_file=run_dir / "picosnitch.pid",
             live_socket=run_dir / "live.sock",
+            error_counts=run_dir / "error-counts.json",
         )
 
     @classmethod

@@ -56,17 +56,27 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "start-no-daemon"],
                                      env=dict(self.env(), NOTIFY_SOCKET="@" + address),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+                                     errors="surrogateescape", start_new_session=True)
+        # stderr is read as it comes: a daemon that says much there (a full disk) never waits on it
+        self._stderr = []
+        self._stderr_reader = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
+        self._stderr_reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.stderr()}")
             try:
                 if b"READY=1" in notify.recv(4096).split(b"\n"):
                     return self
             except socket.timeout:
                 pass
         raise RuntimeError("daemon did not become ready")
+
+    def stderr(self) -> str:
+        """What the daemon wrote on stderr so far (all of it, once it has exited)."""
+        if self.proc.poll() is not None:
+            self._stderr_reader.join(10)
+        return "".join(self._stderr)
 
     def workers(self) -> list:
         """Pids of the daemon's processes other than the supervisor."""

@@ -6,10 +6,16 @@ lost, or exactly what was lost said in error.log; the daemon still recording at 
 traceback for anything a user or another program can do to it.
 """
 
+import collections
+import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import threading
 import time
 
 import pytest
@@ -123,3 +129,143 @@ def test_a_stalled_worker_costs_no_identities_and_no_timestamps(prefix, sink, ne
         assert daemon.stop() == 0
     log = daemon.error_log()
     assert "the kernel dropped" not in log and "could not be" not in log, log
+
+
+# --- a full disk -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def small_filesystem(path, size):
+    """A filesystem of `size` (tmpfs) mounted on `path` while the block runs."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def fill(directory):
+    """Fills the filesystem of `directory` to the last byte; returns the file that does."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    for size in (4096, 512, 1):
+        try:
+            with open(filler, "ab") as f:
+                while True:
+                    f.write(b"\0" * size)
+                    f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+class Workload:
+    """Short-lived clients talking to the sink, each size counted per program; `new()` adds an
+    executable no one has seen (a copy under a new name), used from the next client on."""
+
+    def __init__(self, netops, port, directory):
+        self.netops, self.port, self.directory = netops, port, directory
+        self.sent = collections.Counter()
+        self.programs = []
+        self.new()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def new(self):
+        program = self.directory / f"client-{len(self.programs)}"
+        shutil.copy(self.netops, program)
+        self.programs.append(program)
+        return program
+
+    def _run(self):
+        size = 1000
+        while not self.stop.is_set():
+            program = self.programs[-1]
+            talk(program, self.port, size)
+            self.sent[program] += size
+            size += 1
+            time.sleep(0.02)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(30)
+
+
+def exe_log_news(paths):
+    """The programs exe.log announces as new executables, one entry per line."""
+    return [line.split(", ")[3] for line in paths.exe_log.read_text().splitlines() if ", new executable, " in line]
+
+
+def recorded_executables(paths):
+    try:
+        return set(json.loads(paths.record.read_text())["Names by executable"])
+    except FileNotFoundError:
+        return set()
+
+
+def test_a_full_disk_loses_no_rows_and_no_executables_and_monitoring_goes_on(prefix, sink, netops, tmp_path):
+    with small_filesystem(prefix / "var", "8m") as var:
+        with Daemon(prefix, **{"DB text log": True}) as daemon:
+            work = Workload(netops, sink.port, tmp_path)
+            time.sleep(2)
+            filler = fill(var)
+            for _ in range(5):  # executables first seen while the disk is full
+                work.new()
+                time.sleep(1.5)
+            failed = "snitch.db cannot be written (database or disk is full)"
+            assert failed in daemon.error_log() + daemon.stderr()
+            filler.unlink()
+            time.sleep(2)
+            work.finish()
+            wait_for(lambda: all(sent_by(daemon, p, sink.port) == n for p, n in work.sent.items()), timeout=30,
+                     what="every byte in snitch.db")
+            wait_for(lambda: set(map(str, work.programs)) <= recorded_executables(daemon.paths),
+                     what="every executable in record.json")
+            still_monitoring(daemon, netops, sink.port)
+            assert daemon.stop() == 0
+        log, stderr = daemon.error_log(), daemon.stderr()
+        news = exe_log_news(daemon.paths)
+        conn_log = collections.Counter()
+        for line in daemon.paths.conn_log.read_text().splitlines():
+            fields = line.split(",")
+            conn_log[fields[3]] += int(fields[1])
+    assert {str(p): news.count(str(p)) for p in work.programs} == {str(p): 1 for p in work.programs}
+    assert {p: conn_log[str(p)] for p in work.programs} == dict(work.sent)
+    assert re.search(r"snitch\.db can be written again after \d+ s: \d+ rows, \d+ bytes of traffic between .* "
+                     r"held meanwhile are written now", log), log
+    assert "conn.log can be written again after" in log
+    assert "could not be" not in log  # nothing was lost
+    no_traceback(log, stderr)
+
+
+LOST = re.compile(r"(\d+) rows?, (\d+) bytes of traffic.* could not be written to snitch\.db: ")
+
+
+def test_rows_a_disk_still_full_at_stop_could_not_take_are_counted_exactly(prefix, sink, netops, tmp_path):
+    # snitch.db on a filesystem that fills up; conn.log, on another, gets every row the writer had.
+    with small_filesystem(prefix / "var/lib", "8m") as lib:
+        with Daemon(prefix, **{"DB text log": True}) as daemon:
+            work = Workload(netops, sink.port, tmp_path)
+            time.sleep(2)
+            fill(lib)
+            time.sleep(4)
+            work.finish()
+            time.sleep(1)  # drained
+            assert daemon.stop() == 0
+        stored = sum(r["send"] + r["recv"] for r in daemon.rows())
+        ours = {p: sent_by(daemon, p, sink.port) for p in work.programs}
+    log = daemon.error_log()
+    handed = sum(int(line.split(",")[1]) + int(line.split(",")[2])
+                 for line in daemon.paths.conn_log.read_text().splitlines())
+    lost = [int(traffic) for _, traffic in LOST.findall(log)]
+    assert lost and sum(ours.values()) < sum(work.sent.values()), "the disk filled up too late to lose anything"
+    assert sum(lost) == handed - stored  # every byte the writer had is stored, or said lost
+    assert "it still could not be written when picosnitch stopped" in log
+    no_traceback(log, daemon.stderr())

@@ -33,7 +33,7 @@ from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.identity import worker as identity_worker
 from picosnitch.kernel import worker as monitor_worker
-from picosnitch.messages import ErrorReport, Stop, WorkerEnded
+from picosnitch.messages import ErrorReport, Resend, Stop, WorkerEnded
 from picosnitch.sanitize import printable
 from picosnitch.store import worker as writer_worker
 
@@ -230,9 +230,12 @@ class Supervisor:
                 self._start_now(name)
 
     def _start_now(self, name: str) -> None:
+        """Starts a worker again."""
         if name == "monitor":
             self.ready.clear()
         self._start(name)
+        if name == "keeper":  # what the old one was told and had not recorded comes again
+            self.inbox_out["identity"].send(Resend())
 
     def _stop_all(self) -> None:
         """Stops the pipeline from its head. A worker whose upstream died without saying Stop is

@@ -187,7 +187,14 @@ class IdentityResolver:
             self.report(ErrorReport(f"{path} changed and cannot be hashed again: {result.error}", f"rehash:{path}"))
             return
         name = self.names.get(path, os.path.basename(path))
-        self.report(Observed(path, name, result.sha256, "", ""))
+        key = (path, name, result.sha256, "", "")
+        self.observed.add(key)
+        self.report(Observed(*key))
+
+    def resend_observed(self) -> None:
+        """Every identity observed so far, reported again (a restarted keeper may lack some)."""
+        for key in self.observed:
+            self.report(Observed(*key))
 
     def expire(self) -> None:
         """Forgets long-exited processes and stale DNS answers."""

@@ -15,7 +15,7 @@ from picosnitch import channels, heap
 from picosnitch.connection import Tally
 from picosnitch.identity.fanotify import ExecutableWatcher, FanotifyUnavailable
 from picosnitch.identity.resolver import IdentityResolver
-from picosnitch.messages import ErrorReport, Observed, Stop
+from picosnitch.messages import ErrorReport, Observed, Resend, Stop
 
 EXPIRE_EVERY = 30.0
 REPORT_LOSSES_EVERY = 60.0  # while a consumer keeps dropping, its losses are told this often
@@ -123,6 +123,9 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper)
                 if isinstance(batch, Stop):
                     _finish(consumers, reports, losses)
                     return 0
+                if isinstance(batch, Resend):
+                    resolver.resend_observed()
+                    continue
                 resolve(resolver, batch, limit, consumers)
                 del batch  # a storm's batch is large: not kept until the next one arrives
             losses.check()
