@@ -78,6 +78,16 @@ class Daemon:
             self._stderr_reader.join(10)
         return "".join(self._stderr)
 
+    def worker(self, name: str):
+        """The pid of the worker called `name` (monitor, identity, writer, keeper, ...), if it runs."""
+        for pid in self.workers():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == f"snitch-{name}"[:15]:
+                    return pid
+            except FileNotFoundError:
+                continue
+        return None
+
     def workers(self) -> list:
         """Pids of the daemon's processes other than the supervisor."""
         found = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout

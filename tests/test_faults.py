@@ -269,3 +269,31 @@ def test_rows_a_disk_still_full_at_stop_could_not_take_are_counted_exactly(prefi
     assert sum(lost) == handed - stored  # every byte the writer had is stored, or said lost
     assert "it still could not be written when picosnitch stopped" in log
     no_traceback(log, daemon.stderr())
+
+
+# --- a killed record keeper ---------------------------------------------------------------------------
+
+def restarted(daemon, name, old):
+    return wait_for(lambda: (daemon.worker(name) or old) != old and daemon.worker(name), what=f"a new {name} worker")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.6, 1.0, 2.0])
+def test_an_executable_seen_just_before_the_keeper_is_killed_reaches_record_json_once(prefix, sink, netops,
+                                                                                        tmp_path, delay):
+    with Daemon(prefix) as daemon:
+        programs = []
+        for round in range(3):
+            program = tmp_path / f"new-{round}"
+            shutil.copy(netops, program)
+            programs.append(program)
+            keeper = daemon.worker("keeper")
+            talk(program, sink.port, 100)
+            time.sleep(delay)  # the keeper may not have it yet, or have it only in memory, or saved
+            os.kill(keeper, signal.SIGKILL)
+            restarted(daemon, "keeper", keeper)
+        wait_for(lambda: set(map(str, programs)) <= recorded_executables(daemon.paths), what="every executable")
+        still_monitoring(daemon, netops, sink.port)
+        assert daemon.stop() == 0
+    news = exe_log_news(daemon.paths)
+    assert {str(p): news.count(str(p)) for p in programs} == {str(p): 1 for p in programs}
+    no_traceback(daemon.error_log(), daemon.stderr())

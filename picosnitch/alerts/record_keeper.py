@@ -82,10 +82,12 @@ class HeldLines:
     def append(self, lines: list[str]) -> bool:
         """Appends what is held, then `lines`; False (they are held) when the file refuses."""
         self.held += lines
+        if self.retry():
+            return True
         if len(self.held) > self.limit:
             self.dropped += len(self.held) - self.limit
             del self.held[:len(self.held) - self.limit]
-        return self.retry()
+        return False
 
     def retry(self) -> bool:
         if not self.held:

@@ -16,6 +16,7 @@ never given up on: the others go on with what still works, and error.log says wh
 Only a kernel monitor that cannot run here at all stops the daemon, with its reason.
 """
 
+import ctypes
 import gc
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ RESTART_WINDOW = 60.0
 FIRST_PAUSE = 10.0  # seconds before a crash-looping worker is started again; doubles each time
 LONGEST_PAUSE = 600.0
 STOP_TIMEOUT = 30.0
+PR_SET_NAME = 15
 REPORTS_LIMIT = 4 << 20  # bytes of error reports a worker holds for a keeper that does not read them
 EXIT_MONITOR_FATAL = 78  # EX_CONFIG, as for a bad config.json: systemd must not restart us in a loop
 
@@ -268,6 +270,7 @@ class Supervisor:
 def _exit_with(name: str, target, args, to_supervisor) -> None:
     """A worker's life: its target's return value is the exit status; an exception is told to
     the supervisor in one line (and in full on stderr, which the journal keeps) first."""
+    name_this_process(f"snitch-{name}")
     try:
         status = target(*args) or 0
     except SystemExit as e:
@@ -280,6 +283,12 @@ def _exit_with(name: str, target, args, to_supervisor) -> None:
             pass
         status = 1
     os._exit(status)
+
+
+def name_this_process(name: str) -> None:
+    """The name ps, top and /proc/PID/comm show for this process (15 characters at most)."""
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def describe(error: BaseException) -> str:
