@@ -43,6 +43,7 @@ class Paths:
     pid_file: Path
     live_socket: Path
     error_counts: Path  # error.log's repeat counts not yet written
+    writer_spill: Path  # what the writer received and its destinations lack (store.spill)
 
     @classmethod
     def under(cls, root: str | os.PathLike = "/") -> Paths:
@@ -69,6 +70,7 @@ class Paths:
             pid_file=run_dir / "picosnitch.pid",
             live_socket=run_dir / "live.sock",
             error_counts=run_dir / "error-counts.json",
+            writer_spill=run_dir / "writer.spill",
         )
 
     @classmethod

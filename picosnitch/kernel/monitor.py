@@ -196,6 +196,7 @@ class KernelMonitor:
         self.attached: List[str] = []  # the programs in place
         self.load_seconds = 0.0
         self._epoch = 0
+        self._epoch_began = time.time()  # when the kernel began counting into the current generation
         self._cells: Optional[CellViews] = None
         self._uprobes: List[libbpf.Program] = []
         self.libcs: Optional[LibcProbes] = None
@@ -360,7 +361,7 @@ class KernelMonitor:
         return records
 
     def drain(self) -> List[Flow]:
-        """Flow totals of the previous epoch; then starts the next.
+        """Flow totals of the previous epoch, stamped with the moment it ended; then starts the next.
 
         The kernel adds to the counter cells and flow map of generation epoch & 1. Those read here
         are the other generation's, which stopped receiving updates when the previous call moved
@@ -371,10 +372,11 @@ class KernelMonitor:
         if self._cells:
             _add_up(totals, self._cells.drain(idle))
         _add_up(totals, self.obj.map(f"flows_{idle}").pop_all(FlowKey, FlowValue))
+        counted_until = self._epoch_began  # the idle generation's epoch ended when the current one began
         self._epoch += 1
         self._write_drain_state()
-        now = time.time()
-        return [Flow.from_c(k, v, now) for k, v in totals.values()]
+        self._epoch_began = time.time()
+        return [Flow.from_c(k, v, counted_until) for k, v in totals.values()]
 
     def drain_all(self) -> List[Flow]:
         """Everything still in the kernel (at shutdown): both maps, after a short grace period."""

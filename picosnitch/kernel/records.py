@@ -133,7 +133,7 @@ class Flow:
     packets_recv: int
     exec_id: int = 0  # which exec of tgid sent it (Exec.exec_id); a fork keeps its parent's
     comm: str = ""  # the process's name when it sent
-    time: float = 0.0  # unix time it was drained: the traffic happened in the drain interval before
+    time: float = 0.0  # unix time the kernel stopped counting it here: it happened in the drain interval before
     kind: str = field(default="flow", repr=False)
 
     @classmethod

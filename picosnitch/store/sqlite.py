@@ -222,6 +222,7 @@ class SqliteWriter:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.conn.execute(_CREATE_BATCH)
+        self.conn.execute(_CREATE_WRITER_STATE)
         # One cursor for every statement of a write. conn.execute() makes a cursor per call, and
         # the connection keeps a weak reference to each of the last 200: garbage per row, and
         # after a storm those last references would pin the memory around them.
@@ -230,8 +231,14 @@ class SqliteWriter:
         self._identities = RecentIds(self.CACHE_LIMIT)
         self._endpoints = RecentIds(self.CACHE_LIMIT)
 
-    def write(self, connections: "list[Connection]") -> None:
-        """Add the traffic of `connections` to snitch.db in one transaction.
+    def committed(self, spill: str) -> int:
+        """The last message of `spill` (store.spill) whose rows this database holds; 0 if none."""
+        row = self.conn.execute("SELECT seq FROM writer_state WHERE spill = ?", (spill,)).fetchone()
+        return row[0] if row else 0
+
+    def write(self, connections: "list[Connection]", mark: "tuple[str, int] | None" = None) -> None:
+        """Add the traffic of `connections` to snitch.db in one transaction; `mark`, (spill,
+        sequence number), records in the same transaction the last message they came from.
 
         Rows with the same (identity, endpoint, ts), in this batch or already stored, are
         summed; the hourly rollup and the others derived from it (db_schema) get the same sums.
@@ -249,11 +256,14 @@ class SqliteWriter:
                 total[1] += c.recv
                 total[2] += c.packets_sent
                 total[3] += c.packets_recv
-        if not merged:
+        if not merged and not mark:
             return
         new: tuple[dict, dict, dict] = ({}, {}, {})  # ids inserted by this transaction, never cached: see RecentIds
         with self.conn:
             self._cursor.execute("BEGIN IMMEDIATE")
+            if mark:
+                self._cursor.execute("DELETE FROM writer_state WHERE spill != ?", (mark[0],))
+                self._cursor.execute("INSERT OR REPLACE INTO writer_state (spill, seq) VALUES (?, ?)", mark)
             self._cursor.executemany(_INSERT_BATCH, [
                 (ts, ts - ts % 3600, self._identity_id(identity, new),
                  self._endpoint_id(endpoint, new[2]), *counts)
@@ -311,6 +321,8 @@ class SqliteWriter:
                      e.rport, to_bytes(e.domain)))
 
 
+# The writer's own bookkeeping (store.spill): which of its spill's messages this file holds.
+_CREATE_WRITER_STATE = "CREATE TABLE IF NOT EXISTS writer_state (spill TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 _T = "CAST(? AS TEXT)"
 _SELECT_PROCESS = (f"SELECT id FROM processes WHERE exe = {_T} AND name = {_T} "
                    f"AND cmdline = {_T} AND sha256 = {_T}")
