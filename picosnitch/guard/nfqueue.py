@@ -25,7 +25,8 @@ NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_UID_GID = 0x1, 0x8
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
 NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV = 5, 6
 NFQA_PAYLOAD, NFQA_UID, NFQA_GID = 10, 16, 17
-NF_DROP, NF_ACCEPT = 0, 1
+NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
+ACCEPT, DROP, REJECT = "accept", "drop", "reject"
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT = 1, 3
@@ -169,19 +170,23 @@ class Queue:
                 packet.outdev = struct.unpack("!I", value)[0]
         return packet if packet.id >= 0 else None
 
-    def verdicts(self, decided: List[Tuple[int, bool]]) -> None:
-        """Accepts (True) or drops (False) each packet id, all in one send."""
+    def verdicts(self, decided: List[Tuple[int, str]], reject_mark: int = 0) -> None:
+        """ACCEPT, DROP or REJECT each packet id, all in one send. REJECT hands the packet back
+        to iptables (NF_REPEAT) carrying `reject_mark`, for a rule there to refuse it."""
         if not decided:
             return
         parts = []
-        for packet_id, accept in decided:
-            body = _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT if accept else NF_DROP, packet_id))
+        for packet_id, verdict in decided:
+            if verdict == REJECT and reject_mark:
+                body = (_attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_REPEAT, packet_id))
+                        + _attr(NFQA_MARK, struct.pack("!I", reject_mark)))
+            else:
+                body = _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT if verdict == ACCEPT else NF_DROP,
+                                                           packet_id))
             parts.append(self._header(NFQNL_MSG_VERDICT, NLM_F_REQUEST, len(body)) + body)
-        data = b"".join(parts)
         # One datagram may hold many messages; keep each send well below the socket's limits.
-        step = 200 * len(parts[0])
-        for start in range(0, len(data), step):
-            self.sock.send(data[start:start + step])
+        for start in range(0, len(parts), 200):
+            self.sock.send(b"".join(parts[start:start + 200]))
 
     def close(self) -> None:
         try:

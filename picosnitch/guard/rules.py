@@ -70,9 +70,10 @@ class Attempt:
     lport: int
     raddr: str  # the other end: the destination going out, the source coming in
     rport: int
-    domain: str = ""  # forward order (www.example.com); "" unknown
+    known_domain: Optional[str] = None  # forward order (www.example.com); "" none; None: ask find_domain
     uid: int = -1
     program: Optional[Callable[[], "Program"]] = None
+    find_domain: Optional[Callable[["Attempt"], str]] = None
     _program: Optional["Program"] = None
 
     @property
@@ -80,6 +81,17 @@ class Attempt:
         if self._program is None:
             self._program = self.program() if self.program else Program()
         return self._program
+
+    @property
+    def looked_up(self) -> bool:
+        """Whether the program has been found out (or found unknown) already."""
+        return self._program is not None
+
+    @property
+    def domain(self) -> str:
+        if self.known_domain is None:
+            self.known_domain = self.find_domain(self) if self.find_domain else ""
+        return self.known_domain
 
     @property
     def loopback(self) -> bool:
@@ -354,7 +366,7 @@ class RuleSet:
                 if version == address.version:
                     net = ipaddress.ip_network((address, length), strict=False)
                     found += self.by["addr"].get(net, ())
-        if attempt.domain and self.by["domain"]:
+        if self.by["domain"] and attempt.domain:
             name = attempt.domain.lower().rstrip(".")
             found += self.by["domain"].get(name, ())
             if self.suffix_domains:

@@ -1,0 +1,1 @@
+"""Guard prompts as desktop notifications with actions (Allow once / Allow always / Deny)."""

@@ -1,0 +1,112 @@
+"""The iptables rules that hand new connections to the guard's queue (IPv4 and IPv6).
+
+    OUTPUT ─► PICOSNITCH-N-OUT:  marked (denied) TCP ─► REJECT with a reset
+                               marked (denied)     ─► REJECT (ICMP port unreachable)
+                               loopback            ─► RETURN (unless a rule names a loopback address)
+                               conntrack NEW       ─► NFQUEUE N [--queue-bypass]
+    INPUT  ─► PICOSNITCH-N-IN:   the same, but loopback always returns: a loopback connection is
+                               decided once, on its way out.
+
+Only a connection's first packet (conntrack state NEW) is queued: established connections never
+leave the kernel, so their throughput is unchanged. A denied packet is handed back to iptables
+(NF_REPEAT) with the mark, so the program hears at once that it was refused.
+
+Fail open (`--queue-bypass`): while nothing reads the queue (the daemon is gone) new
+connections pass as if the guard were off. Fail closed: they are dropped, except loopback
+and what is already established. Either way a clean stop removes every rule.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import List, Sequence
+
+
+
+def chains(queue: int):
+    """The two chains of the guard that uses `queue` (several may run side by side: tests)."""
+    return "PICOSNITCH-%d-OUT" % queue, "PICOSNITCH-%d-IN" % queue
+
+DENY_MARK = 0x20000000  # one bit of the packet mark, set only on packets the guard refused
+TOOLS = ("iptables", "ip6tables")
+
+
+class FirewallError(RuntimeError):
+    pass
+
+
+def _run(args: Sequence[str], stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), input=stdin, capture_output=True, text=True, timeout=30)
+    if check and result.returncode:
+        raise FirewallError("%s failed: %s" % (" ".join(args[:3]), (result.stderr or result.stdout).strip()))
+    return result
+
+
+def available() -> List[str]:
+    """The iptables programs missing (empty when both are installed)."""
+    return [tool for tool in TOOLS if not shutil.which(tool)]
+
+
+def chain_rules(tool: str, queue: int, fail_open: bool, queue_loopback: bool) -> str:
+    """The iptables-restore text that fills both chains for one address family."""
+    reject = "icmp6-port-unreachable" if tool == "ip6tables" else "icmp-port-unreachable"
+    mark = "-m mark --mark 0x%x/0x%x" % (DENY_MARK, DENY_MARK)
+    bypass = " --queue-bypass" if fail_open else ""
+    CHAIN_OUT, CHAIN_IN = chains(queue)
+    lines = ["*filter", ":%s - [0:0]" % CHAIN_OUT, ":%s - [0:0]" % CHAIN_IN]
+    for chain, loop in ((CHAIN_OUT, "-o lo"), (CHAIN_IN, "-i lo")):
+        lines += ["-A %s -p tcp %s -j REJECT --reject-with tcp-reset" % (chain, mark),
+                  "-A %s %s -j REJECT --reject-with %s" % (chain, mark, reject)]
+        if chain == CHAIN_IN or not queue_loopback:
+            lines.append("-A %s %s -j RETURN" % (chain, loop))
+        lines.append("-A %s -m conntrack --ctstate NEW -j NFQUEUE --queue-num %d%s" % (chain, queue, bypass))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _jumps(queue: int, interfaces: Sequence[str]) -> List[List[str]]:
+    CHAIN_OUT, CHAIN_IN = chains(queue)
+    if not interfaces:
+        return [["OUTPUT", "-j", CHAIN_OUT], ["INPUT", "-j", CHAIN_IN]]
+    jumps = []
+    for name in interfaces:
+        jumps += [["OUTPUT", "-o", name, "-j", CHAIN_OUT], ["INPUT", "-i", name, "-j", CHAIN_IN]]
+    return jumps
+
+
+def install(queue: int, fail_open: bool, queue_loopback: bool, interfaces: Sequence[str] = ()) -> None:
+    """Removes what an earlier run left, then adds the chains and the jumps to them (first in
+    OUTPUT and INPUT). `interfaces`, if given, limits the guard to those network interfaces."""
+    remove(queue)
+    for tool in TOOLS:
+        _run([tool + "-restore", "--noflush"], chain_rules(tool, queue, fail_open, queue_loopback))
+        for jump in _jumps(queue, interfaces):
+            _run([tool, "-I", jump[0], "1"] + jump[1:])
+
+
+def update(queue: int, fail_open: bool, queue_loopback: bool) -> None:
+    """Refills the chains in one step per family (the jumps stay)."""
+    for tool in TOOLS:
+        _run([tool + "-restore", "--noflush"], chain_rules(tool, queue, fail_open, queue_loopback))
+
+
+def remove(queue: int) -> None:
+    """Removes the jumps and both chains, wherever they are; harmless when absent."""
+    CHAIN_OUT, CHAIN_IN = chains(queue)
+    for tool in TOOLS:
+        if not shutil.which(tool):
+            continue
+        listing = _run([tool, "-S"], check=False).stdout.splitlines()
+        for line in listing:
+            words = line.split()
+            if words[:1] == ["-A"] and words[1] in ("OUTPUT", "INPUT") and words[-2:] in (
+                    ["-j", CHAIN_OUT], ["-j", CHAIN_IN]):
+                _run([tool, "-D"] + words[1:], check=False)
+        for chain in (CHAIN_OUT, CHAIN_IN):
+            _run([tool, "-F", chain], check=False)
+            _run([tool, "-X", chain], check=False)
+
+
+def installed(queue: int) -> bool:
+    return _run(["iptables", "-S", chains(queue)[0]], check=False).returncode == 0
