@@ -26,11 +26,13 @@ from picosnitch.messages import ErrorReport, Stop
 from picosnitch.paths import Paths
 
 QUEUE = 20000 + os.getpid() % 10000
-PYTHON = os.path.realpath(sys.executable)
+# The clients run the system python, which every user (nobody too) may execute.
+PYTHON = os.path.realpath("/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
 _ctx = multiprocessing.get_context("fork")
 
 CLIENT = r"""
-import socket, sys
+import os, socket, sys, time
+time.sleep(float(os.environ.get("CLIENT_DELAY", "0")))
 kind, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                   socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
@@ -162,6 +164,13 @@ class GuardRun:
             if isinstance(message, ErrorReport):
                 self.reports.append(message.message)
         return self.reports
+
+    def set_rules(self, text: str) -> None:
+        """Replaces the rules file in one step and waits until the guard has read it."""
+        temporary = self.paths.rules.with_name("rules.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, self.paths.rules)
+        time.sleep(0.4)
 
     def send(self, message) -> None:
         self.inbox_w.send(message)
