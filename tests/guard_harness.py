@@ -6,6 +6,7 @@ queued, and sessions side by side do not meet.
 """
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -25,7 +26,8 @@ from picosnitch.guard.prompt_socket import PromptClient
 from picosnitch.messages import ErrorReport, Stop
 from picosnitch.paths import Paths
 
-QUEUE = 20000 + os.getpid() % 10000
+QUEUE = 20000 + os.getpid() % 10000 * 4  # this session's first queue number; each run takes the next
+_queues = itertools.count(QUEUE)
 # The clients run the system python, which every user (nobody too) may execute.
 PYTHON = os.path.realpath("/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
 _ctx = multiprocessing.get_context("fork")
@@ -143,7 +145,8 @@ class GuardRun:
         self.lab = lab
         if rules is not None:
             self.paths.rules.write_text(rules)
-        values = {"Guard mode": "ask", "Guard interfaces": [lab.host_if], "Guard queue number": QUEUE,
+        self.queue = next(_queues)
+        values = {"Guard mode": "ask", "Guard interfaces": [lab.host_if], "Guard queue number": self.queue,
                   "Desktop notifications": False, "Guard timeout (seconds)": 30, **settings}
         self.config = config_module.parse(json.dumps(values))
         self.inbox_r, self.inbox_w = _ctx.Pipe(duplex=False)
@@ -153,7 +156,7 @@ class GuardRun:
                                     args=(self.config, self.paths, self.inbox_r, self.keeper_w))
         self.process.start()
         deadline = time.monotonic() + 20
-        while not (self.paths.guard_socket.exists() and firewall.installed(QUEUE)):
+        while not (self.paths.guard_socket.exists() and firewall.installed(self.queue)):
             if time.monotonic() > deadline or not self.process.is_alive():
                 raise RuntimeError("guard did not start: %s" % self.errors())
             time.sleep(0.05)
@@ -185,7 +188,7 @@ class GuardRun:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        firewall.remove(QUEUE)
+        firewall.remove(self.queue)
 
     def kill(self) -> None:
         self.process.kill()
@@ -201,12 +204,12 @@ class GuardRun:
 def wait_for_prompts(client: PromptClient, count: int = 1, timeout: float = 10.0) -> list:
     """The prompt list once it holds at least `count` prompts."""
     deadline = time.monotonic() + timeout
-    prompts: list = []
     while time.monotonic() < deadline:
         for message in client.messages(block=False):
             if message.get("type") == "prompts":
-                prompts = message["prompts"]
-        if len(prompts) >= count:
+                client.latest = message["prompts"]
+        prompts = getattr(client, "latest", [])
+        if (len(prompts) >= count) if count else not prompts:
             return prompts
         time.sleep(0.05)
-    raise AssertionError("expected %d prompts, have %r" % (count, prompts))
+    raise AssertionError("expected %d prompts, have %r" % (count, getattr(client, "latest", [])))

@@ -33,10 +33,17 @@ def lab():
 
 
 @pytest.fixture(scope="module")
-def strict(lab, tmp_path_factory):
-    """A guard in "deny unknown" mode: what no rule allows is refused at once."""
-    with GuardRun(tmp_path_factory.mktemp("strict"), lab, "", **{"Guard mode": "deny unknown"}) as guard:
+def strict_guard(lab, tmp_path_factory):
+    with GuardRun(tmp_path_factory.mktemp("strict"), lab, "allow\n", **{"Guard mode": "deny unknown"}) as guard:
         yield guard
+
+
+@pytest.fixture
+def strict(strict_guard):
+    """A guard in "deny unknown" mode: what no rule allows is refused at once. It stays for the
+    module; each test's rules are replaced by "allow" after it."""
+    yield strict_guard
+    strict_guard.set_rules("allow\n")
 
 
 def run_as_nobody():
@@ -123,3 +130,119 @@ def test_inbound_connections_to_listening_sockets_are_decided(strict, lab, kind,
             assert peer_client(lab, kind, host, p) == "refused", "deny: " + allowing
     finally:
         server.close()
+
+
+@pytest.fixture
+def asking(lab, tmp_path):
+    with GuardRun(tmp_path, lab, "", **{"Guard timeout (seconds)": 3}) as guard:
+        yield guard
+
+
+def test_a_held_connection_completes_once_allowed_and_fails_once_denied(asking, lab):
+    port = peer_port(lab, PEER4)
+    prompts = asking.prompt_client()
+    for kind in ("tcp", "udp"):
+        for action, outcome in (("allow", OK[kind]), ("deny", "refused")):
+            proc = client(kind, PEER4, port, timeout=20, wait=False)
+            shown = wait_for_prompts(prompts, 1)
+            prompt = shown[0]
+            assert (prompt["exe"], prompt["raddr"], prompt["rport"], prompt["protocol"], prompt["direction"]) == (
+                PYTHON, PEER4, port, kind, "out")
+            assert prompt["sha256"] == sha256_of(PYTHON) and prompt["user"] == "root"
+            assert prompt["cmdline"].startswith(PYTHON + " -c ") or prompt["cmdline"].startswith("/usr/bin/python3 -c ")
+            assert prompt["sha256_state"] == "new executable"
+            time.sleep(1.0)  # held, not failed: still waiting
+            assert proc.poll() is None
+            prompts.answer(prompt["id"], action, "once")
+            assert proc.communicate(timeout=20)[0].strip() == outcome
+            assert wait_for_prompts(prompts, 0) == []
+    assert asking.paths.rules.read_text() == ""  # "once" makes no rule
+    prompts.close()
+
+
+def test_a_timeout_applies_the_default_once_and_creates_no_rule(lab, tmp_path):
+    port = peer_port(lab, PEER4)
+    for default, outcome in (("deny", "refused"), ("allow", "ok hi")):
+        with GuardRun(tmp_path / default, lab, "", **{"Guard timeout (seconds)": 1.5,
+                                                       "Guard timeout action": default}) as guard:
+            start = time.monotonic()
+            assert client("tcp", PEER4, port, timeout=20) == outcome
+            assert 1.4 < time.monotonic() - start < 6
+            assert guard.paths.rules.read_text() == ""
+            proc = client("tcp", PEER4, port, timeout=20, wait=False)  # asked again: no rule was made
+            prompts = guard.prompt_client()
+            assert len(wait_for_prompts(prompts, 1)) == 1
+            assert proc.communicate(timeout=20)[0].strip() == outcome
+            prompts.close()
+
+
+def test_one_prompt_per_program_and_destination_and_queued_connections_follow_the_answer(asking, lab):
+    port4, port6 = peer_port(lab, PEER4), peer_port(lab, PEER6)
+    prompts = asking.prompt_client()
+    first = [client("tcp", PEER4, port4, timeout=20, wait=False) for _ in range(3)]
+    other = client("tcp", PEER6, port6, timeout=20, wait=False)
+    shown = wait_for_prompts(prompts, 2)
+    time.sleep(0.5)
+    shown = wait_for_prompts(prompts, 2)
+    assert len(shown) == 2  # three connections to one destination: one prompt
+    to4 = next(p for p in shown if p["raddr"] == PEER4)
+    assert to4["connections"] == 3
+    prompts.answer(to4["id"], "allow", "forever")
+    assert [p.communicate(timeout=20)[0].strip() for p in first] == ["ok hi"] * 3
+    assert asking.paths.rules.read_text() == f"allow out exe {PYTHON} addr {PEER4} port {port4} proto tcp\n"
+    assert client("tcp", PEER4, port4) == "ok hi"  # the rule decides now, no prompt
+    assert other.poll() is None
+    to6 = next(p for p in wait_for_prompts(prompts, 1) if p["raddr"] == PEER6)
+    later = client("tcp", PEER6, port6, timeout=20, wait=False)  # queued after the prompt opened
+    time.sleep(0.5)
+    prompts.answer(to6["id"], "deny", "9")  # 9 minutes: in memory, not in the file
+    assert other.communicate(timeout=20)[0].strip() == "refused"
+    assert later.communicate(timeout=20)[0].strip() == "refused"
+    assert client("tcp", PEER6, port6) == "refused"
+    assert "fd00" not in asking.paths.rules.read_text()
+    prompts.close()
+
+
+def test_rules_reload_and_an_invalid_rule_is_refused_with_a_sentence(strict, lab):
+    port = peer_port(lab, PEER4)
+    strict.set_rules("allow port %d\n" % port)
+    assert client("tcp", PEER4, port) == "ok hi"
+    strict.errors()
+    strict.set_rules("allow port %d\ndeny exe relative/path\n" % (port + 1))
+    assert client("tcp", PEER4, port) == "ok hi"  # the previous rules stay in force
+    assert any(r == f"guard: {strict.paths.rules} line 2: 'relative/path' is not an absolute path (or !unknown); "
+               "the previous rules stay in force" for r in strict.errors()), strict.errors()
+    strict.set_rules("deny port %d\nallow\n" % port)
+    assert client("tcp", PEER4, port) == "refused"
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+def test_with_the_guard_killed_the_fail_mode_holds(lab, tmp_path, fail_open):
+    port = peer_port(lab, PEER4)
+    guard = GuardRun(tmp_path, lab, "allow\n", **{"Guard fail open": fail_open})
+    try:
+        established = socket.create_connection((PEER4, port), timeout=5)  # allowed by the rule
+        guard.kill()  # kill -9: no clean-up
+        expected = "ok hi" if fail_open else "timeout"
+        assert client("tcp", PEER4, port, timeout=2) == expected
+        assert client("udp", PEER4, port, timeout=2) == ("ok ping" if fail_open else "timeout")
+        assert established.recv(10) == b"hi"  # an established connection is never cut
+        established.close()
+    finally:
+        guard.stop()  # removes the rules, as `picosnitch stop` does
+    assert client("tcp", PEER4, port) == "ok hi"
+
+
+def test_verdicts_are_recorded_in_snitch_db(lab, tmp_path):
+    import sqlite3
+    port = peer_port(lab, PEER4)
+    with GuardRun(tmp_path, lab, f"deny port {port} proto udp\nallow exe {PYTHON}\n",
+                  **{"Guard mode": "deny unknown"}) as guard:
+        assert client("tcp", PEER4, port) == "ok hi"
+        assert client("udp", PEER4, port) == "refused"
+        time.sleep(1.5)
+    conn = sqlite3.connect(guard.paths.db)
+    rows = conn.execute("SELECT direction, protocol, raddr, rport, exe, verdict, reason, rule FROM guard_verdicts "
+                        "ORDER BY ts").fetchall()
+    assert rows == [("out", 6, PEER4, port, PYTHON, "allowed", "rule", f"line 2: allow exe {PYTHON}"),
+                    ("out", 17, PEER4, port, PYTHON, "denied", "rule", f"line 1: deny port {port} proto udp")]

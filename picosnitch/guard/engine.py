@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from picosnitch.guard import packet as packets_module
-from picosnitch.guard.nfqueue import ACCEPT, NF_INET_LOCAL_IN, REJECT, Packet
+from picosnitch.guard.nfqueue import ACCEPT, DROP, NF_INET_LOCAL_IN, REJECT, Packet
 from picosnitch.guard.rules import (FOREVER, ONCE, PROTOCOL_NAMES, UNKNOWN, Attempt, Program, Rule, RulesFile,
                                     RuleSet, append_rule, format_rule, parse_line, with_expiry)
 
@@ -94,7 +94,8 @@ class Engine:
                  find_program: Optional[Callable[[Attempt], Program]] = None,
                  find_domain: Optional[Callable[[Attempt], str]] = None,
                  record: Optional[Callable[[Verdict], None]] = None,
-                 report: Optional[Callable[[str], None]] = None, now: Callable[[], float] = time.time):
+                 report: Optional[Callable[[str], None]] = None, now: Callable[[], float] = time.time,
+                 fail_open: bool = True):
         self.rules_file = rules_file
         self.mode, self.timeout, self.default = mode, timeout, default
         self.find_program = find_program
@@ -102,6 +103,7 @@ class Engine:
         self.record = record or (lambda verdict: None)
         self.report = report or (lambda message: None)
         self.now = now
+        self.fail_open = fail_open
         self.answers = RuleSet()  # rules made from answers this run, newest first
         self.held: Dict[tuple, Held] = {}
         self.prompts: Dict[int, Prompt] = {}
@@ -131,22 +133,30 @@ class Engine:
         now = self.now()
         verdicts = []
         for pkt in batch:
-            attempt = self.attempt_of(pkt)
-            if attempt is None:  # not IP we can read: not ours to judge
-                verdicts.append((pkt.id, ACCEPT))
-                continue
-            key = connection_key(attempt)
-            held = self.held.get(key)
-            if held is not None:  # a retransmission of a held connection waits with it
-                held.packet_ids.append(pkt.id)
-                continue
-            decided = self.decide(attempt, now)
-            if decided is not None:
-                verdicts += [(pkt.id, ACCEPT if decided.verdict == ALLOWED else REJECT)]
-                self.record(decided)
-            else:
-                self.hold(Held(key, attempt, [pkt.id], now), now)
+            try:
+                self._packet(pkt, now, verdicts)
+            except Exception as e:  # a bug must not leave the packet in the queue forever
+                verdicts.append((pkt.id, ACCEPT if self.fail_open else DROP))
+                self.report("a packet could not be decided (%s: %s); it was %s as the fail mode says" % (
+                    type(e).__name__, e, "accepted" if self.fail_open else "dropped"))
         return verdicts
+
+    def _packet(self, pkt: Packet, now: float, verdicts: List[Tuple[int, str]]) -> None:
+        attempt = self.attempt_of(pkt)
+        if attempt is None:  # not IP we can read: not ours to judge
+            verdicts.append((pkt.id, ACCEPT))
+            return
+        key = connection_key(attempt)
+        held = self.held.get(key)
+        if held is not None:  # a retransmission of a held connection waits with it
+            held.packet_ids.append(pkt.id)
+            return
+        decided = self.decide(attempt, now)
+        if decided is not None:
+            verdicts.append((pkt.id, ACCEPT if decided.verdict == ALLOWED else REJECT))
+            self.record(decided)
+        else:
+            self.hold(Held(key, attempt, [pkt.id], now), now)
 
     def decide(self, attempt: Attempt, now: float) -> Optional[Verdict]:
         """The verdict rules give (None: nobody decided yet: ask)."""
@@ -177,6 +187,7 @@ class Engine:
             self.changed = True
         prompt.held.append(held)
         held.prompt = prompt
+        self.changed = True  # its count of connections changed
 
     def _release(self, held: Held, verdict: Verdict, out: List[Tuple[int, str]]) -> None:
         self.held.pop(held.key, None)

@@ -112,7 +112,7 @@ class SocketOwners:
     def pid_of(self, inode: int) -> int:
         """The pid of a process holding socket `inode`, 0 when none does (any more)."""
         target = f"socket:[{inode}]"
-        for pid in reversed(self.recent):
+        for pid in list(reversed(self.recent)):
             if self._holds(pid, target):
                 self.recent.move_to_end(pid)
                 return pid

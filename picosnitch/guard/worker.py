@@ -95,7 +95,7 @@ class Guard:
         self.records: List[Verdict] = []
         self.engine = Engine(self.rules_file, config["Guard mode"], config["Guard timeout (seconds)"],
                              config["Guard timeout action"], find_program=self._program, find_domain=self._domain,
-                             record=self.records.append, report=report)
+                             record=self.records.append, report=report, fail_open=config["Guard fail open"])
         self.annotator = Annotator(paths, config)
         self.number = config["Guard queue number"]
         self.fail_open = config["Guard fail open"]
@@ -135,8 +135,7 @@ class Guard:
 
     def on_queue(self) -> None:
         verdicts = self.engine.packets(self.queue.receive())
-        self.queue.verdicts(verdicts, firewall.DENY_MARK)
-        self.after()
+        self.send(verdicts)
 
     def on_dns(self, records: list) -> None:
         added = False
@@ -147,8 +146,7 @@ class Guard:
         if added and self.engine.held:
             for held in self.engine.held.values():
                 held.attempt.known_domain = None  # look again
-            self.queue.verdicts(self.engine.recheck(), firewall.DENY_MARK)
-            self.after()
+            self.send(self.engine.recheck())
 
     def on_client(self, client) -> None:
         for message in self.server.read(client):
@@ -165,17 +163,15 @@ class Guard:
             return {"type": "error", "message": "that prompt is no longer open (answered or timed out)"}
         except (ValueError, TypeError) as e:
             return {"type": "error", "message": str(e)}
-        self.queue.verdicts(verdicts, firewall.DENY_MARK)
         self._firewall_follows_rules()
-        self.after()
+        self.send(verdicts)
         return {"type": "answered", "id": prompt_id}
 
     def tick(self) -> None:
         verdicts = self.engine.tick()
         self.engine.forget_expired()
-        self.queue.verdicts(verdicts, firewall.DENY_MARK)
         self._firewall_follows_rules()
-        self.after()
+        self.send(verdicts)
 
     def _firewall_follows_rules(self) -> None:
         loopback = names_loopback(self.rules_file.ruleset)
@@ -186,11 +182,8 @@ class Guard:
             except firewall.FirewallError as e:
                 self.report(str(e))
 
-    def after(self) -> None:
-        """After verdicts: tell prompt clients about changes, record what was decided."""
-        if self.engine.changed:
-            self.engine.changed = False
-            self.broadcast()
+    def send(self, verdicts) -> None:
+        """Completes the records, sends the verdicts, tells prompt clients about changes."""
         now = time.monotonic()
         second = int(now)
         done = self.lookups[1] if self.lookups[0] == second else 0
@@ -202,6 +195,10 @@ class Guard:
                 verdict.attempt.domain
                 done += 1
         self.lookups = (second, done)
+        self.queue.verdicts(verdicts, firewall.DENY_MARK)
+        if self.engine.changed:
+            self.engine.changed = False
+            self.broadcast()
         if now - self.last_write >= WRITE_EVERY:
             self.flush()
 
