@@ -36,6 +36,8 @@ commands:
   dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
   dash --db URL     the dashboard over the central server (URL as for view --db), with a
                     host dimension; --db config for config.json's "DB sql server"
+  prompt            answer guard mode's prompts: allow or deny new connections (root or
+                    "Guard prompt group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
@@ -134,6 +136,9 @@ def run(args: List[str]) -> int:
                   f"(pip install 'picosnitch[dash]'): {e}", file=sys.stderr)
             return 1
         return dash_app.main(paths, db=db)
+    if command == "prompt" and len(args) == 1:
+        from picosnitch.guard import prompt_tui
+        return prompt_tui.main(paths)
     if command == "monitor" and args[1:] == ["--raw"]:
         return monitor_raw()
     if command not in ROOT_COMMANDS or len(args) != 1:
