@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -34,14 +33,14 @@ def parse(data: bytes) -> Optional[Header]:
     if version == 4 and len(data) >= 20:
         header_length = (data[0] & 0xF) * 4
         protocol = data[9]
-        src, dst = str(ipaddress.IPv4Address(data[12:16])), str(ipaddress.IPv4Address(data[16:20]))
+        src, dst = socket.inet_ntop(socket.AF_INET, data[12:16]), socket.inet_ntop(socket.AF_INET, data[16:20])
         family, offset = socket.AF_INET, header_length
         fragment_offset = struct.unpack_from("!H", data, 6)[0] & 0x1FFF
         if fragment_offset:
             return Header(family, protocol, src, -1, dst, -1)
     elif version == 6 and len(data) >= 40:
         protocol = data[6]
-        src, dst = str(ipaddress.IPv6Address(data[8:24])), str(ipaddress.IPv6Address(data[24:40]))
+        src, dst = socket.inet_ntop(socket.AF_INET6, data[8:24]), socket.inet_ntop(socket.AF_INET6, data[24:40])
         family, offset = socket.AF_INET6, 40
         while protocol in _EXTENSIONS or protocol == _FRAGMENT:
             if len(data) < offset + 8:

@@ -94,8 +94,13 @@ class Attempt:
         return self.known_domain
 
     @property
+    def address(self) -> Tuple[int, int]:
+        """(IP version, the other end's address as an integer)."""
+        return _int_address(self.raddr)
+
+    @property
     def loopback(self) -> bool:
-        return _ip(self.raddr).is_loopback or _ip(self.laddr).is_loopback
+        return _is_loopback(self.raddr) or _is_loopback(self.laddr)
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,26 @@ class Program:
     uid: int = -1
 
 
-def _ip(text: str):
+def _int_address(text: str) -> Tuple[int, int]:
+    """(4 or 6, the address as an integer); (0, 0) for what is not an address."""
+    text = text.split("%", 1)[0]
     try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return ipaddress.ip_address("0.0.0.0")
+        if ":" in text:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        return 0, 0
+
+
+def _is_loopback(text: str) -> bool:
+    version, number = _int_address(text)
+    return (version == 4 and number >> 24 == 127) or (version == 6 and number == 1) or (
+        version == 6 and number >> 32 == 0xFFFF and (number >> 24) & 0xFF == 127)
+
+
+def _mask(version: int, length: int) -> int:
+    bits = 32 if version == 4 else 128
+    return ((1 << length) - 1) << (bits - length)
 
 
 def _user(value: str) -> int:
@@ -216,8 +236,9 @@ class Rule:
             if not low <= port <= high:
                 return False
         if "addr" in m:
-            address = _ip(attempt.raddr)
-            if address.version != m["addr"].version or address not in m["addr"]:
+            net = m["addr"]
+            version, number = attempt.address
+            if version != net.version or number & _mask(version, net.prefixlen) != int(net.network_address):
                 return False
         if "domain" in m and not domain_matches(m["domain"], attempt.domain):
             return False
@@ -330,7 +351,7 @@ class RuleSet:
 
     def _index(self) -> None:
         self.by: Dict[str, Dict[object, List[int]]] = {k: {} for k in ("exe", "sha256", "domain", "port", "addr")}
-        self.prefixes: Dict[Tuple[int, int], None] = {}  # (version, prefix length) of addr rules
+        self.prefixes: Dict[Tuple[int, int, int], None] = {}  # (version, prefix length, mask) of addr rules
         self.suffix_domains = False
         self.always: List[int] = []
         for index, rule in enumerate(self.rules):
@@ -341,8 +362,8 @@ class RuleSet:
                 self.by["sha256"].setdefault(m["sha256"], []).append(index)
             elif "addr" in m:
                 net = m["addr"]
-                self.prefixes[(net.version, net.prefixlen)] = None
-                self.by["addr"].setdefault(net, []).append(index)
+                self.prefixes[(net.version, net.prefixlen, _mask(net.version, net.prefixlen))] = None
+                self.by["addr"].setdefault((net.version, int(net.network_address), net.prefixlen), []).append(index)
             elif "port" in m and m["port"][0] == m["port"][1]:
                 self.by["port"].setdefault(m["port"][0], []).append(index)
             elif "domain" in m:
@@ -361,11 +382,10 @@ class RuleSet:
         port = attempt.rport if attempt.direction == "out" else attempt.lport
         found += self.by["port"].get(port, ())
         if self.prefixes:
-            address = _ip(attempt.raddr)
-            for version, length in self.prefixes:
-                if version == address.version:
-                    net = ipaddress.ip_network((address, length), strict=False)
-                    found += self.by["addr"].get(net, ())
+            version, number = attempt.address
+            for prefix_version, length, mask in self.prefixes:
+                if prefix_version == version:
+                    found += self.by["addr"].get((version, number & mask, length), ())
         if self.by["domain"] and attempt.domain:
             name = attempt.domain.lower().rstrip(".")
             found += self.by["domain"].get(name, ())
