@@ -64,3 +64,35 @@ def test_prompt_says_so_when_guard_mode_does_not_run(tmp_path):
                             env=dict(os.environ, PICOSNITCH_PREFIX=str(tmp_path), PYTHONPATH=str(REPO)))
     assert result.returncode == 1
     assert result.stdout.startswith("picosnitch prompt: guard mode does not run")
+
+
+def test_view_shows_the_guard_verdicts(tmp_path):
+    import socket as socket_module
+    from picosnitch.guard.engine import Verdict
+    from picosnitch.guard.rules import Attempt, Program
+    from picosnitch.guard.store import VerdictStore
+    from picosnitch.paths import Paths
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    store = VerdictStore(str(paths.db))
+    a = Attempt("out", socket_module.AF_INET, 6, "10.0.0.1", 40000, "93.184.216.34", 443, "www.example.com", 1000,
+                lambda: Program(5, "/usr/bin/curl", "a" * 64, "", "/usr/bin/bash", "curl x", "", "curl", 1000))
+    a.who
+    b = Attempt("in", socket_module.AF_INET6, 17, "fd00::1", 53, "fd00::2", 5555, "", -1)
+    store.write([Verdict(time.time() - 5, a, "allowed", "rule", "line 3: allow exe /usr/bin/curl"),
+                 Verdict(time.time(), b, "denied", "timeout")])
+    store.close()
+    ui = Tmux([sys.executable, "-m", "picosnitch", "view"],
+              {"PICOSNITCH_PREFIX": str(tmp_path), "PYTHONPATH": str(REPO)}, width=140, height=20)
+    try:
+        ui.wait_for("? help")
+        ui.keys("g")
+        screen = ui.wait_for("guard verdicts, newest first")
+        lines = [line for line in screen.splitlines() if "allowed" in line or "denied" in line]
+        assert "denied  timeout  in  (program not looked up) → fd00::2 port 53 udp" in lines[0]
+        assert "allowed rule     out /usr/bin/curl → www.example.com 93.184.216.34 port 443 tcp  " \
+               "[line 3: allow exe /usr/bin/curl]" in lines[1]
+        ui.keys("x")
+        ui.wait_for("? help")
+    finally:
+        ui.close()
