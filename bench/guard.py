@@ -14,8 +14,9 @@ programs are C, compiled here (Python would be the bottleneck):
   allows the server's address and port: the program is never looked up) and "program" (the
   same plus 300 exe and 200 domain rules before it, and the deciding rule names the client's
   exe: every connection's program is found through sock_diag and /proc/PID/fd).
-- bulk: one TCP connection sends 64 KiB writes for --seconds to a reader in the namespace;
-  bytes per second. The guard only ever sees the connection's first packet.
+- bulk: one TCP connection sends 64 KiB writes for --bulk-seconds to a reader in the namespace;
+  bytes per second. The guard only ever sees the connection's first packet. --bulk-pairs pairs
+  (off, then on with a fresh guard), the ratio of each pair; the median ratio is the figure.
 
 Rounds alternate off and on so that drift on a shared machine falls on both.
 """
@@ -171,6 +172,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--bulk-seconds", type=float, default=1.5)
+    parser.add_argument("--bulk-pairs", type=int, default=9)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: iptables, network namespaces")
@@ -185,21 +188,17 @@ def main() -> int:
         time.sleep(0.5)
         try:
             results = {"off": [], "destination": [], "program": []}
-            bulk = {"off": [], "on": []}
             for round_number in range(args.rounds):
                 for setting in ("off", "destination", "program"):
                     if setting == "off":
                         rate, bad = connect_rate(gload, accept_port, args.seconds, args.clients)
                         results["off"].append(rate)
-                        bulk["off"].append(bulk_rate(gload, sink_port, args.seconds))
                     else:
                         prefix = work / f"{setting}{round_number}"
                         with GuardRun(prefix, lab, rules(setting, accept_port, gload, sink_port),
                                       **{"Guard mode": "deny unknown"}):
                             rate, bad = connect_rate(gload, accept_port, args.seconds, args.clients)
                             results[setting].append(rate)
-                            if setting == "destination":
-                                bulk["on"].append(bulk_rate(gload, sink_port, args.seconds))
                     print(f"  round {round_number + 1} {setting:>11}: {rate:9,.0f} new connections/s"
                           + (f" ({bad} failed)" if bad else ""), flush=True)
             print()
@@ -210,10 +209,18 @@ def main() -> int:
                                    ("program", "guard on, 1,000 rules, program decides")):
                 on = statistics.median(results[setting])
                 print(f"  {label + ':':<45}{on:9,.0f}/s  ({on / off:.2f} of off)")
-            boff, bon = statistics.median(bulk["off"]), statistics.median(bulk["on"])
-            print("bulk TCP on one established connection (median):")
-            print(f"  guard off: {boff / 1e9 * 8:6.2f} Gbit/s   guard on: {bon / 1e9 * 8:6.2f} Gbit/s   "
-                  f"ratio {bon / boff:.3f}")
+            offs, ons = [], []
+            for pair in range(args.bulk_pairs):
+                offs.append(bulk_rate(gload, sink_port, args.bulk_seconds))
+                with GuardRun(work / f"bulk{pair}", lab, rules("destination", accept_port, gload, sink_port),
+                              **{"Guard mode": "deny unknown"}):
+                    ons.append(bulk_rate(gload, sink_port, args.bulk_seconds))
+            ratios = [on / off for on, off in zip(ons, offs)]
+            print("bulk TCP on one established connection, %d pairs of %.1f s (median):" % (
+                args.bulk_pairs, args.bulk_seconds))
+            print(f"  guard off: {statistics.median(offs) * 8 / 1e9:6.2f} Gbit/s   guard on: "
+                  f"{statistics.median(ons) * 8 / 1e9:6.2f} Gbit/s   ratio of pairs: median "
+                  f"{statistics.median(ratios):.3f} (from {min(ratios):.2f} to {max(ratios):.2f})")
         finally:
             for server in servers:
                 server.kill()

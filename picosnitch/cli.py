@@ -149,7 +149,10 @@ def run(args: List[str]) -> int:
         print(refusal, file=sys.stderr)
         return 1
     if command == "stop":
-        return daemon_control.stop(paths)
+        status = daemon_control.stop(paths)
+        from picosnitch.guard import firewall  # a guard killed with the daemon leaves its rules
+        firewall.remove_leftovers(paths)
+        return status
     if command == "systemd":
         print(systemd_unit.install(paths.root))
         return 0

@@ -246,3 +246,24 @@ def test_verdicts_are_recorded_in_snitch_db(lab, tmp_path):
                         "ORDER BY ts").fetchall()
     assert rows == [("out", 6, PEER4, port, PYTHON, "allowed", "rule", f"line 2: allow exe {PYTHON}"),
                     ("out", 17, PEER4, port, PYTHON, "denied", "rule", f"line 1: deny port {port} proto udp")]
+
+
+def test_picosnitch_stop_removes_what_a_killed_guard_left(lab, tmp_path):
+    import json
+    import subprocess
+    from daemon_harness import REPO
+    from picosnitch.guard import firewall
+    port = peer_port(lab, PEER4)
+    guard = GuardRun(tmp_path, lab, "", **{"Guard fail open": False})
+    try:
+        guard.kill()
+        assert client("tcp", PEER4, port, timeout=1.5) == "timeout"  # fail-closed, nobody answers
+        guard.paths.config.write_text(json.dumps({"Guard queue number": guard.queue}))
+        result = subprocess.run([sys.executable, "-m", "picosnitch", "stop"], capture_output=True, text=True,
+                                env=dict(os.environ, PICOSNITCH_PREFIX=str(tmp_path), PYTHONPATH=str(REPO)))
+        assert result.returncode == 0, result.stderr
+        assert "removed the guard's firewall rules" in result.stdout
+        assert not firewall.installed(guard.queue)
+        assert client("tcp", PEER4, port) == "ok hi"
+    finally:
+        guard.stop()

@@ -110,3 +110,19 @@ def remove(queue: int) -> None:
 
 def installed(queue: int) -> bool:
     return _run(["iptables", "-S", chains(queue)[0]], check=False).returncode == 0
+
+
+def remove_leftovers(paths) -> bool:
+    """Removes the rules of config.json's "Guard queue number" if they are still there (the
+    daemon was killed: `picosnitch stop` then lets new connections through again); True if
+    there were some. A config that cannot be read means the default queue number."""
+    from picosnitch import config as config_module
+    try:
+        number = config_module.load(paths.config)["Guard queue number"]
+    except config_module.ConfigError:
+        number = config_module.RULES["Guard queue number"].default
+    if not shutil.which("iptables") or not installed(number):
+        return False
+    remove(number)
+    print("removed the guard's firewall rules, left by a daemon that did not stop cleanly")
+    return True
