@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from guard_harness import GuardRun  # noqa: E402
-from netlab import HOST4, PEER4, NetLab  # noqa: E402
+from netlab import PEER4, NetLab  # noqa: E402
 
 LOAD_C = r"""
 /* gload server ADDR PORT NPROC MODE   MODE accept: accept and close; MODE sink: read to EOF

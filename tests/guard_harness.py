@@ -58,6 +58,31 @@ def sha256_of(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def peer_lab(hosts):
+    """A generator for a pytest fixture: the lab with a Peer serving `hosts` (skips without root)."""
+    import pytest
+    if os.geteuid() != 0:
+        pytest.skip("needs root: iptables and network namespaces")
+    with NetLab() as lab:
+        lab.peer = Peer(lab, hosts)
+        yield lab
+        lab.peer.stopped = True
+
+
+def serve_until(socks, stopped) -> None:
+    """Each TCP connection gets "hi", each UDP datagram its echo, until stopped()."""
+    import select
+    while not stopped():
+        for s in select.select(socks, [], [], 0.2)[0]:
+            if s.type == socket.SOCK_STREAM:
+                c, _ = s.accept()
+                c.sendall(b"hi")
+                c.close()
+            else:
+                data, peer = s.recvfrom(100)
+                s.sendto(data, peer)
+
+
 class Peer:
     """TCP and UDP servers in the lab's namespace, on IPv4 and IPv6: each TCP connection gets
     "hi", each UDP datagram its echo ("ping")."""
@@ -78,16 +103,7 @@ class Peer:
             self.ports[host] = t.getsockname()[1]
             socks += [t, u]
         self.ready.set()
-        import select
-        while not self.stopped:
-            for s in select.select(socks, [], [], 0.2)[0]:
-                if s.type == socket.SOCK_STREAM:
-                    c, _ = s.accept()
-                    c.sendall(b"hi")
-                    c.close()
-                else:
-                    data, peer = s.recvfrom(100)
-                    s.sendto(data, peer)
+        serve_until(socks, lambda: self.stopped)
 
 
 class HostServer:
@@ -102,16 +118,7 @@ class HostServer:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
-        import select
-        while not self.stopped:
-            for s in select.select([self.tcp, self.udp], [], [], 0.2)[0]:
-                if s is self.tcp:
-                    c, _ = s.accept()
-                    c.sendall(b"hi")
-                    c.close()
-                else:
-                    data, peer = s.recvfrom(100)
-                    s.sendto(data, peer)
+        serve_until([self.tcp, self.udp], lambda: self.stopped)
 
     def close(self):
         self.stopped = True

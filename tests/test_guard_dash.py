@@ -2,14 +2,13 @@
 verdicts listed; POST is refused everywhere else and without the answer header."""
 
 import json
-import os
 import time
 
 import pytest
 
 from dash_harness import DashServer
-from guard_harness import PYTHON, GuardRun, Peer, client
-from netlab import PEER4, NetLab
+from guard_harness import PYTHON, GuardRun, client, peer_lab
+from netlab import PEER4
 from test_dash_browser import browser, shot  # noqa: F401  (a fixture)
 
 pytest.importorskip("starlette")
@@ -17,12 +16,7 @@ pytest.importorskip("starlette")
 
 @pytest.fixture(scope="module")
 def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    with NetLab() as lab:
-        lab.peer = Peer(lab, [PEER4])
-        yield lab
-        lab.peer.stopped = True
+    yield from peer_lab([PEER4])
 
 
 def post(dash, body, headers=None):
@@ -48,7 +42,7 @@ def wait_pending(dash, count, timeout=10):
 
 def test_pending_prompts_are_listed_and_answered_over_http(lab, tmp_path):
     port = lab.peer.ports[PEER4]
-    with GuardRun(tmp_path, lab, "") as guard:
+    with GuardRun(tmp_path, lab, ""):
         dash = DashServer(tmp_path)
         try:
             assert dash.api("guard")["pending"] == []
@@ -71,7 +65,7 @@ def test_pending_prompts_are_listed_and_answered_over_http(lab, tmp_path):
 
 def test_the_guard_tab_answers_in_the_browser(lab, tmp_path, browser):  # noqa: F811
     port = lab.peer.ports[PEER4]
-    with GuardRun(tmp_path, lab, "") as guard:
+    with GuardRun(tmp_path, lab, ""):
         dash = DashServer(tmp_path)
         try:
             browser.get(dash.url)

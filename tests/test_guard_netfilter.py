@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from guard_harness import (PYTHON, QUEUE, GuardRun, HostServer, Peer, client, peer_client, sha256_of,
+from guard_harness import (PYTHON, GuardRun, HostServer, client, peer_client, peer_lab, sha256_of,
                            wait_for_prompts)
-from netlab import HOST4, HOST6, PEER4, PEER6, NetLab
+from netlab import HOST4, HOST6, PEER4, PEER6
 from picosnitch.kernel_records import Dns
 
 SH = os.path.realpath("/bin/sh")
@@ -24,12 +24,7 @@ OK = {"tcp": "ok hi", "udp": "ok ping"}
 
 @pytest.fixture(scope="module")
 def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: iptables and network namespaces")
-    with NetLab() as lab:
-        lab.peer = Peer(lab, [PEER4, PEER6])
-        yield lab
-        lab.peer.stopped = True
+    yield from peer_lab([PEER4, PEER6])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +114,7 @@ def test_inbound_connections_to_listening_sockets_are_decided(strict, lab, kind,
             (f"allow in exe {ME} port {p} proto {kind}", f"allow in exe /usr/bin/true port {p}"),
             (f"allow in addr {peer}", f"allow out addr {peer}"),
             (f"allow in port {p}", f"allow in port {p + 1}"),
-            (f"allow in user root proto {kind}", f"allow in user nobody"),
+            (f"allow in user root proto {kind}", "allow in user nobody"),
         ]
         for allowing, other in cases:
             strict.set_rules(allowing + "\n")

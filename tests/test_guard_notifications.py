@@ -14,8 +14,8 @@ from jeepney import (DBusAddress, HeaderFields, MatchRule, message_bus, new_erro
 from jeepney.io.blocking import open_dbus_connection  # noqa: E402
 from jeepney.wrappers import unwrap_msg  # noqa: E402
 
-from guard_harness import PYTHON, GuardRun, Peer, client  # noqa: E402
-from netlab import PEER4, NetLab  # noqa: E402
+from guard_harness import PYTHON, GuardRun, client, peer_lab  # noqa: E402
+from netlab import PEER4  # noqa: E402
 from test_notifications import desktop_user  # noqa: E402,F401  (a fixture)
 
 _ctx = multiprocessing.get_context("fork")
@@ -61,12 +61,7 @@ def serve(user, calls, clicks, also_forge=False):
 
 @pytest.fixture
 def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    with NetLab() as lab:
-        lab.peer = Peer(lab, [PEER4])
-        yield lab
-        lab.peer.stopped = True
+    yield from peer_lab([PEER4])
 
 
 def next_call(calls, member, timeout=10):

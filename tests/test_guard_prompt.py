@@ -7,19 +7,14 @@ import time
 import pytest
 
 from daemon_harness import REPO
-from guard_harness import PYTHON, GuardRun, Peer, client
-from netlab import PEER4, NetLab
+from guard_harness import PYTHON, GuardRun, client, peer_lab
+from netlab import PEER4
 from test_view_tui import Tmux
 
 
 @pytest.fixture(scope="module")
 def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: iptables and network namespaces")
-    with NetLab() as lab:
-        lab.peer = Peer(lab, [PEER4])
-        yield lab
-        lab.peer.stopped = True
+    yield from peer_lab([PEER4])
 
 
 def test_the_terminal_prompt_answers_from_the_keyboard_and_ignores_early_keys(lab, tmp_path):

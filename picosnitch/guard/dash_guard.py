@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Optional
 
 from picosnitch.guard import store
 from picosnitch.guard.prompt_socket import PromptClient

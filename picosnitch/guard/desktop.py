@@ -18,9 +18,9 @@ import socket
 import time
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
-from picosnitch import desktop_sessions, notifier_worker, parent_death
+from picosnitch import notifier_worker, parent_death
 from picosnitch.desktop_sessions import DesktopUser
 from picosnitch.sanitize import printable
 
@@ -28,7 +28,6 @@ NOTIFICATIONS = "org.freedesktop.Notifications"
 PATH = "/org/freedesktop/Notifications"
 ACTIONS = {"allow-once": ("allow", "once"), "allow-always": ("allow", "forever"), "deny": ("deny", "once")}
 ACTION_LIST = ["allow-once", "Allow once", "allow-always", "Allow always", "deny", "Deny"]
-USERS_REFRESH = 30.0
 
 
 def text(prompt: dict) -> tuple:
@@ -145,39 +144,19 @@ class Child:
 class DesktopPrompts:
     """The guard's side: one child per desktop user; show() sends each the open prompts."""
 
-    def __init__(self, config, report: Callable[[str], None]):
+    def __init__(self, config, report: Callable[[str, str], None]):
         if not notifier_worker.load_jeepney():
             raise RuntimeError("they need jeepney (the [notify] extra, or Debian's python3-jeepney)")
-        self.configured = desktop_sessions.configured_users(config)
         self.report = report
+        # Who gets them: the notifier's own choice ("Desktop notification users", else logind).
+        self.sessions = notifier_worker.Desktops(config, lambda message, key: report("desktop prompts: " + message,
+                                                                                     "guard: " + key),
+                                                 notifier_worker.JEEPNEY)
         self.children: Dict[int, Child] = {}
-        self.asked = None
-        self.users: List[DesktopUser] = []
-        self.last: list = []
-
-    def _users(self) -> List[DesktopUser]:
-        now = time.monotonic()
-        if self.asked is not None and now - self.asked < USERS_REFRESH:
-            return self.users
-        self.asked = now
-        wanted = self.configured
-        if not wanted:
-            try:
-                wanted = notifier_worker.ask_logind_unprivileged()
-            except (OSError, KeyError) as e:
-                self.report("desktop prompts: %s" % e, "guard: logind")
-                wanted = []
-        self.users = []
-        for entry in wanted:
-            try:
-                self.users.append(desktop_sessions.lookup(entry))
-            except KeyError:
-                pass
-        return self.users
 
     def show(self, prompts: list) -> None:
         self.last = prompts
-        users = self._users() if prompts or self.children else []
+        users = self.sessions.users() if prompts or self.children else []
         for uid in set(self.children) - {u.uid for u in users}:
             self.children.pop(uid).close()
         for user in users:

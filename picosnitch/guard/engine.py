@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from picosnitch.guard import packet as packets_module
 from picosnitch.guard.nfqueue import ACCEPT, DROP, NF_INET_LOCAL_IN, REJECT, Packet
-from picosnitch.guard.rules import (FOREVER, ONCE, PROTOCOL_NAMES, UNKNOWN, Attempt, Program, Rule, RulesFile,
-                                    RuleSet, append_rule, format_rule, parse_line, with_expiry)
+from picosnitch.guard.rules import (FOREVER, ONCE, PROTOCOL_NAMES, UNKNOWN, Attempt, Program, RulesFile, RuleSet,
+                                    append_rule, format_rule, parse_line, with_expiry)
 
 ASK, DENY_UNKNOWN = "ask", "deny unknown"
 ALLOWED, DENIED = "allowed", "denied"

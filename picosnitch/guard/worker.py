@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from picosnitch import parent_death, record_keeper
 from picosnitch.dns_cache import DnsCache, is_address
 from picosnitch.guard import firewall
-from picosnitch.guard.engine import ASK, Engine, Verdict, names_loopback
+from picosnitch.guard.engine import Engine, Verdict, names_loopback
 from picosnitch.guard.nfqueue import Queue
 from picosnitch.guard.prompt_socket import PromptServer
 from picosnitch.guard.rules import UNKNOWN, Attempt, RulesFile
