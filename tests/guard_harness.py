@@ -58,15 +58,12 @@ def sha256_of(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def peer_lab(hosts):
-    """A generator for a pytest fixture: the lab with a Peer serving `hosts` (skips without root)."""
-    import pytest
-    if os.geteuid() != 0:
-        pytest.skip("needs root: iptables and network namespaces")
-    with NetLab() as lab:
-        lab.peer = Peer(lab, hosts)
-        yield lab
-        lab.peer.stopped = True
+def peer_lab(lab: NetLab, hosts):
+    """A generator for a module's fixture over the session's lab (conftest): the lab, with a
+    Peer serving `hosts` as lab.peer while the module runs."""
+    lab.peer = Peer(lab, hosts)
+    yield lab
+    lab.peer.stopped = True
 
 
 def serve_until(socks, stopped) -> None:

@@ -14,8 +14,8 @@ from netlab import PEER4
 
 
 @pytest.fixture(scope="module")
-def lab():
-    yield from peer_lab([PEER4])
+def lab(lab):
+    yield from peer_lab(lab, [PEER4])
 
 
 def test_a_domain_rule_decides_a_name_getaddrinfo_returned(lab, tmp_path):

@@ -15,8 +15,8 @@ pytest.importorskip("starlette")
 
 
 @pytest.fixture(scope="module")
-def lab():
-    yield from peer_lab([PEER4])
+def lab(lab):
+    yield from peer_lab(lab, [PEER4])
 
 
 def post(dash, body, headers=None):

@@ -59,3 +59,17 @@ def test_the_chains_queue_new_connections_and_refuse_marked_ones():
     assert "REJECT --reject-with icmp6-port-unreachable" in text
     text = firewall.chain_rules("iptables", 7455, fail_open=True, queue_loopback=True)
     assert "--queue-bypass" in text and "-o lo -j RETURN" not in text and "-A PICOSNITCH-7455-IN -i lo -j RETURN" in text
+
+
+def test_fail_closed_gives_the_leading_address_and_port_rules_to_iptables():
+    rules = parse_text("allow in port 22 proto tcp\ndeny out addr fd00::/8 port 53\nallow exe /usr/bin/ssh\n"
+                       "allow port 80\n")
+    static = firewall.static_prefix(rules)
+    assert [r.line for r in static] == [1, 2]  # stops at the first rule that needs the daemon
+    v4 = firewall.chain_rules("iptables", 7, False, False, static)
+    v6 = firewall.chain_rules("ip6tables", 7, False, False, static)
+    assert "-A PICOSNITCH-7-IN -m conntrack --ctstate NEW -p 6 -m tcp --dport 22:22 -j ACCEPT" in v4
+    assert "fd00" not in v4 and "-A PICOSNITCH-7-OUT" in v6
+    assert ("-A PICOSNITCH-7-OUT -m conntrack --ctstate NEW -d fd00::/8 -p 17 -m udp --dport 53:53 -j REJECT "
+            "--reject-with icmp6-port-unreachable") in v6
+    assert v6.index("--dport 53:53") < v6.index("NFQUEUE")

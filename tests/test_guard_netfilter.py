@@ -23,8 +23,8 @@ OK = {"tcp": "ok hi", "udp": "ok ping"}
 
 
 @pytest.fixture(scope="module")
-def lab():
-    yield from peer_lab([PEER4, PEER6])
+def lab(lab):
+    yield from peer_lab(lab, [PEER4, PEER6])
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,8 @@ def test_rules_reload_and_an_invalid_rule_is_refused_with_a_sentence(strict, lab
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 def test_with_the_guard_killed_the_fail_mode_holds(lab, tmp_path, fail_open):
     port = peer_port(lab, PEER4)
-    guard = GuardRun(tmp_path, lab, "allow\n", **{"Guard fail open": fail_open})
+    # Rules that need the daemon (a bare "allow" would be given to iptables when failing closed).
+    guard = GuardRun(tmp_path, lab, f"allow exe {ME}\nallow exe {PYTHON}\n", **{"Guard fail open": fail_open})
     try:
         established = socket.create_connection((PEER4, port), timeout=5)  # allowed by the rule
         guard.kill()  # kill -9: no clean-up
@@ -262,3 +263,19 @@ def test_picosnitch_stop_removes_what_a_killed_guard_left(lab, tmp_path):
         assert client("tcp", PEER4, port) == "ok hi"
     finally:
         guard.stop()
+
+
+def test_fail_closed_keeps_the_leading_address_and_port_rules_with_the_guard_killed(lab, tmp_path):
+    port = peer_port(lab, PEER4)
+    server = HostServer(HOST4)  # stands for sshd: it must stay reachable
+    guard = GuardRun(tmp_path, lab, f"allow in port {server.port} proto tcp\nallow out addr {PEER4} proto udp\n"
+                     f"allow exe {PYTHON}\n", **{"Guard fail open": False})
+    try:
+        assert client("tcp", PEER4, port) == "ok hi"  # decided by the guard (the exe rule)
+        guard.kill()
+        assert peer_client(lab, "tcp", HOST4, server.port) == "ok hi"  # iptables applies line 1 itself
+        assert client("udp", PEER4, port) == "ok ping"  # and line 2
+        assert client("tcp", PEER4, port, timeout=1.5) == "timeout"  # line 3 needs the daemon
+    finally:
+        guard.stop()
+        server.close()

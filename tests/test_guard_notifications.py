@@ -60,8 +60,8 @@ def serve(user, calls, clicks, also_forge=False):
 
 
 @pytest.fixture
-def lab():
-    yield from peer_lab([PEER4])
+def lab(lab):
+    yield from peer_lab(lab, [PEER4])
 
 
 def next_call(calls, member, timeout=10):

@@ -13,8 +13,8 @@ from test_view_tui import Tmux
 
 
 @pytest.fixture(scope="module")
-def lab():
-    yield from peer_lab([PEER4])
+def lab(lab):
+    yield from peer_lab(lab, [PEER4])
 
 
 def test_the_terminal_prompt_answers_from_the_keyboard_and_ignores_early_keys(lab, tmp_path):

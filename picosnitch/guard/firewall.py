@@ -12,8 +12,10 @@ leave the kernel, so their throughput is unchanged. A denied packet is handed ba
 (NF_REPEAT) with the mark, so the program hears at once that it was refused.
 
 Fail open (`--queue-bypass`): while nothing reads the queue (the daemon is gone) new
-connections pass as if the guard were off. Fail closed: they are dropped, except loopback
-and what is already established. Either way a clean stop removes every rule.
+connections pass as if the guard were off. Fail closed: they are dropped, except loopback,
+what is already established, and what the rules at the top of the rules file decide by
+address, port and protocol alone (static_prefix: iptables applies those itself, before the
+queue, e.g. `allow in port 22 proto tcp`). Either way a clean stop removes every rule.
 """
 
 from __future__ import annotations
@@ -48,8 +50,54 @@ def available() -> List[str]:
     return [tool for tool in TOOLS if not shutil.which(tool)]
 
 
-def chain_rules(tool: str, queue: int, fail_open: bool, queue_loopback: bool) -> str:
-    """The iptables-restore text that fills both chains for one address family."""
+def static_prefix(rules) -> list:
+    """The leading rules iptables can apply by itself: forever, naming only direction,
+    addresses, ports and protocols. Up to the first rule that needs the daemon (a program, a
+    name, a duration), so that first match still wins."""
+    prefix = []
+    for rule in rules:
+        if rule.duration != "forever" or any(key not in ("addr", "port", "proto") for key in rule.matchers):
+            break
+        prefix.append(rule)
+    return prefix
+
+
+def _static_lines(tool: str, chain: str, direction: str, rules) -> List[str]:
+    version = 6 if tool == "ip6tables" else 4
+    lines = []
+    for rule in rules:
+        if rule.direction and rule.direction != direction:
+            continue
+        m = rule.matchers
+        if "addr" in m and m["addr"].version != version:
+            continue
+        words = ["-A", chain, "-m", "conntrack", "--ctstate", "NEW"]
+        if "addr" in m:
+            words += ["-d" if direction == "out" else "-s", str(m["addr"])]
+        protocols = [m["proto"]] if "proto" in m else ([6, 17] if "port" in m else [None])
+        for protocol in protocols:
+            line = list(words)
+            if protocol is not None:
+                line += ["-p", str(protocol)]
+            if "port" in m:
+                if protocol not in (6, 17, 132, 136):
+                    continue  # a port with a protocol that has none matches nothing
+                line += ["-m", {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite"}[protocol],
+                         "--dport", "%d:%d" % m["port"]]
+            if rule.allows:
+                line += ["-j", "ACCEPT"]
+            elif protocol == 6:
+                line += ["-j", "REJECT", "--reject-with", "tcp-reset"]
+            else:
+                line += ["-j", "REJECT", "--reject-with",
+                         "icmp6-port-unreachable" if version == 6 else "icmp-port-unreachable"]
+            lines.append(" ".join(line))
+    return lines
+
+
+def chain_rules(tool: str, queue: int, fail_open: bool, queue_loopback: bool, static=()) -> str:
+    """The iptables-restore text that fills both chains for one address family; `static` rules
+    (see static_prefix) come before the queue, so they hold while nothing reads it."""
     reject = "icmp6-port-unreachable" if tool == "ip6tables" else "icmp-port-unreachable"
     mark = "-m mark --mark 0x%x/0x%x" % (DENY_MARK, DENY_MARK)
     bypass = " --queue-bypass" if fail_open else ""
@@ -60,6 +108,7 @@ def chain_rules(tool: str, queue: int, fail_open: bool, queue_loopback: bool) ->
                   "-A %s %s -j REJECT --reject-with %s" % (chain, mark, reject)]
         if chain == CHAIN_IN or not queue_loopback:
             lines.append("-A %s %s -j RETURN" % (chain, loop))
+        lines += _static_lines(tool, chain, "out" if chain == CHAIN_OUT else "in", static)
         lines.append("-A %s -m conntrack --ctstate NEW -j NFQUEUE --queue-num %d%s" % (chain, queue, bypass))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
@@ -75,20 +124,20 @@ def _jumps(queue: int, interfaces: Sequence[str]) -> List[List[str]]:
     return jumps
 
 
-def install(queue: int, fail_open: bool, queue_loopback: bool, interfaces: Sequence[str] = ()) -> None:
+def install(queue: int, fail_open: bool, queue_loopback: bool, interfaces: Sequence[str] = (), static=()) -> None:
     """Removes what an earlier run left, then adds the chains and the jumps to them (first in
     OUTPUT and INPUT). `interfaces`, if given, limits the guard to those network interfaces."""
     remove(queue)
     for tool in TOOLS:
-        _run([tool + "-restore", "--noflush"], chain_rules(tool, queue, fail_open, queue_loopback))
+        _run([tool + "-restore", "--noflush"], chain_rules(tool, queue, fail_open, queue_loopback, static))
         for jump in _jumps(queue, interfaces):
             _run([tool, "-I", jump[0], "1"] + jump[1:])
 
 
-def update(queue: int, fail_open: bool, queue_loopback: bool) -> None:
+def update(queue: int, fail_open: bool, queue_loopback: bool, static=()) -> None:
     """Refills the chains in one step per family (the jumps stay)."""
     for tool in TOOLS:
-        _run([tool + "-restore", "--noflush"], chain_rules(tool, queue, fail_open, queue_loopback))
+        _run([tool + "-restore", "--noflush"], chain_rules(tool, queue, fail_open, queue_loopback, static))
 
 
 def remove(queue: int) -> None:

@@ -100,8 +100,9 @@ class Guard:
         self.number = config["Guard queue number"]
         self.fail_open = config["Guard fail open"]
         self.loopback = names_loopback(self.rules_file.ruleset)
+        self.static = self._static()
         self.queue = queue_factory(self.number, fail_open=self.fail_open)
-        firewall.install(self.number, self.fail_open, self.loopback, config["Guard interfaces"])
+        firewall.install(self.number, self.fail_open, self.loopback, config["Guard interfaces"], self.static)
         gid = 0
         if config["Guard prompt group"]:
             try:
@@ -173,12 +174,17 @@ class Guard:
         self._firewall_follows_rules()
         self.send(verdicts)
 
+    def _static(self) -> list:
+        """Fail closed: the leading rules iptables applies itself, so they hold with the daemon
+        gone (see firewall). Fail open needs none: everything passes then."""
+        return [] if self.fail_open else firewall.static_prefix(self.rules_file.ruleset.rules)
+
     def _firewall_follows_rules(self) -> None:
-        loopback = names_loopback(self.rules_file.ruleset)
-        if loopback != self.loopback:
-            self.loopback = loopback
+        loopback, static = names_loopback(self.rules_file.ruleset), self._static()
+        if loopback != self.loopback or [r.text for r in static] != [r.text for r in self.static]:
+            self.loopback, self.static = loopback, static
             try:
-                firewall.update(self.number, self.fail_open, loopback)
+                firewall.update(self.number, self.fail_open, loopback, static)
             except firewall.FirewallError as e:
                 self.report(str(e))
 
