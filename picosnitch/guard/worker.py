@@ -101,6 +101,7 @@ class Guard:
         self.fail_open = config["Guard fail open"]
         self.loopback = names_loopback(self.rules_file.ruleset)
         self.static = self._static()
+        self.firewall_for = self.rules_file.ruleset
         self.queue = queue_factory(self.number, fail_open=self.fail_open)
         firewall.install(self.number, self.fail_open, self.loopback, config["Guard interfaces"], self.static)
         gid = 0
@@ -180,6 +181,9 @@ class Guard:
         return [] if self.fail_open else firewall.static_prefix(self.rules_file.ruleset.rules)
 
     def _firewall_follows_rules(self) -> None:
+        if self.rules_file.ruleset is self.firewall_for:
+            return  # the same rules as when the chains were last filled
+        self.firewall_for = self.rules_file.ruleset
         loopback, static = names_loopback(self.rules_file.ruleset), self._static()
         if loopback != self.loopback or [r.text for r in static] != [r.text for r in self.static]:
             self.loopback, self.static = loopback, static
