@@ -85,7 +85,14 @@ class Queue:
         self.sock.setsockopt(270, 5, 1)  # SOL_NETLINK, NETLINK_NO_ENOBUFS
         self.seq = 0
         self._command(NFQNL_CFG_CMD_UNBIND, socket.AF_INET, quiet=True)
-        self._config(_attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND, socket.htons(socket.AF_UNSPEC))))
+        try:
+            self._config(_attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND, socket.htons(socket.AF_UNSPEC))))
+        except QueueError as e:
+            self.sock.close()
+            if e.errno == errno.EPERM and os.geteuid() == 0:
+                raise QueueError(e.errno, "NFQUEUE %d is taken by another program (or CAP_NET_ADMIN is missing): "
+                                          "choose another \"Guard queue number\"" % number) from None
+            raise
         flags = NFQA_CFG_F_UID_GID | (NFQA_CFG_F_FAIL_OPEN if fail_open else 0)
         self._config(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, NFQNL_COPY_PACKET))
                      + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", max_length))
