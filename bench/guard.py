@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -183,8 +184,11 @@ def main() -> int:
           f"{args.clients} connecting processes")
     with NetLab() as lab:
         accept_port, sink_port = 18000 + os.getpid() % 1000, 19000 + os.getpid() % 1000
-        servers = [subprocess.Popen(lab.prefix() + [str(gload), "server", PEER4, str(accept_port), "2", "accept"]),
-                   subprocess.Popen(lab.prefix() + [str(gload), "server", PEER4, str(sink_port), "1", "sink"])]
+        # Each in its own process group: a server forks, and the group is what is stopped.
+        servers = [subprocess.Popen(lab.prefix() + [str(gload), "server", PEER4, str(accept_port), "2", "accept"],
+                                    start_new_session=True),
+                   subprocess.Popen(lab.prefix() + [str(gload), "server", PEER4, str(sink_port), "1", "sink"],
+                                    start_new_session=True)]
         time.sleep(0.5)
         try:
             results = {"off": [], "destination": [], "program": []}
@@ -223,7 +227,7 @@ def main() -> int:
                   f"{statistics.median(ratios):.3f} (from {min(ratios):.2f} to {max(ratios):.2f})")
         finally:
             for server in servers:
-                server.kill()
+                os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
             shutil.rmtree(work, ignore_errors=True)
     return 0
