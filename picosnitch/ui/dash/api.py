@@ -44,7 +44,7 @@ from picosnitch.ui.text import RANGES, safe, user_name
 DEFAULT_RANGE = "hour"
 MAX_TOP = 50
 MAX_VALUES = 1000
-DRILL_DOWN = ("sha256", "name", "cmdline", "pexe", "gpexe", "uid", "domain", "raddr", "rport",
+DRILL_DOWN = ("sha256", "name", "cmdline", "pexe", "gpexe", "uid", "domain", "domain_source", "raddr", "rport",
               "lport", "container")
 
 
