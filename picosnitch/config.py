@@ -165,6 +165,7 @@ RULES: dict[str, Rule] = {
     "Log ignore": Rule([], _ignore_list),
     "Live feed group": Rule("", _string),
     "Log ports": Rule(True, _boolean),
+    "Names from traffic": Rule(True, _boolean),
     "Perf ring buffer (pages)": Rule(256, _power_of_two),
     "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1)),
     "Set st_dev mask": Rule(None, _null_or_integer(0)),
@@ -405,6 +406,10 @@ _EXAMPLE = """\
   "Live feed group": "",
   # Record local and remote ports.
   "Log ports": true,
+  # Learn domain names from the DNS answers processes receive and from the first bytes of their TCP
+  # connections (TLS server name, HTTP Host), read in the kernel from their own buffers; false
+  # leaves names to getaddrinfo.
+  "Names from traffic": true,
   # Size of the buffer carrying kernel events, in memory pages; a power of two.
   "Perf ring buffer (pages)": 256,
   # Open-file limit for the daemon; null keeps the system's.

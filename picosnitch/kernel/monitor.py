@@ -177,14 +177,16 @@ def preflight() -> None:
 class KernelMonitor:
     def __init__(self, object_path: Optional[str] = None, ring_pages: int = 256, flow_entries: int = 65536,
                  cgroup_root: Optional[str] = None, libc: Optional[str] = None, byte_hooks: str = "auto",
-                 cells: Optional[int] = None):
+                 cells: Optional[int] = None, names_from_traffic: bool = True):
         """byte_hooks: "auto" picks the sock tracepoints when the kernel has them, else the fexit
-        fallback; "fallback" forces the fallback (to exercise it where it can run)."""
+        fallback; "fallback" forces the fallback (to exercise it where it can run).
+        names_from_traffic: read DNS answers and TCP connections' first bytes (Payload records)."""
         self.object_path = object_path or default_object_path()
         self.byte_hooks = byte_hooks
         self.ring_pages = ring_pages
         self.flow_entries = flow_entries
         self.cgroup_root = cgroup_root
+        self.names_from_traffic = names_from_traffic
         self.libc = libc
         # Counter cells: as many as flow map entries unless told, in whole words of the dirty bitmaps.
         self.cells = max(CELL_DIRTY_BITS, -(-(cells or flow_entries) // CELL_DIRTY_BITS) * CELL_DIRTY_BITS)
@@ -265,7 +267,8 @@ class KernelMonitor:
         for name in ("dirty_0", "dirty_1"):
             obj.map(name).set_max_entries(self.cells // CELL_DIRTY_BITS)
         tcp_by_seq = all(_in_place(p, disabled) for p in HOOK_GROUPS["tcp_consumed"][0])
-        obj.map(".rodata.config").set_initial_value(MonitorConfig(tcp_rx_by_seq=int(tcp_by_seq), cells=self.cells))
+        obj.map(".rodata.config").set_initial_value(MonitorConfig(
+            tcp_rx_by_seq=int(tcp_by_seq), cells=self.cells, read_payloads=int(self.names_from_traffic)))
         check_boundary(obj)
 
     def _attach(self, disabled: Dict[str, str]) -> None:
