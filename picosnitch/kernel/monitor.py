@@ -89,9 +89,10 @@ def probe_kernel(tracepoints: Iterable[str], byte_hooks: str = "auto") -> Kernel
     """Which of `tracepoints` and of the kfuncs in KFUNCS this kernel has, and, where the byte
     counting fallback is wanted (asked for, or no sock tracepoints), whether it loads fexit programs."""
     wanted = set(tracepoints)
-    typedefs = libbpf.kernel_btf_types("btf_trace_" + t for t in wanted)
-    present = frozenset(t for t in wanted if "btf_trace_" + t in typedefs)
-    kfuncs = frozenset(libbpf.kernel_btf_types({kfunc for kfunc, _ in KFUNCS.values()}, libbpf.BTF_KIND_FUNC))
+    found = libbpf.kernel_btf_kinds([("btf_trace_" + t, libbpf.BTF_KIND_TYPEDEF) for t in wanted]
+                                    + [(kfunc, libbpf.BTF_KIND_FUNC) for kfunc, _ in KFUNCS.values()])
+    present = frozenset(t for t in wanted if ("btf_trace_" + t, libbpf.BTF_KIND_TYPEDEF) in found)
+    kfuncs = frozenset(kfunc for kfunc, _ in KFUNCS.values() if (kfunc, libbpf.BTF_KIND_FUNC) in found)
     features = KernelFeatures(present, kfuncs, None)
     if byte_hooks == "fallback" or not features.sock_tracepoints:
         features = KernelFeatures(present, kfuncs, libbpf.loads_fexit("inet_sendmsg"))
