@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List
 
 from netlab import NetLab, family_of, listen
+
 from picosnitch import config as config_module
 from picosnitch.guard import firewall
 from picosnitch.guard import worker as guard_worker

@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-
 from daemon_harness import Daemon
 from guard_harness import CLIENT, PYTHON, peer_lab
 from netlab import PEER4

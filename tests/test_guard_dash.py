@@ -5,7 +5,6 @@ import json
 import time
 
 import pytest
-
 from dash_harness import DashServer
 from guard_harness import PYTHON, GuardRun, client, peer_lab
 from netlab import PEER4

@@ -10,11 +10,10 @@ import sys
 import time
 
 import pytest
-
-from guard_harness import (PYTHON, GuardRun, HostServer, client, peer_client, peer_lab, sha256_of,
-                           wait_for_prompts)
+from guard_harness import PYTHON, GuardRun, HostServer, client, peer_client, peer_lab, sha256_of, wait_for_prompts
 from netlab import HOST4, HOST6, PEER4, PEER6
-from picosnitch.kernel_records import Dns
+
+from picosnitch.kernel.records import Dns
 
 SH = os.path.realpath("/bin/sh")
 ME = os.path.realpath(sys.executable)  # owns the inbound tests' listening sockets
@@ -247,7 +246,9 @@ def test_verdicts_are_recorded_in_snitch_db(lab, tmp_path):
 def test_picosnitch_stop_removes_what_a_killed_guard_left(lab, tmp_path):
     import json
     import subprocess
+
     from daemon_harness import REPO
+
     from picosnitch.guard import firewall
     port = peer_port(lab, PEER4)
     guard = GuardRun(tmp_path, lab, "", **{"Guard fail open": False})

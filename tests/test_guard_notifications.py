@@ -9,12 +9,10 @@ from collections import deque
 import pytest
 
 pytest.importorskip("jeepney")
-from jeepney import (DBusAddress, HeaderFields, MatchRule, message_bus, new_error, new_method_return,  # noqa: E402
-                     new_signal)
+from guard_harness import PYTHON, GuardRun, client, peer_lab  # noqa: E402
+from jeepney import DBusAddress, HeaderFields, MatchRule, message_bus, new_error, new_method_return, new_signal  # noqa: E402
 from jeepney.io.blocking import open_dbus_connection  # noqa: E402
 from jeepney.wrappers import unwrap_msg  # noqa: E402
-
-from guard_harness import PYTHON, GuardRun, client, peer_lab  # noqa: E402
 from netlab import PEER4  # noqa: E402
 from test_notifications import desktop_user  # noqa: E402,F401  (a fixture)
 

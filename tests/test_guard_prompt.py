@@ -5,7 +5,6 @@ import sys
 import time
 
 import pytest
-
 from daemon_harness import REPO
 from guard_harness import PYTHON, GuardRun, client, peer_lab
 from netlab import PEER4
@@ -63,6 +62,7 @@ def test_prompt_says_so_when_guard_mode_does_not_run(tmp_path):
 
 def test_view_shows_the_guard_verdicts(tmp_path):
     import socket as socket_module
+
     from picosnitch.guard.engine import Verdict
     from picosnitch.guard.rules import Attempt, Program
     from picosnitch.guard.store import VerdictStore

@@ -10,8 +10,10 @@ decides each from the rules file, or holds it while the user answers a prompt.
 - firewall.py: the iptables rules that send new connections to the queue.
 - engine.py: held connections, prompts, answers, timeouts.
 - prompt_socket.py: the unix socket prompt clients (terminal, dashboard) speak over.
-- prompt_tui.py: `picosnitch prompt`.
 - desktop.py: notifications with actions, sent as the desktop user.
 - store.py: verdicts in snitch.db.
 - worker.py: the process that runs it all.
+
+Its readers are in ui/: `picosnitch prompt` (prompt.py), the verdicts in `view` (verdicts.py) and
+the dashboard's Guard tab (dash/guard.py).
 """

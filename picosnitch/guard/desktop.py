@@ -20,8 +20,9 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Callable, Dict
 
-from picosnitch import notifier_worker, parent_death
-from picosnitch.desktop_sessions import DesktopUser
+from picosnitch import parent_death
+from picosnitch.alerts import notifier_worker
+from picosnitch.alerts.desktop_sessions import DesktopUser
 from picosnitch.sanitize import printable
 
 NOTIFICATIONS = "org.freedesktop.Notifications"
@@ -60,7 +61,7 @@ def _serve(user: DesktopUser, inbox: Connection, answers: Connection, guard_pid:
     from jeepney.wrappers import unwrap_msg
     conn = open_dbus_connection(bus=user.bus_address, auth_timeout=notifier_worker.CHILD_TIMEOUT)
     target = DBusAddress(PATH, bus_name=NOTIFICATIONS, interface=NOTIFICATIONS)
-    signals = deque()
+    signals: deque = deque()
     rule = MatchRule(type="signal", interface=NOTIFICATIONS, member="ActionInvoked", path=PATH)
     shown: Dict[int, int] = {}  # notification id -> prompt id
     by_prompt: Dict[int, int] = {}
@@ -124,7 +125,7 @@ class Child:
         inbox = Connection(prompts_in, writable=False)
         answers = Connection(answers_out, readable=False)
         guard_pid = os.getpid()
-        self.pid = notifier_worker._fork_as(user, {prompts_in, answers_out},
+        self.pid = notifier_worker.fork_as(user, {prompts_in, answers_out},
                                             lambda: _serve(user, inbox, answers, guard_pid))
         inbox.close()
         answers.close()
@@ -144,7 +145,7 @@ class Child:
 class DesktopPrompts:
     """The guard's side: one child per desktop user; show() sends each the open prompts."""
 
-    def __init__(self, config, report: Callable[[str, str], None]):
+    def __init__(self, config, report: Callable[..., None]):
         if not notifier_worker.load_jeepney():
             raise RuntimeError("they need jeepney (the [notify] extra, or Debian's python3-jeepney)")
         self.report = report

@@ -23,8 +23,20 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from picosnitch.guard import packet as packets_module
 from picosnitch.guard.nfqueue import ACCEPT, DROP, NF_INET_LOCAL_IN, REJECT, Packet
-from picosnitch.guard.rules import (FOREVER, ONCE, PROTOCOL_NAMES, UNKNOWN, Attempt, Program, RulesFile, RuleSet,
-                                    append_rule, format_rule, parse_line, with_expiry)
+from picosnitch.guard.rules import (
+    FOREVER,
+    ONCE,
+    PROTOCOL_NAMES,
+    UNKNOWN,
+    Attempt,
+    Program,
+    RuleSet,
+    RulesFile,
+    append_rule,
+    format_rule,
+    parse_line,
+    with_expiry,
+)
 
 ASK, DENY_UNKNOWN = "ask", "deny unknown"
 ALLOWED, DENIED = "allowed", "denied"
@@ -131,7 +143,7 @@ class Engine:
     def packets(self, batch: List[Packet]) -> List[Tuple[int, str]]:
         """Verdicts for the packets that can be decided now; the others are held."""
         now = self.now()
-        verdicts = []
+        verdicts: List[Tuple[int, str]] = []
         for pkt in batch:
             try:
                 self._packet(pkt, now, verdicts)
@@ -254,7 +266,9 @@ class Engine:
             self._close(prompt)
             return out
         line = rule_for(prompt.attempt, action, duration, any_port, whole_domain, any_program)
-        rule = with_expiry(parse_line(line), now)
+        parsed = parse_line(line)
+        assert parsed is not None, "rule_for makes a rule line"
+        rule = with_expiry(parsed, now)
         if duration == FOREVER:
             append_rule(self.rules_file.path, line)
             self.rules_file.reload(now)

@@ -25,7 +25,6 @@ import subprocess
 from typing import List, Sequence
 
 
-
 def chains(queue: int):
     """The two chains of the guard that uses `queue` (several may run side by side: tests)."""
     return "PICOSNITCH-%d-OUT" % queue, "PICOSNITCH-%d-IN" % queue

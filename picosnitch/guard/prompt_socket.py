@@ -55,7 +55,7 @@ class PromptServer:
 
     def accept(self) -> List[socket.socket]:
         """The clients that just connected."""
-        new = []
+        new: List[socket.socket] = []
         while True:
             try:
                 client, _ = self.listener.accept()

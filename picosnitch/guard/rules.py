@@ -33,7 +33,7 @@ import shlex
 import socket
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 ACTIONS = ("allow", "deny")
 DIRECTIONS = ("in", "out")
@@ -206,7 +206,7 @@ class Rule:
 
     action: str
     direction: str = ""  # "", "in" or "out"
-    matchers: Dict[str, object] = field(default_factory=dict)
+    matchers: Dict[str, Any] = field(default_factory=dict)  # key -> its parsed value (a network, a range, ...)
     duration: str = FOREVER  # FOREVER, ONCE, RESTART or "N" minutes
     line: int = 0  # line in the rules file (0: not from the file)
     text: str = ""  # the line as written (or as it would be written)
@@ -308,6 +308,7 @@ def parse_line(text: str, line: int = 0) -> Optional[Rule]:
         if used:
             if position + used != len(tokens):
                 raise ValueError("has words after its duration %r" % " ".join(tokens[position:position + used]))
+            assert duration is not None, "a duration that took words is one"
             rule.duration = duration
             break
         key = tokens[position].lower()

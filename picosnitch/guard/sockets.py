@@ -21,7 +21,7 @@ from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 from picosnitch.guard.rules import UNKNOWN, Program
-from picosnitch.hashing import HashCache
+from picosnitch.identity.hashing import HashCache
 from picosnitch.sanitize import from_bytes
 
 NETLINK_SOCK_DIAG = 4

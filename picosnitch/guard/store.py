@@ -16,9 +16,10 @@ from __future__ import annotations
 import sqlite3
 from typing import List
 
-from picosnitch import db_schema, sqlite_store
 from picosnitch.guard.engine import Verdict
 from picosnitch.sanitize import to_bytes
+from picosnitch.store import schema as db_schema
+from picosnitch.store import sqlite as sqlite_store
 
 _T = "CAST(? AS TEXT)"
 INSERT = ("INSERT INTO guard_verdicts (ts, direction, family, protocol, laddr, lport, raddr, rport, domain, exe, "

@@ -15,10 +15,10 @@ import signal
 import threading
 import time
 from multiprocessing.connection import wait
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from picosnitch import parent_death, record_keeper
-from picosnitch.dns_cache import DnsCache, is_address
+from picosnitch import parent_death
+from picosnitch.alerts import record_keeper
 from picosnitch.guard import firewall
 from picosnitch.guard.engine import Engine, Verdict, names_loopback
 from picosnitch.guard.nfqueue import Queue
@@ -26,6 +26,7 @@ from picosnitch.guard.prompt_socket import PromptServer
 from picosnitch.guard.rules import UNKNOWN, Attempt, RulesFile
 from picosnitch.guard.sockets import ProgramFinder
 from picosnitch.guard.store import VerdictStore
+from picosnitch.identity.dns import DnsCache, is_address
 from picosnitch.messages import ErrorReport, Stop
 
 KEY = "guard"
@@ -45,7 +46,7 @@ class Annotator:
         self.countries = None
         if config["GeoIP lookup"] and config["GeoIP database"]:
             try:
-                from picosnitch.view_tui import Annotations
+                from picosnitch.ui.annotations import Annotations
                 self.countries = Annotations(config["GeoIP database"])
             except Exception:
                 self.countries = None
@@ -274,12 +275,13 @@ def run(config, paths, inbox, to_keeper, supervisor_pid: int = 0) -> int:
     last_tick = time.monotonic()
     try:
         while not stop.is_set():
-            sources = [inbox]
+            sources: List[Any] = [inbox]
             if guard:
                 sources += [guard.queue, guard.server] + guard.server.clients
                 if guard.desktop:
                     sources += guard.desktop.sources()
-            for source in wait(sources, timeout=TICK):
+            ready: List[Any] = wait(sources, timeout=TICK)
+            for source in ready:
                 if source is inbox:
                     try:
                         message = inbox.recv()
