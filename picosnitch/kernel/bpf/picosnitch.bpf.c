@@ -574,8 +574,12 @@ static __always_inline void send_payload(struct task_struct *task, struct sock *
 	fill_header(&e->h, EVENT_PAYLOAD, task->tgid);
 	e->kind = kind;
 	fill_key(&e->key, task, sk, st, peer);
-	if (len > PS_PAYLOAD_MAX)
-		len = PS_PAYLOAD_MAX;
+	/* Up to PS_PAYLOAD_MAX - 1 bytes: a mask on the register passed is a bound every verifier keeps
+	 * (6.1's loses a comparison's bound when the value is spilled to the stack and read back). */
+	if (len >= PS_PAYLOAD_MAX)
+		len = PS_PAYLOAD_MAX - 1;
+	len &= PS_PAYLOAD_MAX - 1;
+	barrier_var(len);
 	if (bpf_probe_read_user(e->data, len, (void *)buf)) {
 		bpf_ringbuf_discard(e, 0);
 		return;
