@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
@@ -502,11 +502,7 @@ def _add_up(totals: Dict[bytes, Tuple[FlowKey, FlowValue]], entries: Iterable[Tu
 def check_boundary(obj: libbpf.BpfObject) -> None:
     """Refuses an object whose structs or maps disagree with the ctypes mirrors in kernel_records.py:
     the kernel would otherwise write past a buffer of the wrong size instead of failing."""
-    for c_name, mirror in MIRRORS.items():
-        layout = obj.struct_layout(c_name)
-        ours = (ctypes.sizeof(mirror), {name: getattr(mirror, name).offset for name, *_ in mirror._fields_})
-        if layout != ours:
-            _mismatch(obj, f"struct {c_name} is {layout} in its BTF, {ours} in kernel_records.py")
+    check_structs(obj, MIRRORS)
     maps = {"flows_0": (FlowKey, FlowValue), "flows_1": (FlowKey, FlowValue), "cell_keys": (ctypes.c_uint32, FlowKey),
             "cells_0": (ctypes.c_uint32, FlowValue), "cells_1": (ctypes.c_uint32, FlowValue),
             "dirty_0": (ctypes.c_uint32, ctypes.c_uint64), "dirty_1": (ctypes.c_uint32, ctypes.c_uint64),
@@ -517,6 +513,16 @@ def check_boundary(obj: libbpf.BpfObject) -> None:
         want = (ctypes.sizeof(key) if key else 0, ctypes.sizeof(value))
         if (m.key_size, m.value_size) != want:
             _mismatch(obj, f"map {name} has {m.key_size}-byte keys and {m.value_size}-byte values, not {want}")
+
+
+def check_structs(obj: libbpf.BpfObject, mirrors: Mapping[str, type[ctypes.Structure]]) -> None:
+    """Refuses an object in whose BTF a struct of `mirrors` (C name: ctypes mirror) has another size,
+    or a field another offset."""
+    for c_name, mirror in mirrors.items():
+        layout = obj.struct_layout(c_name)
+        ours = (ctypes.sizeof(mirror), {name: getattr(mirror, name).offset for name, *_ in mirror._fields_})
+        if layout != ours:
+            _mismatch(obj, f"struct {c_name} is {layout} in its BTF, {ours} in kernel/records.py")
 
 
 def _mismatch(obj: libbpf.BpfObject, what: str) -> None:
