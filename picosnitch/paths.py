@@ -44,6 +44,8 @@ class Paths:
     live_socket: Path
     error_counts: Path  # error.log's repeat counts not yet written
     writer_spill: Path  # what the writer received and its destinations lack (store.spill)
+    rules: Path  # guard mode's rules file
+    guard_socket: Path  # guard mode's prompts
 
     @classmethod
     def under(cls, root: str | os.PathLike = "/") -> Paths:
@@ -71,6 +73,8 @@ class Paths:
             live_socket=run_dir / "live.sock",
             error_counts=run_dir / "error-counts.json",
             writer_spill=run_dir / "writer.spill",
+            rules=config_dir / "rules",
+            guard_socket=run_dir / "guard.sock",
         )
 
     @classmethod

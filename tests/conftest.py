@@ -90,11 +90,11 @@ class Recorder:
         self.monitor.close()
 
 
-def kernel_has(*, tracepoint: str = "", kfunc: str = "") -> bool:
-    """Whether the running kernel's BTF describes this tracepoint or kfunc."""
+def kernel_has(*, tracepoint: str = "", kfunc: str = "", function: str = "") -> bool:
+    """Whether the running kernel's BTF describes this tracepoint, or this kfunc or function."""
     if tracepoint:
         return bool(libbpf.kernel_btf_types({"btf_trace_" + tracepoint}))
-    return bool(libbpf.kernel_btf_types({kfunc}, libbpf.BTF_KIND_FUNC))
+    return bool(libbpf.kernel_btf_types({kfunc or function}, libbpf.BTF_KIND_FUNC))
 
 
 def expected_degradations() -> list:

@@ -21,7 +21,7 @@ from picosnitch.central.backlog import Backlog, Batch
 from picosnitch.central.queries import ServerHistory, ServerSQL
 from picosnitch.central.rollup import HOUR, HourlyRollup, hour_of
 from picosnitch.central.settings import load_driver, parse
-from picosnitch.central.writer import ServerWriter, create_statements, make_row, rollup_statements
+from picosnitch.central.writer import ROW_COLUMNS, ServerWriter, create_statements, make_row, rollup_statements
 from picosnitch.messages import Stop
 from picosnitch.paths import Paths
 from picosnitch.store.queries import Filter
@@ -70,7 +70,7 @@ def figures(hourly: list) -> dict:
     """{(hour, exe, lport): (send, recv)} of rollup rows (or raw rows, by their hour)."""
     found = {}
     for row in hourly:
-        key = (hour_of(row[-1]), row[5], row[14])
+        key = (hour_of(row[ROW_COLUMNS.index("ts")]), row[5], row[14])
         send, recv = found.get(key, (0, 0))
         found[key] = (send + row[3], recv + row[4])
     return found

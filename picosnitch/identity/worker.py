@@ -94,8 +94,9 @@ class Reports:
                                   "were lost: the record keeper did not read them in time"))
 
 
-def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper) -> int:
-    """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server)."""
+def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper, to_guard=None) -> int:
+    """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server),
+    and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
     reports = Reports(to_keeper)
@@ -110,7 +111,7 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper)
     limit = config["DB write limit (seconds)"]
     next_expiry = time.monotonic() + EXPIRE_EVERY
     sources = [from_monitor] + ([watcher] if watcher else [])
-    senders = [*consumers.values(), to_keeper]
+    senders = [*consumers.values(), to_keeper] + ([to_guard] if to_guard is not None else [])
     try:
         while True:
             waiting = any(sender.queued for sender in senders)
@@ -121,11 +122,15 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper)
                     continue
                 batch = from_monitor.recv()
                 if isinstance(batch, Stop):
-                    _finish(consumers, reports, losses)
+                    _finish(consumers, reports, losses, to_guard)
                     return 0
                 if isinstance(batch, Resend):
                     resolver.resend_observed()
                     continue
+                if to_guard is not None:
+                    answers = [r for r in batch if getattr(r, "kind", None) == "dns"]
+                    if answers:
+                        to_guard.send(answers)
                 resolve(resolver, batch, limit, consumers)
                 del batch  # a storm's batch is large: not kept until the next one arrives
             losses.check()
@@ -139,12 +144,13 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper)
             watcher.close()
 
 
-def _finish(consumers: Dict[str, channels.Channel], reports: Reports, losses: Losses) -> None:
-    """Stop: everything queued goes out first, then Stop to each consumer and the keeper."""
-    for consumer in consumers.values():
-        consumer.send(Stop("identity"))
-    for consumer in consumers.values():
-        consumer.finish(FINISH_TIMEOUT)
+def _finish(consumers: Dict[str, channels.Channel], reports: Reports, losses: Losses, to_guard) -> None:
+    """Stop: everything queued goes out first, then Stop to each consumer, the guard and the keeper."""
+    receivers = [*consumers.values()] + ([to_guard] if to_guard is not None else [])
+    for receiver in receivers:
+        receiver.send(Stop("identity"))
+    for receiver in receivers:
+        receiver.finish(FINISH_TIMEOUT)
     losses.check()
     reports.check()
     reports.send(Stop("identity"))

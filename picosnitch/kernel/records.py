@@ -42,7 +42,7 @@ class FlowValue(ctypes.Structure):
 
 
 class MonitorConfig(ctypes.Structure):
-    _fields_ = [("tcp_rx_by_seq", u32), ("cells", u32)]
+    _fields_ = [("tcp_rx_by_seq", u32), ("cells", u32), ("read_payloads", u32), ("_pad", u32)]
 
 
 class DrainState(ctypes.Structure):
@@ -70,6 +70,10 @@ class ForkEventC(ctypes.Structure):
 
 class PayloadEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("kind", u32), ("len", u32), ("key", FlowKey), ("data", u8 * PAYLOAD_MAX)]
+
+
+class SocketOwner(ctypes.Structure):
+    _fields_ = [("tgid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32), ("_pad", u32)]
 
 
 class DnsAddressC(ctypes.Structure):

@@ -29,7 +29,8 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_death.signal_when_parent_dies(supervisor_pid, signal.SIGTERM)
-    monitor = KernelMonitor(ring_pages=config["Perf ring buffer (pages)"],
+    monitor = KernelMonitor(names_from_traffic=config["Names from traffic"],
+                            ring_pages=config["Perf ring buffer (pages)"],
                             flow_entries=config["Flow map entries"])
     try:
         degraded = monitor.start()

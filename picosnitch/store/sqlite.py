@@ -171,6 +171,7 @@ def open_readonly(path: str) -> sqlite3.Connection:
         raise PermissionError(
             f"cannot read {path} ({exc}): it needs read permission on the file and on its -wal "
             f"and -shm files if they exist, and search permission on its directory") from exc
+    db_schema.add_missing_columns_for_reading(conn)
     return conn
 
 
@@ -318,7 +319,7 @@ class SqliteWriter:
         return self._lookup(
             self._endpoints, fresh, e, _SELECT_ENDPOINT, _INSERT_ENDPOINT,
             lambda: (e.family, e.protocol, to_bytes(e.laddr), e.lport, to_bytes(e.raddr),
-                     e.rport, to_bytes(e.domain)))
+                     e.rport, to_bytes(e.domain), to_bytes(e.domain_source)))
 
 
 # The writer's own bookkeeping (store.spill): which of its spill's messages this file holds.
@@ -334,9 +335,9 @@ _INSERT_IDENTITY = ("INSERT INTO identities (process_id, parent_id, grandparent_
                     f"container) VALUES (?, ?, ?, ?, ?, {_T})")
 _SELECT_ENDPOINT = ("SELECT id FROM endpoints WHERE family = ? AND protocol = ? "
                     f"AND laddr = {_T} AND lport = ? AND raddr = {_T} AND rport = ? "
-                    f"AND domain = {_T}")
-_INSERT_ENDPOINT = ("INSERT INTO endpoints (family, protocol, laddr, lport, raddr, rport, domain) "
-                    f"VALUES (?, ?, {_T}, ?, {_T}, ?, {_T})")
+                    f"AND domain = {_T} AND domain_source = {_T}")
+_INSERT_ENDPOINT = ("INSERT INTO endpoints (family, protocol, laddr, lport, raddr, rport, domain, domain_source) "
+                    f"VALUES (?, ?, {_T}, ?, {_T}, ?, {_T}, {_T})")
 
 
 # One write's rows, merged per (ts, identity, endpoint); `hour` computed in Python (floor).

@@ -13,7 +13,8 @@
  *   cgroup/sock_release                        retires a closing socket's counter cells
  *   tp_btf/sched_process_exec|fork|exit        the process table
  *   uprobe+uretprobe getaddrinfo               which name resolved to which addresses
- *   fexit/inet[6]_sendmsg|recvmsg              fallback for kernels before the sock tracepoints
+ *   fexit/inet[6]_sendmsg|recvmsg              fallback for kernels before the sock tracepoints,
+ *   fexit/inet_sendpage, packet_sendmsg|recvmsg  with sendfile/splice (before 6.5) and AF_PACKET
  */
 #include "kernel_types.h"
 #include <linux/bpf.h>
@@ -574,8 +575,12 @@ static __always_inline void send_payload(struct task_struct *task, struct sock *
 	fill_header(&e->h, EVENT_PAYLOAD, task->tgid);
 	e->kind = kind;
 	fill_key(&e->key, task, sk, st, peer);
-	if (len > PS_PAYLOAD_MAX)
-		len = PS_PAYLOAD_MAX;
+	/* Up to PS_PAYLOAD_MAX - 1 bytes: a mask on the register passed is a bound every verifier keeps
+	 * (6.1's loses a comparison's bound when the value is spilled to the stack and read back). */
+	if (len >= PS_PAYLOAD_MAX)
+		len = PS_PAYLOAD_MAX - 1;
+	len &= PS_PAYLOAD_MAX - 1;
+	barrier_var(len);
 	if (bpf_probe_read_user(e->data, len, (void *)buf)) {
 		bpf_ringbuf_discard(e, 0);
 		return;
@@ -650,7 +655,7 @@ static __always_inline void on_send(struct sock *sk, int ret)
 	if (ret <= 0)
 		return;
 	account(task, sk, st, has_peer ? &peer : NULL, ret, true);
-	if (st && !(st->flags & FIRST_SEEN) && is_tcp(sk))
+	if (cfg.read_payloads && st && !(st->flags & FIRST_SEEN) && is_tcp(sk))
 		look_at_first_send(task, sk, st, ret);
 }
 
@@ -686,7 +691,7 @@ static __always_inline void tcp_count_consumed(struct sock *sk, struct tcp_sock 
 	st->counted_seq = seq;
 	task = bpf_get_current_task_btf();
 	account(task, sk, st, NULL, delta, false);
-	if (remote_port(sk, NULL) == 53)
+	if (cfg.read_payloads && remote_port(sk, NULL) == 53)
 		look_at_dns_answer(task, sk, st, NULL, delta);
 }
 
@@ -709,7 +714,7 @@ static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return;
 	account(task, sk, st, has_peer ? &peer : NULL, ret, false);
-	if (remote_port(sk, has_peer ? &peer : NULL) == 53 && is_udp(sk))
+	if (cfg.read_payloads && remote_port(sk, has_peer ? &peer : NULL) == 53 && is_udp(sk))
 		look_at_dns_answer(task, sk, st, has_peer ? &peer : NULL, ret);
 }
 
@@ -807,6 +812,34 @@ int BPF_PROG(inet_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int 
 
 SEC("fexit/inet6_recvmsg")
 int BPF_PROG(inet6_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int flags, int ret)
+{
+	on_recv(sock->sk, ret, flags);
+	return 0;
+}
+
+/* Kernels before 6.5 send the pages of sendfile() and splice() into a TCP or UDP socket through
+ * sendpage, not sendmsg. (Other protocols fall back to sendmsg there, so they are counted at
+ * inet_sendmsg and not here.) */
+SEC("fexit/inet_sendpage")
+int BPF_PROG(inet_sendpage_exit, struct socket *sock, void *page, int offset, __u64 size, int flags, long ret)
+{
+	struct sock *sk = sock->sk;
+
+	if (is_tcp(sk) || is_udp(sk))
+		on_send(sk, ret);
+	return 0;
+}
+
+/* AF_PACKET, which the inet fallback does not see. */
+SEC("fexit/packet_sendmsg")
+int BPF_PROG(packet_sendmsg_exit, struct socket *sock, void *msg, __u64 len, int ret)
+{
+	on_send(sock->sk, ret);
+	return 0;
+}
+
+SEC("fexit/packet_recvmsg")
+int BPF_PROG(packet_recvmsg_exit, struct socket *sock, void *msg, __u64 len, int flags, int ret)
 {
 	on_recv(sock->sk, ret, flags);
 	return 0;

@@ -55,6 +55,8 @@ enum loss_kind {
 struct monitor_config {
 	__u32 tcp_rx_by_seq;  /* TCP receive bytes from copied_seq (catches splice) instead of recvmsg */
 	__u32 cells;          /* counter cells (entries of cell_keys, cells_0 and cells_1), a multiple of 64 */
+	__u32 read_payloads;  /* read names from DNS answers and TCP connections' first sends */
+	__u32 _pad;
 };
 
 /* The drain's state, shared with user space (section .data.drain). The kernel adds to the counter
@@ -130,6 +132,15 @@ struct dns_event {
 	__u32 _pad;
 	char name[PS_DNS_NAME_MAX];
 	struct dns_address addrs[PS_DNS_ENTRIES_MAX];  /* family 0: not an IP address */
+};
+
+/* The process that connected, sent or bound on a socket last (socket_owners.bpf.c, guard mode). */
+struct socket_owner {
+	__u32 tgid;
+	__u32 uid;
+	__u64 exe_ino;
+	__u32 exe_dev;   /* kernel encoding, as flow_key's */
+	__u32 _pad;
 };
 
 /* Bytes a process sent or received, read from its own buffer in the syscall that moved them: user
