@@ -305,7 +305,8 @@ class Map:
 
     def pop_all(self, key_type: Type[ctypes.Structure], value_type: Type[ctypes.Structure],
                 batch: int = 1024) -> Iterator[Tuple]:
-        """Reads and deletes every entry (hash maps), a batch per syscall."""
+        """Reads and deletes every entry (hash maps), a batch per syscall. Each key and value is a
+        copy: the buffers are filled again by the next batch."""
         keys, values = (key_type * batch)(), (value_type * batch)()
         token = ctypes.c_uint64()
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
@@ -318,7 +319,7 @@ class Map:
             if ret < 0 and err != errno.ENOENT:
                 raise _fail(f"draining map {self.name}", ret)
             for i in range(count.value):
-                yield keys[i], values[i]
+                yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
             if err == errno.ENOENT:
                 return
             in_batch = ctypes.byref(token)
