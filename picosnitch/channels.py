@@ -142,6 +142,11 @@ class Channel:
             _poll([(self.fileno(), select.POLLOUT)], left)
         return True
 
+    def queued_tallies(self) -> List[Any]:
+        """The tallies of the messages waiting in the outbox."""
+        with self._lock:
+            return [queued.tally for queued in self._outbox if queued.tally is not None]
+
     def take_dropped(self) -> List[Any]:
         """The tallies of the messages dropped since the last call."""
         with self._lock:

@@ -441,3 +441,36 @@ def test_a_connection_storm_is_stored_to_the_byte(prefix, sink):
         time.sleep(2)
         assert sent_to(daemon, sink.port) == sent
         assert daemon.stop() == 0
+
+
+# --- a killed kernel monitor ----------------------------------------------------------------------------
+
+HELD = re.compile(r"the kernel monitor stopped while it held \d+ flows \((\d+) bytes of traffic\)")
+
+
+def test_a_killed_monitor_is_taken_over_without_losing_what_the_kernel_counted(prefix, sink):
+    with Daemon(prefix) as daemon:
+        load = churn(sink.port, 8)
+        for kill in range(3):
+            time.sleep(1 + random.random())
+            monitor = daemon.worker("monitor")
+            os.kill(monitor, signal.SIGKILL)
+            restarted(daemon, "monitor", monitor)
+        sent = int(load.communicate(timeout=60)[0])
+        wait_for(lambda: sent_to(daemon, sink.port) >= sent - held_by_killed(daemon), timeout=30,
+                 what="every byte in snitch.db")
+        time.sleep(2)
+        stored = sent_to(daemon, sink.port)
+        assert sent - held_by_killed(daemon) <= stored <= sent  # nothing twice: one set of programs counts
+        if not held_by_killed(daemon):
+            assert stored == sent
+        still_monitoring_python(daemon, sink.port)
+        assert daemon.stop() == 0
+    log = daemon.error_log()
+    assert said_times(log, "the monitor worker stopped unexpectedly (killed by signal 9); restarting it") == 3
+    no_traceback(log, daemon.stderr())
+
+
+def held_by_killed(daemon):
+    """Bytes the killed monitors had read from the kernel and not handed on, as error.log says."""
+    return sum(int(traffic) for traffic in HELD.findall(daemon.error_log()))

@@ -14,6 +14,9 @@ A worker that ends tells the supervisor why first (WorkerEnded), so the line say
 restarted names the reason. One that keeps crashing is started again after a pause that grows,
 never given up on: the others go on with what still works, and error.log says what does not.
 Only a kernel monitor that cannot run here at all stops the daemon, with its reason.
+
+The supervisor keeps what the kernel monitor hands over (handover: its maps and attached
+programs), so a monitor restarted after a crash takes over instead of starting empty.
 """
 
 import ctypes
@@ -34,6 +37,7 @@ from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.guard import worker as guard_worker
 from picosnitch.identity import worker as identity_worker
+from picosnitch.kernel import handover
 from picosnitch.kernel import worker as monitor_worker
 from picosnitch.messages import ErrorReport, Resend, Stop, WorkerEnded
 from picosnitch.sanitize import printable
@@ -96,10 +100,14 @@ class Supervisor:
         self.to_keeper = to_keeper["supervisor"][1]
         self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
         self.last_words, self.to_supervisor = channels.pair(REPORTS_LIMIT)  # WorkerEnded, from any worker
+        # What the kernel monitor leaves for the next one (handover): its maps and links, and memory.
+        self.kept_r, kept_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.kept: Dict[str, int] = {}  # descriptors by name; a restarted monitor inherits them
+        self.shared = handover.shared_block()
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
         targets = {
             "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid(),
-                                             self.to_supervisor)),
+                                             self.to_supervisor, kept_w, self.kept, self.shared)),
             "identity": (identity_worker.run, (config, inbox["identity"][0], {c: inbox[c][1] for c in consumers},
                                                to_keeper["identity"][1], inbox["guard"][1] if guard else None)),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
@@ -127,7 +135,7 @@ class Supervisor:
 
     def _start(self, name: str) -> None:
         target, args = self.targets[name]
-        process = _ctx.Process(target=_exit_with, args=(name, target, args, self.to_supervisor),
+        process = _ctx.Process(target=_exit_with, args=(name, target, args, self.to_supervisor, self.kept),
                                name=f"picosnitch-{name}", daemon=False)
         # The forked worker shares the supervisor's objects until it writes to them, and a full
         # collection (heap.trim) writes to every object it examines: frozen, they are not examined.
@@ -161,9 +169,12 @@ class Supervisor:
                 self._start_paused()
                 running = {p.sentinel: name for name, p in self.processes.items() if name not in self.paused}
                 senders = [self.to_keeper, *self.inbox_out.values()]
-                for ready in channels.wait([*running, self.last_words], self._wait_time(), senders):
+                for ready in channels.wait([*running, self.last_words, self.kept_r], self._wait_time(), senders):
                     if ready is self.last_words:
                         self._read_last_words()
+                        continue
+                    if ready is self.kept_r:
+                        self._keep()
                         continue
                     name = running[cast(int, ready)]
                     if self.stopping:
@@ -189,6 +200,23 @@ class Supervisor:
             return 0.2
         return min(0.2, max(min(self.paused.values()) - time.monotonic(), 0))
 
+    def _keep(self) -> None:
+        """Keeps the descriptors the monitor hands over, until the daemon stops."""
+        while channels.wait([self.kept_r], 0):
+            received = handover.receive(self.kept_r)
+            if received is None:
+                return
+            for name, fd in received.items():
+                if name in self.kept:
+                    os.close(self.kept[name])
+                self.kept[name] = fd
+
+    def _let_go(self) -> None:
+        """Closes what the monitor left: its programs are detached, its maps freed."""
+        for fd in self.kept.values():
+            os.close(fd)
+        self.kept.clear()
+
     def _read_last_words(self) -> None:
         while self.last_words.poll():
             ended = self.last_words.recv()
@@ -209,6 +237,14 @@ class Supervisor:
         reason = self.reasons.pop(name, None)
         if reason:
             why += ": " + reason
+        if name == "monitor":
+            self._keep()  # all it handed over, before the next one inherits it
+        if name == "monitor" and code == monitor_worker.EXIT_NOT_TAKEN_OVER:
+            self._let_go()
+            self.report(f"the kernel monitor could not take over ({why}); it starts afresh: what the kernel had "
+                        "counted since the last monitor ended is lost")
+            self._start_now(name)
+            return True
         if name == "monitor" and code == monitor_worker.EXIT_FATAL:
             if self.failure is None:
                 self.failure = f"the kernel monitor cannot start ({why}); picosnitch stops"
@@ -264,6 +300,9 @@ class Supervisor:
                 self.report(f"the {name} worker did not stop within {STOP_TIMEOUT:.0f} s; killing it")
                 process.kill()
                 process.join()
+            if name == "monitor":  # it has drained the kernel: the programs go
+                self._keep()
+                self._let_go()
 
 
     def _join(self, process, timeout: float) -> None:
@@ -274,10 +313,15 @@ class Supervisor:
             channels.wait([process.sentinel], min(0.1, deadline - time.monotonic()), senders)
 
 
-def _exit_with(name: str, target, args, to_supervisor) -> None:
+def _exit_with(name: str, target, args, to_supervisor, kept: Dict[str, int]) -> None:
     """A worker's life: its target's return value is the exit status; an exception is told to
-    the supervisor in one line (and in full on stderr, which the journal keeps) first."""
+    the supervisor in one line (and in full on stderr, which the journal keeps) first. What the
+    kernel monitor left is the next monitor's alone: a copy held elsewhere would keep programs
+    attached that the supervisor lets go."""
     name_this_process(f"snitch-{name}")
+    if name != "monitor":
+        for fd in kept.values():
+            os.close(fd)
     try:
         status = target(*args) or 0
     except SystemExit as e:

@@ -82,6 +82,9 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_object__close": (None, [c_void_p]),
         "bpf_object__next_program": (c_void_p, [c_void_p, c_void_p]),
         "bpf_object__find_map_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_object__next_map": (c_void_p, [c_void_p, c_void_p]),
+        "bpf_map__name": (c_char_p, [c_void_p]),
+        "bpf_map__reuse_fd": (c_int, [c_void_p, c_int]),
         "bpf_program__name": (c_char_p, [c_void_p]),
         "bpf_program__section_name": (c_char_p, [c_void_p]),
         "bpf_program__set_autoload": (c_int, [c_void_p, ctypes.c_bool]),
@@ -223,6 +226,11 @@ def destroy_link(link: int) -> None:
     lib().bpf_link__destroy(link)
 
 
+def link_fd(link: int) -> int:
+    """The file descriptor that keeps a link (a program's attachment) in place."""
+    return lib().bpf_link__fd(link)
+
+
 class Program:
     """One BPF program of an object, before or after load."""
 
@@ -264,6 +272,10 @@ class Map:
     @property
     def fd(self) -> int:
         return lib().bpf_map__fd(self.ptr)
+
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: use the existing map `fd` refers to (another process's) instead of creating one."""
+        _call_int(f"reusing map {self.name}", lib().bpf_map__reuse_fd(self.ptr, fd))
 
     def set_max_entries(self, n: int) -> None:
         _call_int(f"resizing map {self.name}", lib().bpf_map__set_max_entries(self.ptr, n))
@@ -333,20 +345,27 @@ class BpfObject:
         self.ptr: Optional[int] = _call_ptr(f"opening {path}", lib().bpf_object__open_file(path.encode(), None))
         self.links: List[int] = []
 
-    def programs(self) -> List[Program]:
-        found: List[Program] = []
+    def _each(self, next_one: Callable[[Optional[int], Optional[int]], Optional[int]]) -> List[int]:
+        """Pointers to the object's programs or maps, by libbpf's iterator `next_one`."""
+        found: List[int] = []
         prev = None
         while True:
-            prev = lib().bpf_object__next_program(self.ptr, prev)
+            prev = next_one(self.ptr, prev)
             if not prev:
                 return found
-            found.append(Program(prev))
+            found.append(prev)
+
+    def programs(self) -> List[Program]:
+        return [Program(ptr) for ptr in self._each(lib().bpf_object__next_program)]
 
     def program(self, name: str) -> Program:
         for prog in self.programs():
             if prog.name == name:
                 return prog
         raise LibbpfError(f"{self.path} has no program {name}")
+
+    def maps(self) -> List[Map]:
+        return [Map(ptr, lib().bpf_map__name(ptr).decode()) for ptr in self._each(lib().bpf_object__next_map)]
 
     def map(self, name: str) -> Map:
         ptr = lib().bpf_object__find_map_by_name(self.ptr, name.encode())

@@ -3,6 +3,10 @@
 It never waits for the identity worker (channels): the kernel's ring buffer and maps are read on
 time whatever happens downstream. Records the identity worker does not take in time, beyond the
 channel's bound, are dropped and said exactly in the next batch it takes.
+
+A monitor restarted after a crash or a kill takes over the maps and attached programs of the one
+before it (handover), so what the kernel counted meanwhile is not lost; what that one had read
+from the kernel and not yet handed on is said, exactly, at the head of the first batch.
 """
 
 import signal
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from picosnitch import channels, parent_death
+from picosnitch.kernel import handover
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
 from picosnitch.messages import ErrorReport, Stop, WorkerEnded
@@ -18,23 +23,37 @@ from picosnitch.sanitize import printable
 from picosnitch.timestamps import local_time
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
+EXIT_NOT_TAKEN_OVER = 4  # what the last monitor left cannot be taken over: start afresh
 FINISH_TIMEOUT = 20.0  # seconds to hand over what is still queued at exit
 
 
-def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
-    """Loads the BPF programs, sets `ready`, and sends record batches until SIGTERM (also sent
-    when the supervisor dies). When the programs cannot be loaded at all, the supervisor is told
-    why (WorkerEnded) and the daemon stops."""
+def run(config, to_identity, ready, supervisor_pid: int, to_supervisor, keeper=None, left=None,
+        shared_block=None) -> int:
+    """Loads the BPF programs, or takes over those `left` by the monitor before (descriptors the
+    supervisor kept, see handover), sets `ready`, and sends record batches until SIGTERM (also
+    sent when the supervisor dies). `keeper`: the socket that hands the supervisor descriptors
+    to keep. When the programs cannot be loaded at all, the supervisor is told why (WorkerEnded)
+    and the daemon stops."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_death.signal_when_parent_dies(supervisor_pid, signal.SIGTERM)
+    shared = handover.Shared.from_buffer(shared_block) if shared_block is not None else None
+    delivery = Delivery(to_identity, shared)
     monitor = KernelMonitor(names_from_traffic=config["Names from traffic"],
                             ring_pages=config["Perf ring buffer (pages)"],
-                            flow_entries=config["Flow map entries"])
+                            flow_entries=config["Flow map entries"],
+                            hand_over=(lambda named: handover.send(keeper, named)) if keeper else None,
+                            adopt=dict(left) if left else None, shared=shared)
+    monitor.taken = delivery.taken
     try:
         degraded = monitor.start()
-    except (MonitorError, LibbpfError) as e:
+    except (MonitorError, LibbpfError, OSError) as e:
+        if left:
+            to_supervisor.send(WorkerEnded("monitor", "the kernel monitor could not take over what the one before "
+                                           f"it left: {printable(str(e), 1000)}"))
+            to_supervisor.finish(FINISH_TIMEOUT)
+            return EXIT_NOT_TAKEN_OVER
         to_supervisor.send(WorkerEnded("monitor", f"the kernel monitor cannot start: {printable(str(e), 1000)}",
                                        fatal=True))
         to_supervisor.finish(FINISH_TIMEOUT)
@@ -43,7 +62,7 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor) -> int:
         to_identity.send(degraded)
     ready.set()
     try:
-        monitor.run(Delivery(to_identity), stop.is_set)
+        monitor.run(delivery, stop.is_set)
     finally:
         monitor.close()
     to_identity.send(Stop("monitor"))
@@ -89,24 +108,56 @@ class Held:
         return bool(self.flows or self.events)
 
     def sentence(self) -> str:
+        """"N flows (M bytes of traffic) and K process and DNS events between T1 and T2"."""
         span = f" between {local_time(self.first)} and {local_time(self.last)}" if self.first and self.last else ""
-        return (f"{self.flows} flows ({self.traffic} bytes of traffic) and {self.events} process and DNS events"
-                f"{span} were dropped: the identity worker did not read them in time")
+        return f"{self.flows} flows ({self.traffic} bytes of traffic) and {self.events} process and DNS events{span}"
+
+    def keep_in(self, shared: handover.Shared) -> None:
+        shared.flows, shared.traffic, shared.events = self.flows, self.traffic, self.events
+        shared.first, shared.last = self.first or 0.0, self.last or 0.0
+
+    @classmethod
+    def kept_in(cls, shared: handover.Shared) -> "Held":
+        return cls(shared.flows, shared.traffic, shared.events, shared.first or None, shared.last or None)
 
 
 class Delivery:
     """Sends the monitor's batches to the identity worker without waiting; what the channel had
-    to drop is said (ErrorReport, passed on to error.log) at the head of the next batch it takes."""
+    to drop is said (ErrorReport, passed on to error.log) at the head of the next batch it takes.
 
-    def __init__(self, to_identity: channels.Channel):
-        self.to_identity = to_identity
+    With `shared`, what the monitor has read from the kernel and not yet handed to the identity
+    worker's socket is kept there, so that a monitor killed meanwhile is followed by one that
+    says so; what the last one left there is said at the head of the first batch."""
+
+    def __init__(self, to_identity: channels.Channel, shared: Optional[handover.Shared] = None):
+        self.to_identity, self.shared = to_identity, shared
         self.lost = Held()
+        self.left = Held.kept_in(shared) if shared else Held()  # what the last monitor held when it ended
+        if shared:
+            Held().keep_in(shared)
+
+    def taken(self, records) -> None:
+        """Records read from the kernel: held by this process until the socket has them."""
+        if self.shared:
+            held = Held.kept_in(self.shared)
+            held.add(Held.of(records))
+            held.keep_in(self.shared)
 
     def __call__(self, batch: List) -> None:
         for held in self.to_identity.take_dropped():
             self.lost.add(held)
+        if self.left:
+            batch = [ErrorReport(f"the kernel monitor stopped while it held {self.left.sentence()} it had read "
+                                 "from the kernel; they are lost"), *batch]
+            self.left = Held()
         if self.lost and not self.to_identity.queued:
-            batch = [ErrorReport(self.lost.sentence()), *batch]
+            batch = [ErrorReport(f"{self.lost.sentence()} were dropped: the identity worker did not read them in "
+                                 "time"), *batch]
             self.lost = Held()
         if batch:
             channels.send_parts([self.to_identity], batch, Held.of)
+        if self.shared:
+            held = Held()
+            for queued in self.to_identity.queued_tallies():
+                held.add(queued)
+            held.keep_in(self.shared)
