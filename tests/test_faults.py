@@ -474,3 +474,31 @@ def test_a_killed_monitor_is_taken_over_without_losing_what_the_kernel_counted(p
 def held_by_killed(daemon):
     """Bytes the killed monitors had read from the kernel and not handed on, as error.log says."""
     return sum(int(traffic) for traffic in HELD.findall(daemon.error_log()))
+
+
+# --- a killed identity worker ---------------------------------------------------------------------------
+
+IDENTITY_HELD = re.compile(r"the identity worker stopped while it held \d+ flows \((\d+) bytes of traffic\)")
+
+
+def test_a_killed_identity_worker_loses_no_byte_it_does_not_report(prefix, sink):
+    with Daemon(prefix) as daemon:
+        load = churn(sink.port, 8)
+        for kill in range(3):
+            time.sleep(1 + random.random())
+            identity = daemon.worker("identity")
+            os.kill(identity, signal.SIGKILL)
+            restarted(daemon, "identity", identity)
+        sent = int(load.communicate(timeout=60)[0])
+
+        def reported():
+            return sum(int(traffic) for traffic in IDENTITY_HELD.findall(daemon.error_log()))
+        wait_for(lambda: sent_to(daemon, sink.port) >= sent - reported(), timeout=30, what="every byte in snitch.db")
+        time.sleep(2)
+        stored = sent_to(daemon, sink.port)
+        # what the killed workers held is said (with its other side, the server's receiving, and
+        # other processes' traffic of the moment: more than our client's bytes alone)
+        assert sent - reported() <= stored <= sent
+        still_monitoring_python(daemon, sink.port)
+        assert daemon.stop() == 0
+    no_traceback(daemon.error_log(), daemon.stderr())

@@ -9,12 +9,13 @@ drained in, not the moment it was resolved, so late rows still land in their own
 
 import signal
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from picosnitch import channels, heap
 from picosnitch.connection import Tally
 from picosnitch.identity.fanotify import ExecutableWatcher, FanotifyUnavailable
 from picosnitch.identity.resolver import IdentityResolver
+from picosnitch.kernel.handover import Held, Shared
 from picosnitch.messages import ErrorReport, Observed, Resend, Stop
 
 EXPIRE_EVERY = 30.0
@@ -94,13 +95,38 @@ class Reports:
                                   "were lost: the record keeper did not read them in time"))
 
 
-def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper, to_guard=None) -> int:
+class InHand:
+    """What this worker has taken from the monitor and not yet handed to the writer's socket,
+    kept in memory shared with the supervisor (handover.Shared), so that a restarted identity
+    worker says exactly what the one before it lost."""
+
+    def __init__(self, shared_block, writer: Optional[channels.Channel], report):
+        self.shared = Shared.from_buffer(shared_block) if shared_block is not None else None
+        self.writer = writer
+        left = Held.kept_in(self.shared) if self.shared else Held()
+        if left:
+            report(ErrorReport(f"the identity worker stopped while it held {left.sentence()}; they are lost"))
+        self.keep([])
+
+    def keep(self, batch: list) -> None:
+        """Notes a batch just taken (empty: nothing but what waits for the writer)."""
+        if self.shared is None:
+            return
+        held = Held.of(batch)
+        for tally in self.writer.queued_tallies() if self.writer else ():
+            held.add(Held(tally.rows, tally.traffic, 0, tally.first, tally.last))
+        held.keep_in(self.shared)
+
+
+def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper, to_guard=None,
+        shared_block=None) -> int:
     """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server),
     and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
     reports = Reports(to_keeper)
     losses = Losses(consumers, reports.send)
+    in_hand = InHand(shared_block, consumers.get("writer"), reports.send)
     watcher = None
     try:
         watcher = ExecutableWatcher()
@@ -131,7 +157,9 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper,
                     answers = [r for r in batch if getattr(r, "kind", None) == "dns"]
                     if answers:
                         to_guard.send(answers)
+                in_hand.keep(batch)
                 resolve(resolver, batch, limit, consumers)
+                in_hand.keep([])
                 del batch  # a storm's batch is large: not kept until the next one arrives
             losses.check()
             reports.check()

@@ -18,7 +18,10 @@ import ctypes
 import json
 import mmap
 import socket
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+from picosnitch.timestamps import local_time
 
 MAX_FDS = 200  # per message; the kernel takes at most 253
 MAP, LINK, LIBC = "map:", "link:", "libc:"  # names: map:NAME, link:N, libc:DEV:INO:N (a uprobe link)
@@ -69,3 +72,54 @@ class Shared(ctypes.Structure):
 def shared_block() -> mmap.mmap:
     """Anonymous shared memory for a Shared, inherited by the processes forked after it is made."""
     return mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+
+
+@dataclass
+class Held:
+    """What some records hold: flows and their bytes, other events, and when they happened."""
+
+    flows: int = 0
+    traffic: int = 0
+    events: int = 0
+    first: Optional[float] = None
+    last: Optional[float] = None
+
+    @classmethod
+    def of(cls, records: list) -> "Held":
+        held = cls()
+        for record in records:
+            kind = getattr(record, "kind", "")  # an ErrorReport has none
+            if kind == "flow":
+                held.flows += 1
+                held.traffic += record.bytes_sent + record.bytes_recv
+            elif kind in ("exec", "fork", "exit", "dns", "payload"):
+                held.events += 1
+            when = getattr(record, "time", 0)
+            if when:
+                held.first = when if held.first is None else min(held.first, when)
+                held.last = when if held.last is None else max(held.last, when)
+        return held
+
+    def add(self, other: "Held") -> None:
+        self.flows += other.flows
+        self.traffic += other.traffic
+        self.events += other.events
+        for edge, pick in (("first", min), ("last", max)):
+            mine, theirs = getattr(self, edge), getattr(other, edge)
+            setattr(self, edge, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+
+    def __bool__(self) -> bool:
+        return bool(self.flows or self.events)
+
+    def sentence(self) -> str:
+        """"N flows (M bytes of traffic) and K process and DNS events between T1 and T2"."""
+        span = f" between {local_time(self.first)} and {local_time(self.last)}" if self.first and self.last else ""
+        return f"{self.flows} flows ({self.traffic} bytes of traffic) and {self.events} process and DNS events{span}"
+
+    def keep_in(self, shared: Shared) -> None:
+        shared.flows, shared.traffic, shared.events = self.flows, self.traffic, self.events
+        shared.first, shared.last = self.first or 0.0, self.last or 0.0
+
+    @classmethod
+    def kept_in(cls, shared: Shared) -> "Held":
+        return cls(shared.flows, shared.traffic, shared.events, shared.first or None, shared.last or None)
