@@ -100,6 +100,13 @@ def from_row(row: dict) -> Connection:
 
 
 
+def widen(span, other) -> None:
+    """Makes `span`'s first and last (None: unknown) take in `other`'s."""
+    for edge, pick in (("first", min), ("last", max)):
+        mine, theirs = getattr(span, edge), getattr(other, edge)
+        setattr(span, edge, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+
+
 @dataclass
 class Tally:
     """How much traffic some Connections hold: rows, bytes both ways, and the span of their
@@ -123,9 +130,7 @@ class Tally:
     def add(self, other: "Tally") -> None:
         self.rows += other.rows
         self.traffic += other.traffic
-        for edge, pick in (("first", min), ("last", max)):
-            mine, theirs = getattr(self, edge), getattr(other, edge)
-            setattr(self, edge, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+        widen(self, other)
 
     def __bool__(self) -> bool:
         return self.rows > 0

@@ -448,15 +448,20 @@ def test_a_connection_storm_is_stored_to_the_byte(prefix, sink):
 HELD = re.compile(r"the kernel monitor stopped while it held \d+ flows \((\d+) bytes of traffic\)")
 
 
+def killed_under_churn(daemon, port, worker, times=3):
+    """Kills `worker` `times` times while a client makes short connections to `port`; the bytes it sent."""
+    load = churn(port, 8)
+    for kill in range(times):
+        time.sleep(1 + random.random())
+        victim = daemon.worker(worker)
+        os.kill(victim, signal.SIGKILL)
+        restarted(daemon, worker, victim)
+    return int(load.communicate(timeout=60)[0])
+
+
 def test_a_killed_monitor_is_taken_over_without_losing_what_the_kernel_counted(prefix, sink):
     with Daemon(prefix) as daemon:
-        load = churn(sink.port, 8)
-        for kill in range(3):
-            time.sleep(1 + random.random())
-            monitor = daemon.worker("monitor")
-            os.kill(monitor, signal.SIGKILL)
-            restarted(daemon, "monitor", monitor)
-        sent = int(load.communicate(timeout=60)[0])
+        sent = killed_under_churn(daemon, sink.port, "monitor")
         wait_for(lambda: sent_to(daemon, sink.port) >= sent - held_by_killed(daemon), timeout=30,
                  what="every byte in snitch.db")
         time.sleep(2)
@@ -483,22 +488,15 @@ IDENTITY_HELD = re.compile(r"the identity worker stopped while it held \d+ flows
 
 def test_a_killed_identity_worker_loses_no_byte_it_does_not_report(prefix, sink):
     with Daemon(prefix) as daemon:
-        load = churn(sink.port, 8)
-        for kill in range(3):
-            time.sleep(1 + random.random())
-            identity = daemon.worker("identity")
-            os.kill(identity, signal.SIGKILL)
-            restarted(daemon, "identity", identity)
-        sent = int(load.communicate(timeout=60)[0])
+        sent = killed_under_churn(daemon, sink.port, "identity")
 
         def reported():
             return sum(int(traffic) for traffic in IDENTITY_HELD.findall(daemon.error_log()))
         wait_for(lambda: sent_to(daemon, sink.port) >= sent - reported(), timeout=30, what="every byte in snitch.db")
         time.sleep(2)
-        stored = sent_to(daemon, sink.port)
         # what the killed workers held is said (with its other side, the server's receiving, and
         # other processes' traffic of the moment: more than our client's bytes alone)
-        assert sent - reported() <= stored <= sent
+        assert sent - reported() <= sent_to(daemon, sink.port) <= sent
         still_monitoring_python(daemon, sink.port)
         assert daemon.stop() == 0
     no_traceback(daemon.error_log(), daemon.stderr())

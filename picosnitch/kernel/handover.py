@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from picosnitch.connection import widen
 from picosnitch.timestamps import local_time
 
 MAX_FDS = 200  # per message; the kernel takes at most 253
@@ -104,9 +105,7 @@ class Held:
         self.flows += other.flows
         self.traffic += other.traffic
         self.events += other.events
-        for edge, pick in (("first", min), ("last", max)):
-            mine, theirs = getattr(self, edge), getattr(other, edge)
-            setattr(self, edge, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+        widen(self, other)
 
     def __bool__(self) -> bool:
         return bool(self.flows or self.events)
