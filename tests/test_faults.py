@@ -500,3 +500,26 @@ def test_a_killed_identity_worker_loses_no_byte_it_does_not_report(prefix, sink)
         still_monitoring_python(daemon, sink.port)
         assert daemon.stop() == 0
     no_traceback(daemon.error_log(), daemon.stderr())
+
+
+# --- kill -9 of the whole daemon ----------------------------------------------------------------------
+
+def test_a_daemon_killed_outright_is_said_at_the_next_start_and_its_writer_loses_nothing(prefix, sink):
+    daemon = Daemon(prefix, **{"DB write limit (seconds)": 5}).start()  # a window of rows waits in the writer
+    load = churn(sink.port, 3)
+    sent = int(load.communicate(timeout=60)[0])
+    time.sleep(1.5)  # drained from the kernel and in the writer's window, not yet written
+    before = sent_to(daemon, sink.port)
+    killed_at = time.time()
+    daemon.kill_group()
+    with daemon:
+        wait_for(lambda: sent_to(daemon, sink.port) == sent, what="the killed writer's window written from its spill")
+        still_monitoring_python(daemon, sink.port)
+    log = daemon.error_log()
+    seen = re.search(r"picosnitch \(pid \d+\) did not stop cleanly; it was last seen running at "
+                     r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d): the traffic of about its last second", log)
+    assert seen, log
+    assert killed_at - 5 <= time.mktime(time.strptime(seen.group(1), "%Y-%m-%d %H:%M:%S")) <= killed_at + 1
+    assert before < sent  # the window was not written before the kill
+    assert "the writer had stopped before snitch.db had" in log
+    no_traceback(log, daemon.stderr())

@@ -14,6 +14,7 @@ from picosnitch.daemon.supervisor import Supervisor
 from picosnitch.identity.log_ignore import IgnoreRules
 from picosnitch.kernel.monitor import preflight
 from picosnitch.paths import Paths
+from picosnitch.timestamps import local_time
 
 EXIT_CONFIG = 78  # EX_CONFIG: the unit file does not restart on it (RestartPreventExitStatus)
 EXIT_NOT_RUNNING = 3  # LSB status code for "not running"
@@ -135,13 +136,30 @@ def prepare(paths: Paths):
     return config
 
 
+def unclean_end(paths: Paths) -> Optional[str]:
+    """A sentence when the last daemon ended without stopping (killed, crashed, power lost): its
+    pid is still in the pid file, which a clean stop empties, and the file's time is the last
+    time it was seen running (the supervisor touches it every few seconds)."""
+    try:
+        content = paths.pid_file.read_text(errors="replace").strip()
+        seen = paths.pid_file.stat().st_mtime
+    except OSError:
+        return None
+    if not content.isdigit() or running_pid(paths):
+        return None
+    return (f"picosnitch (pid {content}) did not stop cleanly; it was last seen running at {local_time(seen)}: "
+            "the traffic of about its last second before it ended, and from then until now, was not recorded")
+
+
 def run_foreground(paths: Paths, config, on_ready=None) -> int:
     """start-no-daemon: the supervisor in this process, holding the pid file lock."""
+    previous = unclean_end(paths)
     lock = _lock_pid_file(paths)
     try:
         _apply_limits(config)
-        supervisor = Supervisor(config, paths)
+        supervisor = Supervisor(config, paths, [previous] if previous else [])
         status = supervisor.run(on_ready)
+        os.ftruncate(lock, 0)  # stopped cleanly
     finally:
         os.close(lock)
     if supervisor.failure:

@@ -48,6 +48,7 @@ RESTART_WINDOW = 60.0
 FIRST_PAUSE = 10.0  # seconds before a crash-looping worker is started again; doubles each time
 LONGEST_PAUSE = 600.0
 STOP_TIMEOUT = 30.0
+SIGN_OF_LIFE = 2.0  # seconds between touches of the pid file
 PR_SET_NAME = 15
 REPORTS_LIMIT = 4 << 20  # bytes of error reports a worker holds for a keeper that does not read them
 EXIT_MONITOR_FATAL = 78  # EX_CONFIG, as for a bad config.json: systemd must not restart us in a loop
@@ -83,8 +84,9 @@ def sd_notify(state: str) -> None:
 
 
 class Supervisor:
-    def __init__(self, config, paths):
-        self.config, self.paths = config, paths
+    def __init__(self, config, paths, notes=()):
+        """notes: sentences for error.log about how the last daemon ended."""
+        self.config, self.paths, self.notes = config, paths, list(notes)
         self.ready = _ctx.Event()
         consumers = ["writer", "live"] + (["sql"] if config["DB sql server"] else [])
         helpers = (["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
@@ -157,8 +159,9 @@ class Supervisor:
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         for name in self.order:
             self._start(name)
-        for warning in self.config.warnings:
+        for warning in [*self.notes, *self.config.warnings]:
             self.report(warning)
+        next_sign_of_life = time.monotonic() + SIGN_OF_LIFE
         announced = False
         try:
             while not self.stopping:
@@ -168,6 +171,9 @@ class Supervisor:
                     if on_ready:
                         on_ready()
                 self._start_paused()
+                if time.monotonic() >= next_sign_of_life:
+                    next_sign_of_life = time.monotonic() + SIGN_OF_LIFE
+                    self._sign_of_life()
                 running = {p.sentinel: name for name, p in self.processes.items() if name not in self.paused}
                 senders = [self.to_keeper, *self.inbox_out.values()]
                 for ready in channels.wait([*running, self.last_words, self.kept_r], self._wait_time(), senders):
@@ -200,6 +206,13 @@ class Supervisor:
         if not self.paused:
             return 0.2
         return min(0.2, max(min(self.paused.values()) - time.monotonic(), 0))
+
+    def _sign_of_life(self) -> None:
+        """The pid file's time says when the daemon was last seen running (control.unclean_end)."""
+        try:
+            os.utime(self.paths.pid_file)
+        except OSError:
+            pass
 
     def _keep(self) -> None:
         """Keeps the descriptors the monitor hands over, until the daemon stops."""
