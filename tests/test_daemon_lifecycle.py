@@ -273,7 +273,8 @@ def test_kill_9_during_busy_writes_keeps_committed_rows(prefix, sink):
     try:
         for cycle in range(20):
             daemon.start()
-            time.sleep(1.6 + random.random())  # a window or more committed, then any moment of the next
+            wait_for(lambda: committed(daemon.paths.db, sink.port), what=f"cycle {cycle}: a window committed")
+            time.sleep(random.random())  # then any moment of the next
             before = committed(daemon.paths.db, sink.port)
             daemon.kill_group()
             after = committed(daemon.paths.db, sink.port, check=True)
