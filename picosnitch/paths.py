@@ -86,17 +86,32 @@ class Paths:
         """The directories ensure_dirs() creates."""
         return (self.config_dir, self.data_dir, self.log_dir, self.run_dir)
 
-    def ensure_dirs(self) -> None:
+    def ensure_dirs(self) -> list[str]:
         """Create the directories (mode 0o755; owned by root when running as root).
 
         An existing directory is brought back to that mode and owner too, so a directory left
         group- or world-writable by hand cannot be used to plant files that root then writes.
+        Returns a sentence for each directory that cannot be made or fixed (a read-only
+        filesystem): what would be written there waits, or is said lost, where it is used.
         """
+        problems = []
         for directory in self.directories():
-            directory.mkdir(parents=True, exist_ok=True)
-            if os.geteuid() == 0:
-                os.chown(directory, 0, 0)
-            os.chmod(directory, DIRECTORY_MODE)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                if os.geteuid() == 0:
+                    os.chown(directory, 0, 0)
+                os.chmod(directory, DIRECTORY_MODE)
+            except OSError as error:
+                problems.append(f"{directory} cannot be prepared ({error.strerror}): nothing is written there "
+                                "until it can be")
+        return problems
+
+    def root_writes(self) -> tuple[Path, ...]:
+        """The files the daemon writes as root."""
+        db = str(self.db)
+        return (self.db, Path(db + "-wal"), Path(db + "-shm"), Path(db + "-journal"), self.record,
+                self.record_journal, self.exe_log, self.error_log, self.conn_log, self.error_counts,
+                self.writer_spill)
 
     def as_dict(self) -> dict[str, str]:
         """Every path by field name, as strings (what `picosnitch version` prints)."""

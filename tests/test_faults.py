@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,8 +33,16 @@ NETNS = os.stat("/proc/self/ns/net").st_ino  # others' tests may use the same po
 
 
 def sent_by(daemon, program, port):
-    rows = daemon.rows("exe = ? AND (rport = ? OR lport = ?) AND netns = ?", (str(program), port, port, NETNS))
+    rows = rows_of(daemon, "exe = ? AND (rport = ? OR lport = ?) AND netns = ?", (str(program), port, port, NETNS))
     return sum(r["send"] for r in rows)
+
+
+def rows_of(daemon, where, params):
+    """daemon.rows(), none while snitch.db is not there yet or has no tables yet."""
+    try:
+        return daemon.rows(where, params)
+    except sqlite3.OperationalError:
+        return []
 
 
 def still_monitoring(daemon, program, port, size=4321):
@@ -393,8 +402,7 @@ def sent_to(daemon, port):
 
     (Other tests on this machine may fill the ring buffer with their forks and execs, and then
     some of these connections' programs are "!unknown": the bytes are still counted.)"""
-    rows = daemon.rows("rport = ? AND netns = ?", (port, NETNS))
-    return sum(r["send"] for r in rows)
+    return sum(r["send"] for r in rows_of(daemon, "rport = ? AND netns = ?", (port, NETNS)))
 
 
 def test_a_killed_writer_loses_nothing_and_writes_nothing_twice(prefix, sink):
@@ -523,3 +531,113 @@ def test_a_daemon_killed_outright_is_said_at_the_next_start_and_its_writer_loses
     assert before < sent  # the window was not written before the kill
     assert "the writer had stopped before snitch.db had" in log
     no_traceback(log, daemon.stderr())
+
+
+# --- files root should not write ------------------------------------------------------------------
+
+def test_a_link_planted_as_snitch_db_is_moved_aside_not_followed(prefix, sink, netops, tmp_path):
+    daemon = Daemon(prefix)
+    daemon.paths.data_dir.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"")
+    daemon.paths.db.symlink_to(outside)
+    with daemon:
+        still_monitoring(daemon, netops, sink.port)
+        assert daemon.stop() == 0
+    assert outside.read_bytes() == b"" and sorted(os.listdir(tmp_path)) == ["outside", "prefix"]  # no -wal beside it
+    assert not daemon.paths.db.is_symlink() and daemon.paths.db.stat().st_size > 0
+    aside = [p for p in daemon.paths.data_dir.iterdir() if p.name.startswith("snitch.db.bad-")]
+    assert len(aside) == 1 and os.readlink(aside[0]) == str(outside)
+    said = f"{daemon.paths.db} was a symbolic link to {outside}: root does not write through links; moved it to {aside[0]}"
+    assert said in daemon.error_log() and said in daemon.stderr()
+
+
+def test_files_another_user_owns_become_roots(prefix, sink, netops):
+    daemon = Daemon(prefix)
+    daemon.paths.log_dir.mkdir(parents=True)
+    daemon.paths.error_log.write_text("")
+    os.chown(daemon.paths.error_log, 1000, 1000)
+    os.chmod(daemon.paths.error_log, 0o666)
+    with daemon:
+        still_monitoring(daemon, netops, sink.port)
+        assert daemon.stop() == 0
+    st = daemon.paths.error_log.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o644)
+    assert (f"{daemon.paths.error_log} was owned by uid 1000 and gid 1000 with mode 666; only root may write it now"
+            in daemon.error_log())
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """`directory` made read-only (a read-only bind mount of itself) while the block runs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True)
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", str(directory)], check=True)
+
+
+def test_a_read_only_data_directory_gets_a_sentence_and_its_rows_wait(prefix, sink, netops):
+    daemon = Daemon(prefix)
+    with read_only(daemon.paths.data_dir):
+        daemon.start()
+        talk(netops, sink.port, 2345)
+        wait_for(lambda: "snitch.db cannot be written (" in daemon.error_log(), what="the sentence")
+        assert daemon.paths.db.exists() is False
+    # writable again: the rows it held are written with the next window
+    wait_for(lambda: sent_by(daemon, netops, sink.port) == 2345, what="the held rows written")
+    still_monitoring(daemon, netops, sink.port)
+    assert daemon.stop() == 0
+    assert f"{daemon.paths.data_dir} cannot be prepared (Read-only file system)" in daemon.stderr()
+    no_traceback(daemon.error_log(), daemon.stderr())
+
+
+def test_a_read_only_log_directory_gets_a_sentence_and_its_lines_wait(prefix, sink, netops):
+    daemon = Daemon(prefix)
+    with read_only(daemon.paths.log_dir):
+        daemon.start()
+        still_monitoring(daemon, netops, sink.port)
+        wait_for(lambda: "cannot write" in daemon.stderr(), what="error.log's lines on stderr meanwhile")
+    wait_for(lambda: "error.log could be written again" in daemon.error_log(), timeout=30,
+             what="the held lines in error.log")
+    wait_for(lambda: str(netops) in exe_log_news(daemon.paths), what="the held exe.log line")
+    assert daemon.stop() == 0
+    assert f"{daemon.paths.log_dir} cannot be prepared (Read-only file system)" in daemon.error_log()
+    no_traceback(daemon.error_log(), daemon.stderr())
+
+
+def wal_frames(wal: bytes):
+    """(offset, is a commit) of each frame of a -wal file."""
+    page_size = int.from_bytes(wal[8:12], "big")
+    frame = 24 + page_size
+    return [(offset, int.from_bytes(wal[offset + 4:offset + 8], "big") != 0)
+            for offset in range(32, len(wal) - frame + 1, frame)], frame
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a page overwritten"])
+def test_transactions_a_damaged_wal_loses_are_reported(prefix, sink, damage):
+    daemon = Daemon(prefix).start()
+    load = churn(sink.port, 4)
+    load.communicate(timeout=60)
+    wait_for(lambda: sent_to(daemon, sink.port) > 0, what="some windows committed")
+    time.sleep(2)
+    daemon.kill_group()  # the -wal keeps the last transactions
+    wal_path = Path(str(daemon.paths.db) + "-wal")
+    wal = wal_path.read_bytes()
+    frames, size = wal_frames(wal)
+    commits = [offset for offset, commit in frames if commit]
+    assert len(commits) >= 3, "too few transactions to lose some"
+    if damage == "cut short":
+        wal_path.write_bytes(wal[:commits[-3] + size + 100])  # the last two transactions gone
+        said = "has lost transactions it had written"
+    else:
+        spoiled = bytearray(wal)
+        spoiled[commits[-3] + size + 30] ^= 0xFF  # a page of the transaction after
+        wal_path.write_bytes(bytes(spoiled))
+        said = "2 committed transactions in it could not be recovered"
+    with daemon:
+        still_monitoring_python(daemon, sink.port)
+    assert said in daemon.error_log(), daemon.error_log()
+    no_traceback(daemon.error_log(), daemon.stderr())

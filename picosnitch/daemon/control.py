@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 from picosnitch import config as config_file
+from picosnitch import files
 from picosnitch.central import settings as sql_server_config
 from picosnitch.daemon.supervisor import Supervisor
 from picosnitch.identity.log_ignore import IgnoreRules
@@ -103,7 +104,11 @@ def _check_open_files(config) -> None:
 
 
 def _lock_pid_file(paths: Paths) -> int:
-    fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ControlError(f"{paths.pid_file} cannot be written ({e.strerror}); picosnitch needs it to "
+                           "start") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -128,12 +133,23 @@ def _apply_limits(config) -> None:
 
 def prepare(paths: Paths):
     """Everything that can fail with a clear message, checked before any worker starts."""
-    paths.ensure_dirs()
+    problems = paths.ensure_dirs()
     config = load_config(paths)
     preflight()
     if running_pid(paths):
         raise ControlError(f"picosnitch is already running (pid {running_pid(paths)})")
+    problems += [problem for path in paths.root_writes() if (problem := _repaired(path))]
+    for problem in problems:  # said on stderr, and in error.log with the configuration's warnings
+        print(f"picosnitch: {problem}", file=sys.stderr)
+    config.warnings[:0] = problems
     return config
+
+
+def _repaired(path) -> Optional[str]:
+    try:
+        return files.repair(path)
+    except OSError as e:
+        return f"{path} cannot be checked ({e.strerror}): it is not written until it can be"
 
 
 def unclean_end(paths: Paths) -> Optional[str]:

@@ -174,6 +174,11 @@ class Database:
             report(ErrorReport(problem))
         self.writer = SqliteWriter(db)
         self.spill = spill
+        committed = self.committed()
+        if spill and 0 < committed < spill.emptied_at:
+            report(ErrorReport(f"{path} has lost transactions it had written: they held messages {committed + 1} "
+                               f"to {spill.emptied_at} of the writer, which no longer has them; its -wal file was cut "
+                               "short or damaged (a disk error, or a hand), and those write windows' rows are missing"))
         prune(self.writer)
 
     def write(self, rows: list, upto: int) -> None:
