@@ -18,6 +18,8 @@ sys.path.insert(0, str(TESTS))
 
 from netlab import NetLab  # noqa: E402
 
+pytest_plugins = ["host_guard"]  # fails any test that touches the host's own picosnitch
+
 
 def pytest_sessionfinish(session, exitstatus):
     """A test that failed half-way may leave a worker process behind; Python would wait for it at
