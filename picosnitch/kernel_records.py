@@ -13,8 +13,10 @@ from typing import Dict, Tuple, Union
 
 from picosnitch.sanitize import from_bytes
 
-FILENAME_MAX, ARGS_MAX, COMM_MAX, DNS_NAME_MAX, DNS_ENTRIES_MAX = 512, 4096, 16, 256, 24
-EVENT_EXEC, EVENT_FORK, EVENT_EXIT, EVENT_DNS = 1, 2, 3, 4
+FILENAME_MAX, ARGS_MAX, COMM_MAX, DNS_NAME_MAX, DNS_ENTRIES_MAX, PAYLOAD_MAX = 512, 4096, 16, 256, 24, 2048
+CELL_DIRTY_BITS = 64
+EVENT_EXEC, EVENT_FORK, EVENT_EXIT, EVENT_DNS, EVENT_PAYLOAD = 1, 2, 3, 4, 5
+PAYLOAD_KINDS = {1: "dns_answer", 2: "first_send"}  # enum payload_kind
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 # enum loss_kind, in order: what each kernel counter means, said to the user.
@@ -25,13 +27,14 @@ LOSS_KINDS = (
     ("flow_map_bytes", "bytes not attributed because the flow map was full"),
     ("peer_storage", "unconnected UDP peers not recorded (socket storage failed)"),
     ("socket_storage", "TCP sockets whose received bytes could not be tracked"),
+    ("ringbuf_payload", "DNS answers and first sends not read (ring buffer full): some domain names are unknown"),
 )
 
 
 class FlowKey(ctypes.Structure):
     _fields_ = [("tgid", u32), ("ppid", u32), ("uid", u32), ("netns", u32), ("exe_ino", u64),
                 ("exe_dev", u32), ("family", u16), ("protocol", u16), ("lport", u16), ("rport", u16),
-                ("_pad", u32), ("laddr", u8 * 16), ("raddr", u8 * 16)]
+                ("exec_id", u32), ("laddr", u8 * 16), ("raddr", u8 * 16), ("comm", ctypes.c_char * COMM_MAX)]
 
 
 class FlowValue(ctypes.Structure):
@@ -39,7 +42,15 @@ class FlowValue(ctypes.Structure):
 
 
 class MonitorConfig(ctypes.Structure):
-    _fields_ = [("tcp_rx_by_seq", u32), ("_pad", u32)]
+    _fields_ = [("tcp_rx_by_seq", u32), ("cells", u32)]
+
+
+class DrainState(ctypes.Structure):
+    _fields_ = [("epoch", u32), ("cells_on", u32)]
+
+
+class RetiredCell(ctypes.Structure):
+    _fields_ = [("cell", u32), ("epoch", u32)]
 
 
 class EventHeader(ctypes.Structure):
@@ -48,12 +59,17 @@ class EventHeader(ctypes.Structure):
 
 class ExecEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("ppid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32),
-                ("args_len", u32), ("args_truncated", u32), ("_pad", u32), ("comm", ctypes.c_char * COMM_MAX),
-                ("filename", ctypes.c_char * FILENAME_MAX), ("args", ctypes.c_char * ARGS_MAX)]
+                ("args_len", u32), ("args_truncated", u32), ("exec_id", u32), ("comm", ctypes.c_char * COMM_MAX),
+                ("filename", ctypes.c_char * FILENAME_MAX), ("path", ctypes.c_char * FILENAME_MAX),
+                ("args", ctypes.c_char * ARGS_MAX)]
 
 
 class ForkEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("ppid", u32), ("_pad", u32)]
+
+
+class PayloadEventC(ctypes.Structure):
+    _fields_ = [("h", EventHeader), ("kind", u32), ("len", u32), ("key", FlowKey), ("data", u8 * PAYLOAD_MAX)]
 
 
 class DnsAddressC(ctypes.Structure):
@@ -63,6 +79,14 @@ class DnsAddressC(ctypes.Structure):
 class DnsEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("count", u32), ("_pad", u32), ("name", ctypes.c_char * DNS_NAME_MAX),
                 ("addrs", DnsAddressC * DNS_ENTRIES_MAX)]
+
+
+# The C struct each mirror above stands for: kernel_monitor.check_boundary compares them, field by
+# field, with the BTF of the object it loads.
+MIRRORS = {"flow_key": FlowKey, "flow_value": FlowValue, "monitor_config": MonitorConfig, "drain_state": DrainState,
+           "retired_cell": RetiredCell, "event_header": EventHeader, "exec_event": ExecEventC,
+           "fork_event": ForkEventC, "dns_address": DnsAddressC, "dns_event": DnsEventC,
+           "payload_event": PayloadEventC}
 
 
 def st_dev_from_kernel(dev: int) -> int:
@@ -107,6 +131,8 @@ class Flow:
     bytes_recv: int
     packets_sent: int
     packets_recv: int
+    exec_id: int = 0  # which exec of tgid sent it (Exec.exec_id); a fork keeps its parent's
+    comm: str = ""  # the process's name when it sent
     kind: str = field(default="flow", repr=False)
 
     @classmethod
@@ -114,7 +140,7 @@ class Flow:
         return cls(key.tgid, key.ppid, key.uid, key.netns, st_dev_from_kernel(key.exe_dev), key.exe_ino,
                    key.family, key.protocol, address(key.family, bytes(key.laddr)), key.lport,
                    address(key.family, bytes(key.raddr)), key.rport, value.bytes_sent, value.bytes_recv,
-                   value.packets_sent, value.packets_recv)
+                   value.packets_sent, value.packets_recv, key.exec_id, from_bytes(key.comm))
 
 
 @dataclass(frozen=True)
@@ -127,10 +153,12 @@ class Exec:
     exe_dev: int
     exe_ino: int
     comm: str
-    filename: str
+    filename: str  # the file executed: the interpreter, for a #! script
     argv: Tuple[str, ...]
     argv_truncated: bool
     time: float
+    exec_id: int = 0  # counts the execs of the thread that exec'd; flows carry it (Flow.exec_id)
+    path: str = ""  # the path given to execve: the script, for a #! script (may be relative)
     kind: str = field(default="exec", repr=False)
 
 
@@ -161,6 +189,26 @@ class Dns:
 
 
 @dataclass(frozen=True)
+class Payload:
+    """Bytes process tgid received from port 53 ("dns_answer") or first sent on a TCP connection
+    ("first_send"), read from its own buffer: the names in them are parsed in user space."""
+
+    tgid: int
+    what: str
+    data: bytes
+    comm: str
+    netns: int
+    family: int
+    protocol: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    time: float
+    kind: str = field(default="payload", repr=False)
+
+
+@dataclass(frozen=True)
 class Loss:
     """The kernel dropped `count` items of `what` since the last report."""
 
@@ -180,14 +228,14 @@ class Degraded:
     kind: str = field(default="degraded", repr=False)
 
 
-Record = Union[Flow, Exec, Fork, Exit, Dns, Loss, Degraded]
+Record = Union[Flow, Exec, Fork, Exit, Dns, Payload, Loss, Degraded]
 
 
 def _argv(raw: bytes) -> Tuple[str, ...]:
     return tuple(from_bytes(a) for a in raw.rstrip(b"\0").split(b"\0")) if raw.strip(b"\0") else ()
 
 
-def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, None]:
+def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, Payload, None]:
     """Decodes one ring buffer sample (None for a type this version does not know)."""
     header = EventHeader.from_buffer_copy(data[:ctypes.sizeof(EventHeader)])
     when = unix_time(header.ktime_ns)
@@ -195,7 +243,8 @@ def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, None]:
         e = ExecEventC.from_buffer_copy(data[:ctypes.sizeof(ExecEventC)])
         raw_args = ctypes.string_at(ctypes.addressof(e) + ExecEventC.args.offset, e.args_len)
         return Exec(e.h.tgid, e.ppid, e.uid, st_dev_from_kernel(e.exe_dev), e.exe_ino, from_bytes(e.comm),
-                    from_bytes(e.filename), _argv(raw_args), bool(e.args_truncated), when)
+                    from_bytes(e.filename), _argv(raw_args), bool(e.args_truncated), when, e.exec_id,
+                    from_bytes(e.path))
     if header.type == EVENT_FORK:
         e = ForkEventC.from_buffer_copy(data[:ctypes.sizeof(ForkEventC)])
         return Fork(e.h.tgid, e.ppid, when)
@@ -206,6 +255,12 @@ def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, None]:
         entries = (address(a.family, bytes(a.addr)) for a in e.addrs[:min(e.count, DNS_ENTRIES_MAX)])
         addrs = tuple(dict.fromkeys(a for a in entries if a))  # getaddrinfo repeats each address per socket type
         return Dns(e.h.tgid, from_bytes(e.name), addrs, when)
+    if header.type == EVENT_PAYLOAD:
+        e = PayloadEventC.from_buffer_copy(data[:ctypes.sizeof(PayloadEventC)])
+        k = e.key
+        return Payload(e.h.tgid, PAYLOAD_KINDS.get(e.kind, str(e.kind)), bytes(e.data[:min(e.len, PAYLOAD_MAX)]),
+                       from_bytes(k.comm), k.netns, k.family, k.protocol, address(k.family, bytes(k.laddr)), k.lport,
+                       address(k.family, bytes(k.raddr)), k.rport, when)
     return None
 
 

@@ -7,15 +7,18 @@ so "failed to load" always says what the kernel or libbpf objected to.
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
-from typing import Callable, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 c_void_p, c_int, c_char_p, c_size_t, c_uint32 = (
     ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32)
 
 BPF_ANY = 0
 LIBBPF_WARN = 0
-BPF_KIND_TYPEDEF = 8
+BTF_KIND_STRUCT = 4
+BTF_KIND_TYPEDEF = 8
+BTF_KIND_FUNC = 12
 
 
 class LibbpfError(Exception):
@@ -26,10 +29,6 @@ class _UprobeOpts(ctypes.Structure):
     # struct bpf_uprobe_opts of libbpf 1.x; sz tells libbpf which fields we know.
     _fields_ = [("sz", c_size_t), ("ref_ctr_offset", c_size_t), ("bpf_cookie", ctypes.c_uint64),
                 ("retprobe", ctypes.c_bool), ("func_name", c_char_p)]
-
-
-class _IterAttachOpts(ctypes.Structure):
-    _fields_ = [("sz", c_size_t), ("link_info", c_void_p), ("link_info_len", c_uint32)]
 
 
 class _BatchOpts(ctypes.Structure):
@@ -92,11 +91,13 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_program__attach_uprobe_opts": (c_void_p, [c_void_p, c_int, c_char_p, c_size_t,
                                                        ctypes.POINTER(_UprobeOpts)]),
         "bpf_link__destroy": (c_int, [c_void_p]),
+        "bpf_prog_load": (c_int, [c_int, c_char_p, c_char_p, c_void_p, c_size_t, ctypes.POINTER(_ProgLoadOpts)]),
         "bpf_link__fd": (c_int, [c_void_p]),
-        "bpf_program__attach_iter": (c_void_p, [c_void_p, ctypes.POINTER(_IterAttachOpts)]),
-        "bpf_iter_create": (c_int, [c_int]),
         "bpf_map__fd": (c_int, [c_void_p]),
         "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
+        "bpf_map__max_entries": (c_uint32, [c_void_p]),
+        "bpf_map__key_size": (c_uint32, [c_void_p]),
+        "bpf_map__value_size": (c_uint32, [c_void_p]),
         "bpf_map__initial_value": (c_void_p, [c_void_p, ctypes.POINTER(c_size_t)]),
         "bpf_map__set_initial_value": (c_int, [c_void_p, c_void_p, c_size_t]),
         "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
@@ -106,8 +107,12 @@ def _declare(l: ctypes.CDLL) -> None:
         "btf__load_vmlinux_btf": (c_void_p, []),
         "btf__find_by_name_kind": (c_int, [c_void_p, c_char_p, c_uint32]),
         "btf__free": (None, [c_void_p]),
+        "btf__type_by_id": (c_void_p, [c_void_p, c_uint32]),
+        "btf__name_by_offset": (c_char_p, [c_void_p, c_uint32]),
+        "bpf_object__btf": (c_void_p, [c_void_p]),
         "ring_buffer__new": (c_void_p, [c_int, SAMPLE_FN, c_void_p, c_void_p]),
         "ring_buffer__poll": (c_int, [c_void_p, c_int]),
+        "ring_buffer__add": (c_int, [c_void_p, c_int, SAMPLE_FN, c_void_p]),
         "ring_buffer__free": (None, [c_void_p]),
     }
     for name, (restype, argtypes) in sig.items():
@@ -142,7 +147,7 @@ def take_log() -> List[str]:
     return lines
 
 
-def kernel_btf_types(names: Iterable[str], kind: int = BPF_KIND_TYPEDEF) -> Set[str]:
+def kernel_btf_types(names: Iterable[str], kind: int = BTF_KIND_TYPEDEF) -> Set[str]:
     """Those of `names` that the running kernel's BTF defines (e.g. btf_trace_<tracepoint>); the
     BTF is parsed once for all of them, as parsing it takes some 10 ms."""
     btf = _call_ptr("reading the kernel's BTF (/sys/kernel/btf/vmlinux)", lib().btf__load_vmlinux_btf())
@@ -150,6 +155,66 @@ def kernel_btf_types(names: Iterable[str], kind: int = BPF_KIND_TYPEDEF) -> Set[
         return {name for name in names if lib().btf__find_by_name_kind(btf, name.encode(), kind) > 0}
     finally:
         lib().btf__free(btf)
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    # The leading fields of libbpf 1.x's struct bpf_prog_load_opts; sz tells libbpf which we know.
+    _fields_ = [("sz", c_size_t), ("attempts", c_int), ("expected_attach_type", c_uint32),
+                ("prog_btf_fd", c_uint32), ("prog_flags", c_uint32), ("prog_ifindex", c_uint32),
+                ("kern_version", c_uint32), ("attach_btf_id", c_uint32), ("attach_prog_fd", c_uint32),
+                ("attach_btf_obj_fd", c_uint32)]
+
+
+BPF_PROG_TYPE_TRACING, BPF_TRACE_FEXIT = 26, 25
+_RETURN_0 = bytes([0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = 0; exit
+
+
+def loads_fexit(function: str) -> bool:
+    """Whether this kernel loads an fexit program (which needs BPF trampolines) on `function`:
+    one that does nothing is loaded and closed at once."""
+    btf = _call_ptr("reading the kernel's BTF (/sys/kernel/btf/vmlinux)", lib().btf__load_vmlinux_btf())
+    try:
+        btf_id = lib().btf__find_by_name_kind(btf, function.encode(), BTF_KIND_FUNC)
+    finally:
+        lib().btf__free(btf)
+    if btf_id <= 0:
+        return False
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), expected_attach_type=BPF_TRACE_FEXIT, attach_btf_id=btf_id)
+    insns = ctypes.create_string_buffer(_RETURN_0, len(_RETURN_0))
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_TRACING, b"ps_probe_fexit", b"GPL", insns, 2, ctypes.byref(opts))
+    take_log()
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", c_uint32), ("info", c_uint32), ("size", c_uint32)]
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", c_uint32), ("type", c_uint32), ("offset", c_uint32)]
+
+
+def _struct_layout(btf: int, name: str) -> Optional[Tuple[int, Dict[str, int]]]:
+    """(size, {member: byte offset}) of a struct described by a BTF, or None if it has none."""
+    type_id = lib().btf__find_by_name_kind(btf, name.encode(), BTF_KIND_STRUCT)
+    if type_id <= 0:
+        return None
+    address = lib().btf__type_by_id(btf, type_id)
+    t = _BtfType.from_address(address)
+    bitfields = t.info >> 31  # then a member's offset holds its bit size in the top 8 bits
+    members = (_BtfMember * (t.info & 0xFFFF)).from_address(address + ctypes.sizeof(_BtfType))
+    offsets = {}
+    for m in members:
+        bits = m.offset & 0xFFFFFF if bitfields else m.offset
+        offsets[lib().btf__name_by_offset(btf, m.name_off).decode()] = bits // 8
+    return t.size, offsets
+
+
+def destroy_link(link: int) -> None:
+    lib().bpf_link__destroy(link)
 
 
 class Program:
@@ -183,22 +248,6 @@ class Program:
                                                                ctypes.byref(opts)))
 
 
-class MapIterator:
-    """A BPF iterator over one map's elements; run() executes the program once over all of them."""
-
-    def __init__(self, link: int, name: str):
-        self.link = link
-        self.name = name
-
-    def run(self) -> None:
-        fd = _call_int(f"starting iterator {self.name}", lib().bpf_iter_create(lib().bpf_link__fd(self.link)))
-        try:
-            while os.read(fd, 4096):
-                pass
-        finally:
-            os.close(fd)
-
-
 class Map:
     """A BPF map of a loaded object, addressed by fd, with fixed-size ctypes keys and values."""
 
@@ -212,6 +261,27 @@ class Map:
 
     def set_max_entries(self, n: int) -> None:
         _call_int(f"resizing map {self.name}", lib().bpf_map__set_max_entries(self.ptr, n))
+
+    @property
+    def max_entries(self) -> int:
+        return lib().bpf_map__max_entries(self.ptr)
+
+    @property
+    def key_size(self) -> int:
+        return lib().bpf_map__key_size(self.ptr)
+
+    @property
+    def value_size(self) -> int:
+        return lib().bpf_map__value_size(self.ptr)
+
+    def mmap(self) -> mmap.mmap:
+        """The values of a BPF_F_MMAPABLE array, shared with the kernel (read and write)."""
+        stride = (self.value_size + 7) // 8 * 8
+        size = -(-stride * self.max_entries // mmap.PAGESIZE) * mmap.PAGESIZE
+        try:
+            return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise LibbpfError(f"mapping {self.name} into memory: {e.strerror}") from None
 
     def set_initial_value(self, data: ctypes.Structure) -> None:
         _call_int(f"setting {self.name}",
@@ -247,16 +317,6 @@ class Map:
             in_batch = ctypes.byref(token)
 
 
-def attach_map_iterator(prog: "Program", target: "Map") -> MapIterator:
-    """Attaches an iter/ program to the elements of `target` (union bpf_iter_link_info.map)."""
-    map_fd = c_uint32(target.fd)
-    opts = _IterAttachOpts(sz=ctypes.sizeof(_IterAttachOpts), link_info=ctypes.addressof(map_fd),
-                           link_info_len=ctypes.sizeof(map_fd))
-    link = _call_ptr(f"attaching {prog.name} to map {target.name}",
-                     lib().bpf_program__attach_iter(prog.ptr, ctypes.byref(opts)))
-    return MapIterator(link, prog.name)
-
-
 class BpfObject:
     """An opened BPF object file: configure programs and maps, then load() and attach."""
 
@@ -285,6 +345,11 @@ class BpfObject:
             raise LibbpfError(f"{self.path} has no map {name}")
         return Map(ptr, name)
 
+    def struct_layout(self, name: str) -> Optional[Tuple[int, Dict[str, int]]]:
+        """(size, {member: byte offset}) of struct `name` as the object's BTF describes it."""
+        btf = lib().bpf_object__btf(self.ptr)
+        return _struct_layout(btf, name) if btf else None
+
     def load(self) -> None:
         take_log()
         _call_int(f"loading {os.path.basename(self.path)}", lib().bpf_object__load(self.ptr))
@@ -302,16 +367,20 @@ class BpfObject:
 
 
 class RingBuffer:
-    """A libbpf ring_buffer over one BPF_MAP_TYPE_RINGBUF map; calls on_sample(bytes)."""
+    """A libbpf ring_buffer over one or more BPF_MAP_TYPE_RINGBUF maps; calls on_sample(bytes)."""
 
-    def __init__(self, ring_map: Map, on_sample: Callable[[bytes], None]):
+    def __init__(self, ring_maps: List[Map], on_sample: Callable[[bytes], None]):
         def sample(_ctx: int, data: int, size: int) -> int:
             on_sample(ctypes.string_at(data, size))
             return 0
 
         self._callback = SAMPLE_FN(sample)  # must outlive the ring buffer
-        self.ptr = _call_ptr(f"opening ring buffer {ring_map.name}",
-                             lib().ring_buffer__new(ring_map.fd, self._callback, None, None))
+        first, *more = ring_maps
+        self.ptr = _call_ptr(f"opening ring buffer {first.name}",
+                             lib().ring_buffer__new(first.fd, self._callback, None, None))
+        for ring_map in more:
+            _call_int(f"opening ring buffer {ring_map.name}",
+                      lib().ring_buffer__add(self.ptr, ring_map.fd, self._callback, None))
 
     def poll(self, timeout_ms: int) -> int:
         """Delivers pending samples; returns how many (0 after timeout_ms without any)."""

@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -163,6 +164,68 @@ def fork_inherit(host, port, parent_size, child_size):
     return {"sent": int(parent_size), "recv": 0, "child": pid, "child_sent": int(child_size)}
 
 
+def exec_children(host, port, count):
+    """Sends a datagram, then starts `count` children that exec this same program to send datagrams
+    of their own sizes (1001, 1002, ...), and one forked child that sends without exec."""
+    s = connect(host, port, socket.SOCK_DGRAM)
+    s.send(b"p" * 1000)
+    children = []
+    for i in range(1, int(count) + 1):
+        pid = os.fork()
+        if pid == 0:
+            os.execv(sys.executable, [sys.executable, __file__, "udp-connected", host, port, "1", str(1000 + i)])
+        children.append([pid, 1000 + i])
+    forked = os.fork()
+    if forked == 0:
+        s.send(b"f" * 999)
+        os._exit(0)
+    for pid in [c[0] for c in children] + [forked]:
+        os.waitpid(pid, 0)
+    return {"sent": 1000, "recv": 0, "children": children, "forked": forked}
+
+
+def dns_ask(host, port, how):
+    """Sends a query-sized message to a DNS port and reads the answer back with `how`: recv on a
+    connected UDP socket, recvfrom or recvmsg on an unconnected one, or over TCP (length-prefixed)."""
+    query = b"\x12\x34\x01\x00\x00\x01" + b"q" * 40
+    if how == "tcp":
+        with connect(host, port) as s:
+            s.sendall(len(query).to_bytes(2, "big") + query)
+            answer = b""
+            while len(answer) < 2 + len(query):
+                answer += s.recv(4096)
+        return {"sent": 2 + len(query), "recv": len(answer), "answer": answer.hex()}
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    if how == "recv":
+        s.connect((host, int(port)))
+        s.send(query)
+        answer = s.recv(4096)
+    else:
+        s.sendto(query, (host, int(port)))
+        answer = s.recvfrom(4096)[0] if how == "recvfrom" else s.recvmsg(4096)[0]
+    return {"sent": len(query), "recv": len(answer), "answer": answer.hex()}
+
+
+def first_send(host, port, how):
+    """Opens a TCP connection and sends first a TLS ClientHello naming tls.picosnitch.test (a real
+    one, from Python's ssl module), an HTTP request with a Host header, or plain bytes; then more."""
+    s = connect(host, port)
+    if how == "tls":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        s.settimeout(0.5)
+        try:
+            context.wrap_socket(s, server_hostname="tls.picosnitch.test")  # no TLS server: times out
+        except (OSError, ssl.SSLError):
+            pass
+    else:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: http.picosnitch.test\r\n\r\n" if how == "http" else b"hello there")
+        s.sendall(b"GET / HTTP/1.1\r\nHost: second.picosnitch.test\r\n\r\n")
+    s.close()
+    return {"sent": 0, "recv": 0}
+
+
 def resolve_tcp(name, family, port, size):
     """getaddrinfo(name) for IPv`family` (4 or 6), then `tcp` to the first address it returns."""
     af = socket.AF_INET6 if family == "6" else socket.AF_INET
@@ -282,7 +345,8 @@ def sctp(host, port, size):
 SCENARIOS = {
     "tcp": tcp, "udp-connected": udp_connected, "udp-unconnected": udp_unconnected, "sendfile": sendfile,
     "splice": splice, "ping": ping, "raw": raw, "packet-send": packet_send, "packet-recv": packet_recv,
-    "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit, "resolve-tcp": resolve_tcp,
+    "renamed-tcp": renamed_tcp, "fork-inherit": fork_inherit, "exec-children": exec_children,
+    "dns-ask": dns_ask, "first-send": first_send, "resolve-tcp": resolve_tcp,
     "tcp-late-read": tcp_late_read, "tcp-duplex": tcp_duplex, "tcp-many": tcp_many, "drip": drip,
     "udp-flood": udp_flood, "udp-pull": udp_pull, "ping-raw": ping_raw, "sctp": sctp,
 }

@@ -32,17 +32,13 @@ struct sock_common {
 	possible_net_t skc_net;
 	struct in6_addr_k skc_v6_daddr;
 	struct in6_addr_k skc_v6_rcv_saddr;
-	unsigned long skc_flags;  /* sock flags live here since 6.x ... */
+	unsigned long skc_flags;  /* sk_flags: SOCK_DONE, ... */
 };
 
 struct sock {
 	struct sock_common __sk_common;
 	u16 sk_protocol;
 	u16 sk_type;
-};
-
-struct sock___old {
-	unsigned long sk_flags;  /* ... and here before */
 };
 
 struct tcp_sock {
@@ -52,16 +48,8 @@ struct tcp_sock {
 
 struct socket { struct sock *sk; };
 
-struct packet_sock { __be16 num; };
+struct packet_sock { __be16 num; };  /* AF_PACKET: the ethertype it was opened or bound for */
 
-struct bpf_iter_meta;
-struct bpf_map;
-struct bpf_iter__bpf_sk_storage_map {
-	struct bpf_iter_meta *meta;
-	struct bpf_map *map;
-	struct sock *sk;
-	void *value;
-};  /* AF_PACKET: the ethertype it was opened or bound for */
 
 struct super_block { u32 s_dev; };
 struct inode { unsigned long i_ino; struct super_block *i_sb; };
@@ -81,7 +69,9 @@ struct signal_struct { atomic_t live; };
 struct task_struct {
 	int pid;
 	int tgid;
+	u64 self_exec_id;  /* u64 since 5.7 */
 	struct task_struct *real_parent;
+	struct task_struct *group_leader;
 	struct mm_struct *mm;
 	struct signal_struct *signal;
 	const struct cred *cred;
@@ -90,7 +80,8 @@ struct task_struct {
 
 struct linux_binprm {
 	struct file *file;
-	const char *interp;  /* the file actually executed: the interpreter, for scripts */
+	const char *filename;  /* the path given to execve */
+	const char *interp;    /* the file actually executed: the interpreter, for scripts */
 };
 
 #pragma clang attribute pop

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
-/* picosnitch kernel side: counts application bytes per (process, executable, endpoint) in a
- * flow map that user space drains, and reports process and DNS events through a ring buffer.
+/* picosnitch kernel side: counts application bytes per (process, executable, endpoint) in
+ * counter cells and a flow map that user space drains, and reports process and DNS events through
+ * a ring buffer.
  *
  * Hooks, each optional (user space disables what the kernel lacks and reports it):
  *   tp_btf/sock_send_length, sock_recv_length  bytes of every send/recv, in the caller's context
@@ -9,6 +10,7 @@
  *                                              kernel 6.2, tcp_rcv_space_adjust_compat instead
  *   tp_btf/inet_sock_set_state                 TCP receive baseline at connection set-up
  *   cgroup/sendmsg4|6, recvmsg4|6              the peer of unconnected UDP
+ *   cgroup/sock_release                        retires a closing socket's counter cells
  *   tp_btf/sched_process_exec|fork|exit        the process table
  *   uprobe+uretprobe getaddrinfo               which name resolved to which addresses
  *   fexit/inet[6]_sendmsg|recvmsg              fallback for kernels before the sock tracepoints
@@ -21,6 +23,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "picosnitch.h"
+#include "core_fixes.bpf.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -40,13 +43,23 @@
 #define SOCK_DONE 1
 #define TCP_ESTABLISHED 1
 #define EEXIST 17
+#define X86_64_USER_CS 0x33  /* the code segment of 64-bit user mode (32-bit tasks: 0x23) */
+#define X86_64_READ 0
+#define X86_64_WRITE 1
+#define X86_64_READV 19
+#define X86_64_WRITEV 20
+#define X86_64_SENDTO 44
+#define X86_64_RECVFROM 45
+#define X86_64_SENDMSG 46
+#define X86_64_RECVMSG 47
 
 char LICENSE[] SEC("license") = "GPL";
 
 const volatile struct monitor_config cfg SEC(".rodata.config") = {};
 
-/* Two flow maps: the kernel fills the one named by flow_slot[0] while user space drains the
- * other, so draining never races with an increment. */
+/* Two flow maps, for bytes that have no counter cell (see below): the kernel fills the one of
+ * generation drain.epoch & 1 while user space drains the other, so draining never races with an
+ * increment. */
 #define FLOW_MAP(name)                                  \
 	struct {                                        \
 		__uint(type, BPF_MAP_TYPE_HASH);        \
@@ -57,12 +70,8 @@ const volatile struct monitor_config cfg SEC(".rodata.config") = {};
 FLOW_MAP(flows_0);
 FLOW_MAP(flows_1);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} flow_slot SEC(".maps");
+/* Written by user space only (a whole value per drain): see struct drain_state. */
+struct drain_state drain SEC(".data.drain") = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -75,6 +84,50 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 4096);
 } events SEC(".maps");
+
+/* DNS answers and first sends: a ring of their own, so that a burst of them never costs an exec event. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} payloads SEC(".maps");
+
+/* The records sent through the ring buffers, named here so that the object's BTF describes them:
+ * user space checks its mirrors of them against it (kernel_monitor.check_boundary). */
+const struct exec_event *btf_exec_event __attribute__((unused));
+const struct fork_event *btf_fork_event __attribute__((unused));
+const struct exit_event *btf_exit_event __attribute__((unused));
+const struct dns_event *btf_dns_event __attribute__((unused));
+const struct payload_event *btf_payload_event __attribute__((unused));
+
+/* Counter cells: the counts of one process (or thread) on one socket under one flow key, in arrays
+ * user space maps into its memory. A socket's state names its owners' cells, so a send or receive
+ * adds to its cell with an array access and two atomics, instead of hashing a flow key. User space
+ * reads the cells the dirty bitmap of the idle generation marks, so nothing has to visit the
+ * sockets (which needs an iterator, and some kernels refuse those). A cell's key never changes
+ * while the cell is in use: when the traffic's key changes (exec, new parent, uid or endpoint), the
+ * owner retires the cell and takes another. Cell 0 is never handed out: it means "none". */
+#define CELL_ARRAY(name, value_type)                    \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_ARRAY);       \
+		__uint(map_flags, BPF_F_MMAPABLE);      \
+		__uint(max_entries, 65536);             \
+		__type(key, __u32);                     \
+		__type(value, value_type);              \
+	} name SEC(".maps")
+CELL_ARRAY(cell_keys, struct flow_key);
+CELL_ARRAY(cells_0, struct flow_value);
+CELL_ARRAY(cells_1, struct flow_value);
+CELL_ARRAY(dirty_0, __u64);  /* bit n of word n / 64: cell n has counts in this generation */
+CELL_ARRAY(dirty_1, __u64);
+
+/* Retired cells in the order they were retired, each waiting out CELL_QUARANTINE epochs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, 65536);
+	__type(value, struct retired_cell);
+} retired_cells SEC(".maps");
+
+__u32 fresh_cells = 0;  /* cells handed out so far that were never used before */
 
 /* Peer of the datagram a thread is sending or receiving on an unconnected UDP socket, left in the
  * socket's state by the cgroup hook and taken by the sock tracepoint that fires later in the same
@@ -92,26 +145,26 @@ struct peer {
 #define PEER_SLOTS 4  /* a power of two */
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 
-/* The counters of one process (or, for datagrams with a named peer, one thread) on one socket.
- * Sends and receives add to `pending` with a few cheap checks instead of a flow map lookup;
- * pending bytes move into the flow map when user space runs the flush_sockets iterator (every
- * drain), when the socket is released, and when the key no longer describes the traffic (exec,
- * new parent, new uid, new endpoint). */
+/* One process (or, for datagrams with a named peer, one thread) on one socket, and the counter
+ * cell its traffic goes to. */
 struct owner_slot {
-	__u32 owner;     /* tgid, or thread id | THREAD_OWNED; 0: free; claimed with compare-and-swap */
+	__u32 owner;         /* tgid, or thread id | THREAD_OWNED; 0: free; claimed with compare-and-swap */
+	__u32 cell;          /* 0: none yet, or none was free (then the flow map takes the bytes) */
+	__u64 exe_file;      /* task->mm->exe_file when the cell's key was made */
+	__u64 parent;        /* task->real_parent when the cell's key was made */
+	__u32 failed_epoch;  /* epoch + 1 of the last time no cell was free: no new try until the next */
 	__u32 _pad;
-	__u64 exe_file;  /* task->mm->exe_file when the key was made */
-	__u64 parent;    /* task->real_parent when the key was made */
-	struct flow_key key;
-	struct flow_value pending;
 };
 
 #define OWNER_SLOTS 2  /* owners sharing a socket beyond this use the flow map directly */
 #define THREAD_OWNED 0x80000000u
 
+#define SEQ_KNOWN 1    /* counted_seq holds */
+#define FIRST_SEEN 2   /* the socket's first send was looked at for a name */
+
 struct sock_state {
 	__u32 counted_seq;  /* TCP: copied_seq up to which received bytes have been counted */
-	__u16 seq_known;
+	__u16 flags;
 	__u16 lport;        /* the local port, kept: the kernel zeroes it when a TCP socket closes */
 	struct peer send_peers[PEER_SLOTS];
 	struct peer recv_peers[PEER_SLOTS];
@@ -124,10 +177,6 @@ struct {
 	__type(key, int);
 	__type(value, struct sock_state);
 } sock_states SEC(".maps");
-
-/* Set by user space once flush_sockets and sock_release are attached: only then may bytes wait
- * in a socket's state without being lost when it closes. */
-volatile __u32 socket_counters_on SEC(".data.counters_on") = 0;
 
 struct gai_call {
 	__u64 node;  /* const char * in the caller */
@@ -148,11 +197,16 @@ static __always_inline void count_loss(__u32 kind, __u64 n)
 		__sync_fetch_and_add(v, n);
 }
 
-static __always_inline void *active_flows(void)
+static __always_inline void fill_header(struct event_header *h, __u32 type, __u32 tgid)
 {
-	__u32 zero = 0;
-	__u32 *slot = bpf_map_lookup_elem(&flow_slot, &zero);
-	return slot && *slot ? (void *)&flows_1 : (void *)&flows_0;
+	h->type = type;
+	h->tgid = tgid;
+	h->ktime_ns = bpf_ktime_get_boot_ns();
+}
+
+static __always_inline __u32 current_epoch(void)
+{
+	return READ_ONCE(drain.epoch);
 }
 
 static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk, struct sock_state *st,
@@ -192,9 +246,9 @@ static __always_inline void fill_endpoint(struct flow_key *key, struct sock *sk,
 	}
 }
 
-static __always_inline void add_to_flow(const struct flow_key *key, const struct flow_value *add)
+static __always_inline void add_to_flow(const struct flow_key *key, const struct flow_value *add, __u32 epoch)
 {
-	void *flows = active_flows();
+	void *flows = epoch & 1 ? (void *)&flows_1 : (void *)&flows_0;
 	struct flow_value *v = bpf_map_lookup_elem(flows, key);
 
 	if (!v) {
@@ -239,26 +293,44 @@ static __always_inline void fill_key(struct flow_key *key, struct task_struct *t
 	key->uid = uid_of(task);
 	key->exe_ino = exe->i_ino;
 	key->exe_dev = exe->i_sb->s_dev;
+	key->exec_id = task->self_exec_id;
+	__builtin_memcpy(key->comm, task->group_leader->comm, sizeof(key->comm));
 	fill_endpoint(key, sk, st, peer);
 }
 
-/* Moves a slot's pending counters into the flow map (atomically: adds may run meanwhile). */
-static __always_inline void flush_slot(struct owner_slot *slot)
+/* A counter cell for a new key: one never used, else the longest retired if it has waited out its
+ * quarantine; 0 when there is none. */
+static __always_inline __u32 take_cell(__u32 epoch)
 {
-	struct flow_value moved;
+	struct retired_cell r;
 
-	moved.bytes_sent = __sync_lock_test_and_set(&slot->pending.bytes_sent, 0);
-	moved.bytes_recv = __sync_lock_test_and_set(&slot->pending.bytes_recv, 0);
-	moved.packets_sent = __sync_lock_test_and_set(&slot->pending.packets_sent, 0);
-	moved.packets_recv = __sync_lock_test_and_set(&slot->pending.packets_recv, 0);
-	if (moved.packets_sent || moved.packets_recv)
-		add_to_flow(&slot->key, &moved);
+	if (READ_ONCE(fresh_cells) < cfg.cells - 1) {
+		__u32 fresh = __sync_fetch_and_add(&fresh_cells, 1) + 1;
+
+		if (fresh < cfg.cells)
+			return fresh;
+	}
+	if (bpf_map_pop_elem(&retired_cells, &r))
+		return 0;
+	if (epoch - r.epoch >= CELL_QUARANTINE)
+		return r.cell;
+	bpf_map_push_elem(&retired_cells, &r, 0);  /* too recent: back in line */
+	return 0;
 }
 
-static __always_inline void flush_state(struct sock_state *st)
+/* No socket will add to the cell any more; user space reads what it holds before it is reused. */
+static __always_inline void retire_cell(__u32 cell, __u32 epoch)
 {
-	flush_slot(&st->slots[0]);
-	flush_slot(&st->slots[1]);
+	struct retired_cell r = {.cell = cell, .epoch = epoch};
+
+	bpf_map_push_elem(&retired_cells, &r, 0);  /* cannot be full: it has room for every cell */
+}
+
+/* Retires the slot's cell, once, whichever of the threads sharing the slot gets here first. */
+static __always_inline void release_cell(struct owner_slot *slot, __u32 cell, __u32 epoch)
+{
+	if (cell && __sync_val_compare_and_swap(&slot->cell, cell, 0) == cell)
+		retire_cell(cell, epoch);
 }
 
 /* The owner's slot in the socket state, claiming a free one if needed (NULL: none left). */
@@ -281,16 +353,18 @@ static __always_inline bool same16(const void *a, const void *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-/* Whether the slot's key still describes traffic of this task on this socket. */
-static __always_inline bool key_current(const struct owner_slot *slot, struct task_struct *task, struct sock *sk,
-					const struct peer *peer)
+/* Whether the key of the slot's cell still describes traffic of this task on this socket. */
+static __always_inline bool key_current(const struct owner_slot *slot, const struct flow_key *key,
+					struct task_struct *task, struct sock *sk, const struct peer *peer)
 {
-	const struct flow_key *key = &slot->key;
 	struct sock_common *c = &sk->__sk_common;
 	__u32 raddr4 = c->skc_daddr;
 
+	const __u64 *comm = (const __u64 *)key->comm, *now = (const __u64 *)task->group_leader->comm;
+
 	if (slot->exe_file != (__u64)task->mm->exe_file || slot->parent != (__u64)task->real_parent ||
-	    key->uid != uid_of(task))
+	    key->uid != uid_of(task) || key->exec_id != (__u32)task->self_exec_id ||
+	    comm[0] != now[0] || comm[1] != now[1])  /* renamed (prctl PR_SET_NAME) */
 		return false;
 	if (peer)
 		return key->rport == peer->port && same16(key->raddr, peer->addr);
@@ -307,6 +381,49 @@ static __always_inline bool key_current(const struct owner_slot *slot, struct ta
 	       (key->lport == c->skc_num && key->rport == bpf_ntohs(c->skc_dport));
 }
 
+/* The cell this task's traffic on this socket goes to: the slot's, while its key still holds, else
+ * a new one with a new key; 0 when no cell is free. */
+static __always_inline __u32 cell_for(struct owner_slot *slot, struct task_struct *task, struct sock *sk,
+				      struct sock_state *st, const struct peer *peer, __u32 epoch)
+{
+	__u32 cell = READ_ONCE(slot->cell);
+	struct flow_key *key;
+
+	if (cell) {
+		key = bpf_map_lookup_elem(&cell_keys, &cell);
+		if (key && key_current(slot, key, task, sk, peer))
+			return cell;
+		release_cell(slot, cell, epoch);
+	} else if (slot->failed_epoch == epoch + 1) {
+		return 0;
+	}
+	cell = take_cell(epoch);
+	key = cell ? bpf_map_lookup_elem(&cell_keys, &cell) : NULL;
+	if (!key) {
+		slot->failed_epoch = epoch + 1;
+		return 0;
+	}
+	fill_key(key, task, sk, st, peer);
+	slot->exe_file = (__u64)task->mm->exe_file;
+	slot->parent = (__u64)task->real_parent;
+	/* The key is complete before another thread of the owner can see the cell. */
+	if (__sync_val_compare_and_swap(&slot->cell, 0, cell) != 0) {
+		retire_cell(cell, epoch);  /* another thread gave the slot a cell meanwhile: use that one */
+		cell = READ_ONCE(slot->cell);
+	}
+	return cell;
+}
+
+static __always_inline void mark_dirty(void *dirty, __u32 cell)
+{
+	__u32 word = cell / CELL_DIRTY_BITS;
+	__u64 bit = 1ULL << (cell % CELL_DIRTY_BITS);
+	__u64 *w = bpf_map_lookup_elem(dirty, &word);
+
+	if (w && !(READ_ONCE(*w) & bit))
+		__sync_fetch_and_or(w, bit);
+}
+
 static __always_inline bool local_only_family(__u16 family)
 {
 	return family == AF_UNIX || family == AF_NETLINK || family == AF_KEY || family == AF_ALG;
@@ -316,13 +433,19 @@ static __always_inline bool local_only_family(__u16 family)
 static __always_inline void account(struct task_struct *task, struct sock *sk, struct sock_state *st,
 				    const struct peer *peer, __u64 bytes, bool sent)
 {
+	__u32 epoch = current_epoch(), cell = 0;
+	struct flow_value *counts = NULL;
 	struct owner_slot *slot = NULL;
 
 	/* Datagrams with a named peer re-key their slot whenever the peer changes, and a re-key is
 	 * not atomic against another thread's add: each thread keeps its own slot for them. */
-	if (st && socket_counters_on)
+	if (st && READ_ONCE(drain.cells_on))
 		slot = slot_of(st, peer ? task->pid | THREAD_OWNED : task->tgid);
-	if (!slot) {
+	if (slot)
+		cell = cell_for(slot, task, sk, st, peer, epoch);
+	if (cell)
+		counts = bpf_map_lookup_elem(epoch & 1 ? (void *)&cells_1 : (void *)&cells_0, &cell);
+	if (!counts) {
 		struct flow_value add = {};
 		struct flow_key key;
 
@@ -334,22 +457,17 @@ static __always_inline void account(struct task_struct *task, struct sock *sk, s
 			add.packets_recv = 1;
 		}
 		fill_key(&key, task, sk, st, peer);
-		add_to_flow(&key, &add);
+		add_to_flow(&key, &add, epoch);
 		return;
 	}
-	if (!key_current(slot, task, sk, peer)) {
-		flush_slot(slot);
-		slot->exe_file = (__u64)task->mm->exe_file;
-		slot->parent = (__u64)task->real_parent;
-		fill_key(&slot->key, task, sk, st, peer);
-	}
 	if (sent) {
-		__sync_fetch_and_add(&slot->pending.bytes_sent, bytes);
-		__sync_fetch_and_add(&slot->pending.packets_sent, 1);
+		__sync_fetch_and_add(&counts->bytes_sent, bytes);
+		__sync_fetch_and_add(&counts->packets_sent, 1);
 	} else {
-		__sync_fetch_and_add(&slot->pending.bytes_recv, bytes);
-		__sync_fetch_and_add(&slot->pending.packets_recv, 1);
+		__sync_fetch_and_add(&counts->bytes_recv, bytes);
+		__sync_fetch_and_add(&counts->packets_recv, 1);
 	}
+	mark_dirty(epoch & 1 ? (void *)&dirty_1 : (void *)&dirty_0, cell);
 }
 
 /* The state of an IP socket (created on first use), or NULL for other families. */
@@ -405,6 +523,118 @@ static __always_inline bool take_peer(struct task_struct *task, struct peer *pee
 	return false;
 }
 
+/* The user-space buffer the current syscall sent from or received into, and its length: the buffer
+ * of read/write/recvfrom/sendto, or the first iovec of readv/writev/recvmsg/sendmsg. 0 for every
+ * other way of moving data (sendfile, splice, io_uring, sendmmsg, ...), and on architectures other
+ * than x86_64, whose syscall registers this does not know. */
+static __always_inline __u64 syscall_buffer(struct task_struct *task, bool sending, __u64 *len)
+{
+#ifdef __TARGET_ARCH_x86
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	unsigned long nr, cs, arg, count;
+	__u64 iov[2];
+
+	if (!regs || bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_rax) ||
+	    bpf_probe_read_kernel(&cs, sizeof(cs), &regs->cs) || cs != X86_64_USER_CS ||
+	    bpf_probe_read_kernel(&arg, sizeof(arg), &regs->rsi) ||
+	    bpf_probe_read_kernel(&count, sizeof(count), &regs->rdx))
+		return 0;
+	if (nr == (sending ? X86_64_WRITE : X86_64_READ) || nr == (sending ? X86_64_SENDTO : X86_64_RECVFROM)) {
+		*len = count;
+		return arg;
+	}
+	if (nr == (sending ? X86_64_SENDMSG : X86_64_RECVMSG)) {  /* struct msghdr: msg_iov at 16 */
+		if (bpf_probe_read_user(&arg, sizeof(arg), (void *)(arg + 16)))
+			return 0;
+	} else if (nr != (sending ? X86_64_WRITEV : X86_64_READV)) {
+		return 0;
+	}
+	if (bpf_probe_read_user(iov, sizeof(iov), (void *)arg))  /* struct iovec: base, len */
+		return 0;
+	*len = iov[1];
+	return iov[0];
+#else
+	return 0;
+#endif
+}
+
+/* Sends `len` bytes of the process's own buffer to user space, who parses the names in them. */
+static __always_inline void send_payload(struct task_struct *task, struct sock *sk, struct sock_state *st,
+					 const struct peer *peer, __u32 kind, __u64 buf, __u64 len)
+{
+	struct payload_event *e;
+
+	if (!buf || !len)
+		return;
+	e = bpf_ringbuf_reserve(&payloads, sizeof(*e), 0);
+	if (!e) {
+		count_loss(LOSS_RINGBUF_PAYLOAD, 1);
+		return;
+	}
+	fill_header(&e->h, EVENT_PAYLOAD, task->tgid);
+	e->kind = kind;
+	fill_key(&e->key, task, sk, st, peer);
+	if (len > PS_PAYLOAD_MAX)
+		len = PS_PAYLOAD_MAX;
+	if (bpf_probe_read_user(e->data, len, (void *)buf)) {
+		bpf_ringbuf_discard(e, 0);
+		return;
+	}
+	e->len = len;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Whether bytes a TCP connection starts with may name its server: a TLS handshake record holding
+ * a ClientHello (SNI), or an HTTP/1 request (Host). */
+static __always_inline bool may_name_server(const __u8 *b)
+{
+	__u32 word = b[0] | b[1] << 8 | b[2] << 16 | (__u32)b[3] << 24;
+
+	if (b[0] == 0x16 && b[1] == 0x03 && b[5] == 0x01)
+		return true;
+	switch (word) {  /* the first four bytes of each method, little-endian */
+	case 0x20544547:  /* "GET " */
+	case 0x54534f50:  /* "POST" */
+	case 0x20545550:  /* "PUT " */
+	case 0x44414548:  /* "HEAD" */
+	case 0x454c4544:  /* "DELE" */
+	case 0x4954504f:  /* "OPTI" */
+	case 0x43544150:  /* "PATC" */
+	case 0x4e4e4f43:  /* "CONN" */
+		return true;
+	}
+	return false;
+}
+
+/* A TCP socket's first send: its bytes go to user space if they may name the server. */
+static __always_inline void look_at_first_send(struct task_struct *task, struct sock *sk, struct sock_state *st,
+					       int ret)
+{
+	__u8 head[8] = {};
+	__u64 len = 0, buf;
+
+	st->flags |= FIRST_SEEN;
+	buf = syscall_buffer(task, true, &len);
+	if (ret < 6 || !buf || bpf_probe_read_user(head, 6, (void *)buf) || !may_name_server(head))
+		return;
+	send_payload(task, sk, st, NULL, PAYLOAD_FIRST_SEND, buf, len < (__u64)ret ? len : (__u64)ret);
+}
+
+/* A message received from port 53 (UDP, or TCP with its length prefix): to user space, which reads
+ * the answers in it. */
+static __always_inline void look_at_dns_answer(struct task_struct *task, struct sock *sk, struct sock_state *st,
+					       const struct peer *peer, __u64 received)
+{
+	__u64 len = 0, buf = syscall_buffer(task, false, &len);
+
+	send_payload(task, sk, st, peer, PAYLOAD_DNS_ANSWER, buf, len < received ? len : received);
+}
+
+static __always_inline __u16 remote_port(struct sock *sk, const struct peer *peer)
+{
+	return peer ? peer->port : bpf_ntohs(sk->__sk_common.skc_dport);
+}
+
 static __always_inline void on_send(struct sock *sk, int ret)
 {
 	struct task_struct *task;
@@ -417,25 +647,19 @@ static __always_inline void on_send(struct sock *sk, int ret)
 	task = bpf_get_current_task_btf();
 	st = state_of(sk);
 	has_peer = st && is_udp(sk) && take_peer(task, st->send_peers, &peer);
-	if (ret > 0)
-		account(task, sk, st, has_peer ? &peer : NULL, ret, true);
+	if (ret <= 0)
+		return;
+	account(task, sk, st, has_peer ? &peer : NULL, ret, true);
+	if (st && !(st->flags & FIRST_SEEN) && is_tcp(sk))
+		look_at_first_send(task, sk, st, ret);
 }
-
-/* Kernel 6.2 and later: a type cast the verifier turns into a register move. Weak, so that on an
- * older kernel only the program using it is refused (and its stand-in loaded). */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
 /* TCP data consumed so far, as a sequence number: copied_seq, less the FIN once read. */
 static __always_inline __u32 tcp_consumed_seq(struct sock *sk, struct tcp_sock *tp)
 {
-	unsigned long flags;
 	__u32 seq = tp->copied_seq;
 
-	if (bpf_core_field_exists(sk->__sk_common.skc_flags))
-		flags = sk->__sk_common.skc_flags;
-	else
-		flags = BPF_CORE_READ((struct sock___old *)sk, sk_flags);
-	if ((flags & (1UL << SOCK_DONE)) && seq == tp->rcv_nxt)
+	if ((sock_flags(sk) & (1UL << SOCK_DONE)) && seq == tp->rcv_nxt)
 		seq -= 1;
 	return seq;
 }
@@ -444,22 +668,26 @@ static __always_inline __u32 tcp_consumed_seq(struct sock *sk, struct tcp_sock *
  * first seen here (opened before the monitor started) only sets the baseline. */
 static __always_inline void tcp_count_consumed(struct sock *sk, struct tcp_sock *tp, struct sock_state *st)
 {
+	struct task_struct *task;
 	__u32 seq;
 	__s32 delta;
 
 	if (!tp || !st)
 		return;
 	seq = tcp_consumed_seq(sk, tp);
-	if (!st->seq_known) {
+	if (!(st->flags & SEQ_KNOWN)) {
 		st->counted_seq = seq;
-		st->seq_known = 1;
+		st->flags |= SEQ_KNOWN;
 		return;
 	}
 	delta = (__s32)(seq - st->counted_seq);
 	if (delta <= 0)
 		return;
 	st->counted_seq = seq;
-	account(bpf_get_current_task_btf(), sk, st, NULL, delta, false);
+	task = bpf_get_current_task_btf();
+	account(task, sk, st, NULL, delta, false);
+	if (remote_port(sk, NULL) == 53)
+		look_at_dns_answer(task, sk, st, NULL, delta);
 }
 
 static __always_inline void on_recv(struct sock *sk, int ret, int flags)
@@ -478,8 +706,11 @@ static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 	task = bpf_get_current_task_btf();
 	st = state_of(sk);
 	has_peer = st && is_udp(sk) && take_peer(task, st->recv_peers, &peer);
-	if (ret > 0 && !(flags & MSG_PEEK))
-		account(task, sk, st, has_peer ? &peer : NULL, ret, false);
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return;
+	account(task, sk, st, has_peer ? &peer : NULL, ret, false);
+	if (remote_port(sk, has_peer ? &peer : NULL) == 53 && is_udp(sk))
+		look_at_dns_answer(task, sk, st, has_peer ? &peer : NULL, ret);
 }
 
 SEC("tp_btf/sock_send_length")
@@ -504,7 +735,7 @@ int BPF_PROG(tcp_rcv_space_adjust, struct sock *sk)
 	/* Only TCP sockets get here, so a cast will do: bpf_rdonly_cast() costs no call, where
 	 * bpf_skc_to_tcp_sock() made this program 10-17 ns slower per run. Reads through the cast
 	 * pointer are fault-checked like any other. */
-	tcp_count_consumed(sk, bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock)), state_of(sk));
+	tcp_count_consumed(sk, tcp_sk_cast(sk), state_of(sk));
 	return 0;
 }
 
@@ -513,7 +744,7 @@ int BPF_PROG(tcp_rcv_space_adjust, struct sock *sk)
 SEC("tp_btf/tcp_rcv_space_adjust")
 int BPF_PROG(tcp_rcv_space_adjust_compat, struct sock *sk)
 {
-	tcp_count_consumed(sk, bpf_skc_to_tcp_sock(sk), state_of(sk));
+	tcp_count_consumed(sk, tcp_sk_checked(sk), state_of(sk));
 	return 0;
 }
 
@@ -527,35 +758,27 @@ int BPF_PROG(inet_sock_set_state, struct sock *sk, int oldstate, int newstate)
 	if (newstate != TCP_ESTABLISHED || !is_tcp(sk))
 		return 0;
 	st = state_of(sk);
-	tp = bpf_skc_to_tcp_sock(sk);
+	tp = tcp_sk_checked(sk);
 	if (st && tp) {
 		st->counted_seq = tcp_consumed_seq(sk, tp);
-		st->seq_known = 1;
+		st->flags |= SEQ_KNOWN;
 		st->lport = sk->__sk_common.skc_num;
 	}
 	return 0;
 }
 
-/* A socket is closing: its pending counters go to the flow map before its state is freed. */
+/* A socket is closing: its owners' cells are retired, to be reused once user space has read them. */
 SEC("cgroup/sock_release")
 int sock_release(struct bpf_sock *sk)
 {
 	struct sock_state *st = bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	__u32 epoch = current_epoch();
 
-	if (st)
-		flush_state(st);
+	if (!st)
+		return 1;
+	for (int i = 0; i < OWNER_SLOTS; i++)
+		release_cell(&st->slots[i], READ_ONCE(st->slots[i].cell), epoch);
 	return 1;
-}
-
-/* Run by user space before every drain: moves every socket's pending counters to the flow map. */
-SEC("iter/bpf_sk_storage_map")
-int flush_sockets(struct bpf_iter__bpf_sk_storage_map *ctx)
-{
-	struct sock_state *st = ctx->value;
-
-	if (st)
-		flush_state(st);
-	return 0;
 }
 
 /* Fallback for kernels without the sock tracepoints (before 6.3). It cannot run on kernels
@@ -664,13 +887,6 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-static __always_inline void fill_header(struct event_header *h, __u32 type, __u32 tgid)
-{
-	h->type = type;
-	h->tgid = tgid;
-	h->ktime_ns = bpf_ktime_get_boot_ns();
-}
-
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
@@ -687,9 +903,10 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->exe_ino = inode->i_ino;
 	e->exe_dev = inode->i_sb->s_dev;
-	e->_pad = 0;
+	e->exec_id = p->self_exec_id;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->interp);
+	bpf_probe_read_kernel_str(e->path, sizeof(e->path), bprm->filename);
 
 	/* Up to PS_ARGS_MAX - 1 bytes: a power-of-two mask is what the verifier accepts as a bound. */
 	start = p->mm->arg_start;
