@@ -22,7 +22,9 @@ import pytest
 import guests
 from bench.accuracy import QUICK
 
-GUEST_TIMEOUT = float(os.environ.get("PICOSNITCH_GUEST_TIMEOUT", 1800))  # seconds, per guest
+# Seconds per guest: measured 8-11 min under TCG here; three guests timing out must still leave CI
+# (90 min in all, the host suite ~15 of them) time to report.
+GUEST_TIMEOUT = float(os.environ.get("PICOSNITCH_GUEST_TIMEOUT", 1200))
 
 
 def wanted_kernels():
@@ -77,7 +79,7 @@ def test_every_kernel_monitor_test_runs_in_the_guest(guest, kernel_monitor_tests
 def test_every_kernel_monitor_test_passes_in_the_guest(guest):
     ran = guest.junit("kernel_monitor.xml")
     failed = {name: outcome[1] for name, outcome in ran.items() if outcome[0] in ("failure", "error")}
-    assert failed == {}, guest.log_tail("kernel_monitor.log", 60)
+    assert failed == {}, guest.log_tail("load.log", 20) + "\n" + guest.log_tail("kernel_monitor.log", 60)
     assert guest.file("kernel_monitor.rc").strip() == "0"
 
 

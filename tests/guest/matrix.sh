@@ -37,6 +37,19 @@ step() {
     echo $(($(date +%s) - start)) >"$results/$name.seconds"
 }
 
+# What the monitor leaves out on this kernel and why, with libbpf's last words (the verifier's
+# log of a refused program): the first thing to read when a guest fails.
+step load "$python" - <<'EOF'
+from picosnitch import libbpf
+from picosnitch.kernel_monitor import KernelMonitor
+monitor = KernelMonitor()
+for d in monitor.start():
+    print(f"degraded: {d.hook}: {d.consequence} ({d.reason})")
+print(f"loaded in {monitor.load_seconds:.2f} s")
+monitor.close()
+print("\n".join(libbpf._log[-60:]))
+EOF
+
 case $mode in
 tests)
     step kernel_monitor "$python" -m pytest -p no:cacheprovider -rA --junitxml="$results/kernel_monitor.xml" \
