@@ -198,9 +198,12 @@ def boot(kernel: Kernel, command: str, results: Path, timeout: float, *extra: st
     """Boots the kernel with `command` as the guest's job (the host's root read-only over 9p unless
     `extra` says otherwise); `results` is shared read-write at the same path."""
     # The kernel's own tree is shared too: vng links /lib/modules to it, and the guest's tmpfs on
-    # /var/cache would hide it when the cache lives there.
+    # /var/cache would hide it when the cache lives there. So is this tree, wherever it lives.
+    shared = [f"--rodir={kernel.root}", f"--rwdir={results}"]
+    if "--root-disk" not in extra:
+        shared.append(f"--rodir={REPO}")
     argv = [vng(), "--run", str(kernel.vmlinuz), "--disable-kvm", "--cpus", "2", "--memory", memory,
-            "--verbose", f"--rodir={kernel.root}", f"--rwdir={results}", *extra, "--exec", command]
+            "--verbose", *shared, *extra, "--exec", command]
     console = results / "console.log"
     precompile()
     start = time.monotonic()

@@ -4,12 +4,13 @@ The host is never the place for this: installing and purging the package there w
 user's own /etc/picosnitch, /var/lib/picosnitch and /var/log/picosnitch (tests/host_guard.py fails
 any test that touches them). Instead a Debian root made by debootstrap from the mirror apt is
 configured with (cached, always remakeable: tests/guests.root_image) boots in a qemu guest with
-Debian's default kernel and systemd as PID 1. The guest has no network but loopback; the .deb's
+Debian's default kernel (PICOSNITCH_SYSTEMD_KERNEL names another) and systemd as PID 1. The guest has no network but loopback; the .deb's
 dependencies are in the root already, from the archive. tests/guest/systemd_facts.py installs the
 package, drives the unit and writes down what it saw; the tests below judge those facts.
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ GUEST_TIMEOUT = 600  # seconds: the guest takes 2-3.5 min under TCG here
 @pytest.fixture(scope="module")
 def facts(deb):
     guests.require_guests()
-    kernel = guests.fetch(guests.resolve(["default"])[0])
+    kernel = guests.fetch(guests.resolve([os.environ.get("PICOSNITCH_SYSTEMD_KERNEL", "default")])[0])
     image = guests.root_image(deb)
     results = guests.run_dir("systemd")
     for name in (deb, REPO / "tests/guest/systemd_facts.py"):

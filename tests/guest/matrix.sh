@@ -6,17 +6,18 @@
 #   matrix.sh tests RESULTS   the kernel-monitor tests (junit XML) and the quick accuracy suite
 #   matrix.sh bench RESULTS   the full accuracy scorecard and bench.overhead (docs/BENCHMARKS.md)
 #
-# On a 9p root SQLite's WAL fails (no shared mmap) and so do fanotify marks: /tmp is a fresh tmpfs,
-# and every test and daemon keeps its files under it.
+# On a 9p root SQLite's WAL fails (no shared mmap) and so do fanotify marks: every test and daemon
+# keeps its files under TMPDIR, on the guest's /run (a tmpfs). Not a tmpfs over /tmp: the tree
+# under test may itself live below /tmp (a CI clone), and would vanish.
 set -u
 mode=$1
 results=$2
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 python=$repo/.venv/bin/python
 
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+mkdir -p -m 1777 /run/psn-tmp
 # PICOSNITCH_IN_GUEST: tests/host_guard.py stands down, the host's root being shared live and read-only.
-export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$repo PICOSNITCH_IN_GUEST=1
+export TMPDIR=/run/psn-tmp PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$repo PICOSNITCH_IN_GUEST=1
 cd "$repo" || exit 1
 
 uname -r >"$results/uname"
