@@ -41,14 +41,18 @@ step() {
 # What the monitor leaves out on this kernel and why, with libbpf's last words (the verifier's
 # log of a refused program): the first thing to read when a guest fails.
 step load "$python" - <<'EOF'
-from picosnitch import libbpf
 from picosnitch.kernel_monitor import KernelMonitor
+refused = getattr(KernelMonitor, "_refused", None)
+if refused:  # libbpf's whole message for a refused program: the verifier's log
+    def tell(self, log, disabled):
+        print("refused:", log[-30000:])
+        return refused(self, log, disabled)
+    KernelMonitor._refused = tell
 monitor = KernelMonitor()
 for d in monitor.start():
     print(f"degraded: {d.hook}: {d.consequence} ({d.reason})")
 print(f"loaded in {monitor.load_seconds:.2f} s")
 monitor.close()
-print("\n".join(libbpf._log[-60:]))
 EOF
 
 case $mode in
