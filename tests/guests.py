@@ -219,7 +219,9 @@ def boot(kernel: Kernel, command: str, results: Path, timeout: float, *extra: st
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             timed_out = True
-    return Boot(time.monotonic() - start, console, timed_out)
+    seconds = time.monotonic() - start
+    (results / "seconds").write_text(f"{seconds:.0f}\n")
+    return Boot(seconds, console, timed_out)
 
 
 def boot_systemd(kernel: Kernel, image: Path, command: str, results: Path, timeout: float) -> Boot:
@@ -268,6 +270,12 @@ class Results:
     def __init__(self, path: Path, boot: Boot):
         self.path = path
         self.boot = boot
+
+    @classmethod
+    def finished(cls, path: Path) -> "Results":
+        """The results of a guest run that is over (its wall time as boot() wrote it down)."""
+        seconds = path / "seconds"
+        return cls(path, Boot(float(seconds.read_text()) if seconds.exists() else 0, path / "console.log", False))
 
     def file(self, name: str) -> str:
         path = self.path / name
