@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,9 @@ def summary(acc: Optional[dict], outputs: Dict[str, str]) -> str:
         if len(cells) >= 8:
             rows.append((f"Throughput ratio, {cells[0]}", f"{cells[3]} (per round {cells[4]})",
                          f"{cells[6]}: {cells[7]}"))
+        if len(cells) >= 10:
+            rows.append((f"nethogs on the same workload, {cells[0]}", f"{cells[8]} (per round {cells[9]})",
+                         "picosnitch ≥ nethogs: " + ("yes" if float(cells[3]) >= float(cells[8]) else "no")))
     for cells in table_rows(over, "**Load time"):
         if len(cells) >= 6:
             rows.append(("BPF load time (max of runs)", cells[3], f"{cells[4]}: {cells[5]}"))
@@ -166,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         missing = accuracy.ensure_packages(["nethogs", "busybox-static"])
         if missing:
             log(f"could not install {missing}: the nethogs column / container scenario will say so")
-    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "bpf")], check=True)
+    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "kernel" / "bpf")], check=True)
     header = machine()
     log(f"machine: {header}")
 
@@ -183,8 +187,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             except (OSError, ValueError):
                 acc = None
     if "overhead" not in skip:
-        outputs["overhead"] = run_module("overhead", ["--markdown"] + (["--rounds", "2", "--seconds", "2"]
-                                                                       if args.quick else []), log)
+        peer = ["--peer", "nethogs"] if shutil.which("nethogs") else []
+        outputs["overhead"] = run_module("overhead", ["--markdown", *peer] + (["--rounds", "2", "--seconds", "2"]
+                                                                              if args.quick else []), log)
     if "daemon_load" not in skip:
         outputs["daemon_load"] = run_module("daemon_load", ["--quick"] if args.quick else [], log)
     if "view_queries" not in skip and not args.quick:

@@ -48,7 +48,8 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(REPO))
 
 from daemon_harness import Daemon  # noqa: E402
-from netlab import PEER4, PEER6, _SESSION, NetLab, sh  # noqa: E402
+from netlab import _SESSION, PEER4, PEER6, NetLab, sh  # noqa: E402
+
 from bench.peers import TcpSink, UdpServer, start  # noqa: E402
 
 GEN = str(TESTS / "traffic_gen.py")
@@ -248,7 +249,7 @@ def many_connections(ctx):
 
 
 def cgroup2_dir() -> Path:
-    from picosnitch.kernel_monitor import cgroup2_root
+    from picosnitch.kernel.monitor import cgroup2_root
     root = cgroup2_root()
     if not root:
         raise NotApplicable("no cgroup2 hierarchy is mounted")
@@ -657,7 +658,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         missing = ensure_packages(["nethogs", "busybox-static"])
         if missing:
             print(f"could not install {missing}; the scenarios that need them are N/A", file=sys.stderr)
-    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "bpf")], check=True)
+    subprocess.run(["make", "-s", "-C", str(REPO / "picosnitch" / "kernel" / "bpf")], check=True)
     results = run(numbers, repeats, use_nethogs=not args.no_nethogs and not args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

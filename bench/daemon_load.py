@@ -3,7 +3,7 @@ what the daemon's own processes cost in CPU and memory meanwhile. Prints figures
 
     python3 -m bench.daemon_load [--quick] [--storm-seconds 30] [--processes 1000] ...
 
-Run as root from the repository root, after `make -C picosnitch/bpf`. Needs gcc: the traffic
+Run as root from the repository root, after `make -C picosnitch/kernel/bpf`. Needs gcc: the traffic
 programs are small C programs compiled at run time (Python would be the bottleneck).
 
 1. Baseline: the storm client runs for a while with no daemon, for the connection rate this

@@ -137,7 +137,7 @@ def main() -> None:
     proc, port, prefix = start_dash(path)
     try:
         print(f"\nAPI latency, ms over HTTP ({args.requests} requests each after one warm-up)")
-        print(f"| request | p50 | p95 | max |\n| --- | ---: | ---: | ---: |")
+        print("| request | p50 | p95 | max |\n| --- | ---: | ---: | ---: |")
         cases = [("series", "exe", "week", args.requests)]
         cases += [("series", "exe", r, max(args.requests // 5, 5))
                   for r in ("hour", "day", "month", "all")]

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import guests  # noqa: E402
+
 from bench import accuracy  # noqa: E402
 from bench.__main__ import DOC  # noqa: E402
 

@@ -4,7 +4,7 @@ asserts nothing.
 
     python3 -m bench.overhead [--seconds 3] [--rounds 5] [--markdown] [--no-stats] [--workload tcp1k ...]
 
-Run as root from the repository root, after `make -C picosnitch/bpf`. Needs gcc: the traffic
+Run as root from the repository root, after `make -C picosnitch/kernel/bpf`. Needs gcc: the traffic
 generator is a small C program compiled at run time, since Python would be the bottleneck and
 hide the cost being measured.
 
@@ -25,12 +25,19 @@ over attached) estimates the throughput ratio of an otherwise idle machine.
 --programs empty attaches, instead of the monitor, programs that return at once on the same
 per-packet hooks (sock_send_length, sock_recv_length, tcp_rcv_space_adjust, cgroup sendmsg/recvmsg):
 the cost of the hooks themselves, which no work in the programs can remove.
+
+--peer nethogs adds a third mode to every round: nethogs (libpcap) watching the loopback interface
+instead of our programs, on the same workload, so both ratios come from one run. --compare-names
+adds the monitor with "Names from traffic" off (no DNS answers or first sends read): what reading
+them costs, side by side.
 """
 
 import argparse
+import contextlib
 import ctypes
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,8 +47,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from picosnitch import libbpf
-from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor, cgroup2_root
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import DRAIN_INTERVAL, KernelMonitor, cgroup2_root
 
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 WARMUP_SECONDS = 0.3
@@ -60,8 +67,8 @@ class Workload:
 
 WORKLOADS = (
     Workload("tcp128k", "bulk TCP, 128 KiB writes", "TCP 128K", "tcp", 128 * 1024, 0.97),
-    Workload("tcp1k", "TCP, 1 KiB writes", "TCP 1K", "tcp", 1024, 0.90),
-    Workload("udp64", "UDP, 64-byte datagrams", "UDP 64", "udp", 64, 0.93),
+    Workload("tcp1k", "TCP, 1 KiB writes", "TCP 1K", "tcp", 1024, 0.95),
+    Workload("udp64", "UDP, 64-byte datagrams", "UDP 64", "udp", 64, 0.95),
 )
 
 GENERATOR_C = r"""
@@ -514,11 +521,34 @@ class EmptyHooks:
 
 # --- the rounds ---
 
+class NethogsPeer:
+    """nethogs in trace mode on the loopback interface, as a user would run it, for one run."""
+
+    def __enter__(self) -> "NethogsPeer":
+        self.proc = subprocess.Popen(["nethogs", "-t", "-a", "-d", "1", "lo"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # until its capture is open
+        if self.proc.poll() is not None:
+            sys.exit("nethogs exited at once: is it installed (apt-get install nethogs)?")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+MODES = ("detached", "monitor", "nethogs", "no-names")
+
+
 @dataclass
 class Results:
-    rates: Dict[Tuple[str, bool], List[float]] = field(default_factory=dict)  # (workload, attached)
-    writes_per_s: Dict[Tuple[str, bool], List[float]] = field(default_factory=dict)
-    cpu_ns: Dict[Tuple[str, bool], List[Tuple[float, float]]] = field(default_factory=dict)  # (sender, receiver)
+    rates: Dict[Tuple[str, str], List[float]] = field(default_factory=dict)  # (workload, mode)
+    writes_per_s: Dict[Tuple[str, str], List[float]] = field(default_factory=dict)
+    cpu_ns: Dict[Tuple[str, str], List[Tuple[float, float]]] = field(default_factory=dict)  # (sender, receiver)
     stats: Dict[Tuple[str, str], List[int]] = field(default_factory=dict)  # (workload, prog) -> [cnt, ns]
     attached_seconds: Dict[str, float] = field(default_factory=dict)  # workload -> traffic seconds
     load_seconds: List[float] = field(default_factory=list)
@@ -528,18 +558,21 @@ class Results:
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M %Z"))
 
 
-def run_once(generator: str, workload: Workload, attached: bool, args: argparse.Namespace, results: Results,
+def run_once(generator: str, workload: Workload, mode: str, args: argparse.Namespace, results: Results,
              empty_hooks: Optional[str]) -> None:
-    """One run; attached: the monitor, or with empty_hooks (an object path) the empty programs."""
+    """One run in one mode: detached, monitor (the monitor, or with empty_hooks, an object path, the
+    empty programs), or nethogs."""
     stats = not args.no_stats
+    attached = mode in ("monitor", "no-names")
     monitor = drainer = None
+    peer = NethogsPeer() if mode == "nethogs" else contextlib.nullcontext()
     try:
         if attached and empty_hooks:
             monitor = EmptyHooks(empty_hooks)
             monitor.start()
             fds = loaded_programs(monitor)
         elif attached:
-            monitor = KernelMonitor()
+            monitor = KernelMonitor(names_from_traffic=mode == "monitor")
             results.degraded = monitor.start()
             results.load_seconds.append(monitor.load_seconds)
             fds = loaded_programs(monitor)
@@ -548,7 +581,7 @@ def run_once(generator: str, workload: Workload, attached: bool, args: argparse.
             fds = {}
         if other_monitors(fds):
             results.others_seen += 1
-        with BpfStats(attached and stats):
+        with BpfStats(attached and stats), peer:
             before = run_stats(fds)
             traffic = run_traffic(generator, workload, args.seconds, args.one_thread)
             after = run_stats(fds)
@@ -558,7 +591,8 @@ def run_once(generator: str, workload: Workload, attached: bool, args: argparse.
             results.losses += drainer.losses
         if monitor:
             monitor.close()
-    key = (workload.label, attached)
+    key = (workload.label, mode)
+    attached = mode == "monitor"  # the per-invocation figures are the monitor's with names on
     results.rates.setdefault(key, []).append(traffic.rate)
     results.writes_per_s.setdefault(key, []).append(traffic.writes_sent / traffic.counted_seconds)
     if traffic.sender_cpu > 0:  # 0: the sender did not get to note its CPU time
@@ -578,16 +612,22 @@ def run(args: argparse.Namespace) -> Results:
     with tempfile.TemporaryDirectory(prefix="picosnitch-bench-") as tmp:
         generator = build_generator(tmp)
         empty_hooks = build_empty_hooks(tmp) if args.programs == "empty" else None
+        modes = modes_of(args)
         for r in range(args.rounds):
             for workload in chosen(args):
-                order = (False, True) if r % 2 == 0 else (True, False)
-                for attached in order:
-                    run_once(generator, workload, attached, args, results, empty_hooks)
-                last = {m: results.rates[(workload.label, m)][-1] for m in (False, True)}
-                print(f"  round {r + 1}/{args.rounds}  {workload.label:<26} detached {mib(last[False]):>9}  "
-                      f"attached {mib(last[True]):>9}  ratio {last[True] / last[False]:.3f}",
-                      file=sys.stderr, flush=True)
+                order = modes[r % len(modes):] + modes[:r % len(modes)]  # each mode leads in turn
+                for mode in order:
+                    run_once(generator, workload, mode, args, results, empty_hooks)
+                last = {m: results.rates[(workload.label, m)][-1] for m in modes}
+                print(f"  round {r + 1}/{args.rounds}  {workload.label:<26} " + "  ".join(
+                    f"{m} {mib(last[m]):>9}" + (f" ({last[m] / last['detached']:.3f})" if m != "detached" else "")
+                    for m in modes), file=sys.stderr, flush=True)
     return results
+
+
+def modes_of(args: argparse.Namespace) -> List[str]:
+    return ["detached", "monitor"] + (["nethogs"] if args.peer == "nethogs" else []) + (
+        ["no-names"] if args.compare_names else [])
 
 
 def chosen(args: argparse.Namespace) -> List[Workload]:
@@ -612,25 +652,34 @@ def rate_text(workload: Workload, rate: float, writes: float) -> str:
 def tables(results: Results, args: argparse.Namespace) -> Dict[str, Tuple[List[str], List[List[str]]]]:
     """Title -> (header, rows) of each table to print."""
     throughput = []
+    peer = args.peer == "nethogs"
     for w in chosen(args):
-        off, on = results.rates[(w.label, False)], results.rates[(w.label, True)]
+        off, on = results.rates[(w.label, "detached")], results.rates[(w.label, "monitor")]
         ratio = statistics.median(on) / statistics.median(off)
         paired = [a / b for a, b in zip(on, off)]
         added = 1e9 * w.size * (1 / statistics.median(on) - 1 / statistics.median(off))
-        throughput.append([
+        row = [
             w.label,
-            rate_text(w, statistics.median(off), statistics.median(results.writes_per_s[(w.label, False)])),
-            rate_text(w, statistics.median(on), statistics.median(results.writes_per_s[(w.label, True)])),
+            rate_text(w, statistics.median(off), statistics.median(results.writes_per_s[(w.label, "detached")])),
+            rate_text(w, statistics.median(on), statistics.median(results.writes_per_s[(w.label, "monitor")])),
             f"{ratio:.3f}", f"{statistics.median(paired):.3f} ({min(paired):.3f}–{max(paired):.3f})",
-            f"{added:+,.0f}", f"≥ {w.target:.2f}", "yes" if ratio >= w.target else f"no (−{w.target - ratio:.3f})"])
+            f"{added:+,.0f}", f"≥ {w.target:.2f}", "yes" if ratio >= w.target else f"no (−{w.target - ratio:.3f})"]
+        for mode in ("nethogs", "no-names"):
+            if (w.label, mode) in results.rates:
+                other = results.rates[(w.label, mode)]
+                row += [f"{statistics.median(other) / statistics.median(off):.3f}",
+                        f"{statistics.median([a / b for a, b in zip(other, off)]):.3f}"]
+        throughput.append(row)
+    extra = (["nethogs ratio", "nethogs per-round median"] if peer else []) + (
+        ["names off ratio", "names off per-round median"] if args.compare_names else [])
     out = {"Throughput (median of the rounds; received bytes)": (
         ["workload", "detached", "attached", "ratio", "per-round ratios: median (range)", "ns added per write",
-         "target", "met"], throughput)}
+         "target", "met"] + extra, throughput)}
 
     cpu = []
     for w in chosen(args):
-        sides = [[statistics.median(ns[i] for ns in results.cpu_ns.get((w.label, m), [(0, 0)])) for m in (False, True)]
-                 for i in (0, 1)][:1 if args.one_thread else 2]
+        sides = [[statistics.median(ns[i] for ns in results.cpu_ns.get((w.label, m), [(0, 0)]))
+                  for m in ("detached", "monitor")] for i in (0, 1)][:1 if args.one_thread else 2]
         busiest = [max(side[m] for side in sides) for m in (0, 1)]
         cpu.append([w.label] + [f"{off:,.0f} → {on:,.0f} ({on - off:+,.0f})" for off, on in sides]
                    + [f"{busiest[0] / busiest[1]:.3f}" if busiest[1] else "–"])
@@ -650,7 +699,7 @@ def tables(results: Results, args: argparse.Namespace) -> Dict[str, Tuple[List[s
         rows = []
         for w in chosen(args):
             seconds = results.attached_seconds[w.label]
-            writes = statistics.median(results.writes_per_s[(w.label, True)])
+            writes = statistics.median(results.writes_per_s[(w.label, "monitor")])
             per_write = 0.0
             for (label, name), (cnt, ns) in sorted(results.stats.items(), key=lambda kv: -kv[1][1]):
                 if label != w.label or cnt == 0:
@@ -715,11 +764,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--one-thread", action="store_true",
                         help="sender and receiver take turns in one thread on one CPU: CPU time per operation "
                              "without waiting or wake-ups, the steadiest figure on a busy machine")
+    parser.add_argument("--peer", choices=("nethogs",),
+                        help="also run every workload with this peer watching the traffic instead of our programs")
+    parser.add_argument("--compare-names", action="store_true",
+                        help="also run the monitor with names from traffic off, side by side")
     parser.add_argument("--no-stats", action="store_true",
                         help="leave kernel.bpf_stats_enabled alone (no per-invocation table)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark loads the BPF programs")
+    if args.peer and not shutil.which(args.peer):
+        sys.exit(f"{args.peer} is not installed: apt-get install {args.peer}")
     report(run(args), args)
 
 

@@ -9,7 +9,7 @@ fast `view --db` and `dash --db` read a week with and without the hourly rollup.
 psycopg / PyMySQL drivers installed; prints figures, asserts nothing.)
 
 Per server (started on loopback in a private directory, as the tests do), two runs of the real
-worker (`picosnitch.sql_worker.run` in its own process, fed over a real pipe):
+worker (`picosnitch.central.worker.run` in its own process, fed over a real pipe):
 
 - sustained: `--rows` rows in windows of `--per-window` rows, sent as fast as the pipe takes
   them; the figure is rows / seconds until the server holds them all, and the worker's CPU time
@@ -45,18 +45,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from picosnitch import config, sql_worker  # noqa: E402
+import sql_servers  # noqa: E402
+
+from picosnitch import config  # noqa: E402
+from picosnitch.central import worker as sql_worker  # noqa: E402
+from picosnitch.central.backlog import Batch  # noqa: E402
+from picosnitch.central.queries import ServerHistory, ServerSQL  # noqa: E402
+from picosnitch.central.rollup import HOUR, HourlyRollup, hour_of  # noqa: E402
+from picosnitch.central.settings import load_driver, parse  # noqa: E402
+from picosnitch.central.writer import ServerWriter, make_row  # noqa: E402
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo  # noqa: E402
-from picosnitch.dash_api import DRILL_DOWN  # noqa: E402
 from picosnitch.messages import Stop  # noqa: E402
 from picosnitch.paths import Paths  # noqa: E402
-from picosnitch.server_queries import ServerHistory, ServerSQL  # noqa: E402
-from picosnitch.sql_backlog import Batch  # noqa: E402
-from picosnitch.sql_rollup import HOUR, HourlyRollup, hour_of  # noqa: E402
-from picosnitch.sql_server_config import load_driver, parse  # noqa: E402
-from picosnitch.sql_server_writer import ServerWriter, make_row  # noqa: E402
-from picosnitch.view_queries import Filter  # noqa: E402
-import sql_servers  # noqa: E402
+from picosnitch.store.queries import Filter  # noqa: E402
+from picosnitch.ui.dash.api import DRILL_DOWN  # noqa: E402
 
 ctx = multiprocessing.get_context("fork")
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from picosnitch import conn_log, sqlite_store  # noqa: E402
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo  # noqa: E402
+from picosnitch.store import conn_log  # noqa: E402
+from picosnitch.store import sqlite as sqlite_store
 
 
 def population(rng: random.Random, identities: int = 300, endpoints: int = 3000):

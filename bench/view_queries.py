@@ -24,8 +24,10 @@ import sqlite3
 import statistics
 import time
 
-from picosnitch import db_schema, sqlite_store, view_queries
-from picosnitch.view_tui import RANGES, window
+from picosnitch.store import queries as view_queries
+from picosnitch.store import schema as db_schema
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.ui.text import RANGES, window
 
 DEFAULT_DB = "/var/tmp/picosnitch-bench-view/snitch-{rows}.db"
 WINDOW = 10

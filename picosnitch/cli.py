@@ -6,13 +6,16 @@ import shutil
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
-from picosnitch import __version__, daemon_control, systemd_unit
-from picosnitch.kernel_monitor import KernelMonitor, MonitorError
-from picosnitch.kernel_records import to_json_dict
-from picosnitch.libbpf import LibbpfError
+from picosnitch import __version__, config, installed
+from picosnitch.daemon import control as daemon_control
+from picosnitch.daemon import systemd_unit
+from picosnitch.kernel.libbpf import LibbpfError
+from picosnitch.kernel.monitor import KernelMonitor, MonitorError
+from picosnitch.kernel.records import to_json_dict
 from picosnitch.paths import Paths
+from picosnitch.sanitize import printable
 
 USAGE = """\
 usage: picosnitch COMMAND
@@ -36,14 +39,13 @@ commands:
   dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
   dash --db URL     the dashboard over the central server (URL as for view --db), with a
                     host dimension; --db config for config.json's "DB sql server"
+  prompt            answer guard mode's prompts: allow or deny new connections (root or
+                    "Guard prompt group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
 PICOSNITCH_PREFIX=DIR relocates every path under DIR.
 """
-
-ROOT_COMMANDS = {"start", "stop", "restart", "start-no-daemon", "systemd"}
-
 
 def monitor_raw() -> int:
     """Prints every kernel record as one JSON line until interrupted."""
@@ -100,60 +102,154 @@ def needs_root(command: str) -> Optional[str]:
     return message
 
 
-def db_option(args: List[str]) -> Optional[str]:
-    """The URL (or "config") of `COMMAND --db URL` or `COMMAND --db=URL`, else None."""
-    if len(args) == 3 and args[1] == "--db":
-        return args[2]
-    if len(args) == 2 and args[1].startswith("--db="):
-        return args[1][len("--db="):]
+def db_option(options: List[str]) -> Optional[str]:
+    """The URL (or "config") of the options `--db URL` or `--db=URL`, else None."""
+    if len(options) == 2 and options[0] == "--db":
+        return options[1]
+    if len(options) == 1 and options[0].startswith("--db="):
+        return options[0][len("--db="):]
     return None
+
+
+class ReaderConfigError(Exception):
+    """config.json is there but unusable for a reader; str() is the one sentence to print."""
+
+
+def reader_config(command: str, paths: Paths) -> config.Config:
+    """config.json's settings for `picosnitch COMMAND` (view, dash), read once, here: the
+    defaults when there is no such file; a file that is there but unusable stops the command
+    with its one sentence (ReaderConfigError), as it stops the daemon."""
+    try:
+        return config.load_or_defaults(paths.config)
+    except config.ConfigError as error:
+        raise ReaderConfigError(f"picosnitch {command}: {printable(str(error))}") from None
+
+
+# Each command: a function of the paths and the words after the command, returning the exit
+# status, or None when those words are not options it takes (then it is an unknown command).
+Command = Callable[[Paths, List[str]], Optional[int]]
+
+
+def _help(paths: Paths, options: List[str]) -> Optional[int]:
+    if options:
+        return None
+    print(USAGE, end="")
+    return 0
+
+
+def _version(paths: Paths, options: List[str]) -> Optional[int]:
+    return None if options else version(paths)
+
+
+def _status(paths: Paths, options: List[str]) -> Optional[int]:
+    return None if options else daemon_control.status(paths)
+
+
+def _view(paths: Paths, options: List[str]) -> Optional[int]:
+    db = db_option(options)
+    if options and db is None:
+        return None
+    from picosnitch.ui import view  # curses is loaded only for the terminal UIs
+    return view.main(paths, reader_config("view", paths), db=db)
+
+
+def _top(paths: Paths, options: List[str]) -> Optional[int]:
+    if options:
+        return None
+    from picosnitch.ui import top
+    return top.main(paths)
+
+
+def _dash(paths: Paths, options: List[str]) -> Optional[int]:
+    db = db_option(options)
+    if options and db is None:
+        return None
+    try:
+        from picosnitch.ui.dash import app  # starlette and uvicorn only for the dashboard
+    except ImportError as e:
+        print(f"picosnitch dash needs the Python packages starlette and uvicorn ({e}): install "
+              f"them with `{installed.install_extra('dash')}`", file=sys.stderr)
+        return 1
+    app.drop_privileges()  # before reading config.json: as the user it serves
+    return app.main(paths, reader_config("dash", paths), db=db)
+
+
+def _prompt(paths: Paths, options: List[str]) -> Optional[int]:
+    if options:
+        return None
+    from picosnitch.ui import prompt
+    return prompt.main(paths)
+
+
+def _monitor(paths: Paths, options: List[str]) -> Optional[int]:
+    return monitor_raw() if options == ["--raw"] else None
+
+
+def _as_root(command: str, action: Callable[[Paths], int]) -> Command:
+    """A command that takes no options and needs root (needs_root says so otherwise)."""
+    def run(paths: Paths, options: List[str]) -> Optional[int]:
+        if options:
+            return None
+        refusal = needs_root(command)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 1
+        return action(paths)
+    return run
+
+
+def _stop(paths: Paths) -> int:
+    status = daemon_control.stop(paths)
+    from picosnitch.guard import firewall  # a guard killed with the daemon leaves its rules
+    firewall.remove_leftovers(paths)
+    return status
+
+
+def _systemd(paths: Paths) -> int:
+    print(systemd_unit.install(paths.root))
+    return 0
+
+
+def _start(paths: Paths) -> int:
+    return daemon_control.start_background(paths, daemon_control.prepare(paths))
+
+
+def _restart(paths: Paths) -> int:
+    daemon_control.stop(paths)
+    return _start(paths)
+
+
+def _start_no_daemon(paths: Paths) -> int:
+    return daemon_control.run_foreground(paths, daemon_control.prepare(paths))
+
+
+COMMANDS: Dict[str, Command] = {
+    "start": _as_root("start", _start),
+    "stop": _as_root("stop", _stop),
+    "restart": _as_root("restart", _restart),
+    "start-no-daemon": _as_root("start-no-daemon", _start_no_daemon),
+    "systemd": _as_root("systemd", _systemd),
+    "status": _status,
+    "version": _version,
+    "view": _view,
+    "top": _top,
+    "dash": _dash,
+    "prompt": _prompt,
+    "monitor": _monitor,
+    "help": _help,
+}
+ALIASES = {"--help": "help", "-h": "help"}
+ROOT_COMMANDS = {"start", "stop", "restart", "start-no-daemon", "systemd"}
 
 
 def run(args: List[str]) -> int:
     command = args[0] if args else "help"
-    paths = Paths.current()
-    if command in ("help", "--help", "-h") and len(args) <= 1:
-        print(USAGE, end="")
-        return 0
-    if command == "version" and len(args) == 1:
-        return version(paths)
-    if command == "status" and len(args) == 1:
-        return daemon_control.status(paths)
-    db = db_option(args)
-    if command == "view" and (len(args) == 1 or db is not None):
-        from picosnitch import view_tui  # curses is loaded only for the UIs
-        return view_tui.main(paths, db=db)
-    if command == "top" and len(args) == 1:
-        from picosnitch import top_tui
-        return top_tui.main(paths)
-    if command == "dash" and (len(args) == 1 or db is not None):
-        try:
-            from picosnitch import dash_app  # starlette and uvicorn only for the dashboard
-        except ImportError as e:
-            print(f"picosnitch dash needs the optional packages starlette and uvicorn "
-                  f"(pip install 'picosnitch[dash]'): {e}", file=sys.stderr)
-            return 1
-        return dash_app.main(paths, db=db)
-    if command == "monitor" and args[1:] == ["--raw"]:
-        return monitor_raw()
-    if command not in ROOT_COMMANDS or len(args) != 1:
+    handler = COMMANDS.get(ALIASES.get(command, command))
+    status = handler(Paths.current(), args[1:]) if handler else None
+    if status is None:
         print(f"picosnitch: unknown command {' '.join(args)!r}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
-    refusal = needs_root(command)
-    if refusal:
-        print(refusal, file=sys.stderr)
-        return 1
-    if command == "stop":
-        return daemon_control.stop(paths)
-    if command == "systemd":
-        print(systemd_unit.install(paths.root))
-        return 0
-    if command == "restart":
-        daemon_control.stop(paths)
-    config = daemon_control.prepare(paths)
-    if command == "start-no-daemon":
-        return daemon_control.run_foreground(paths, config)
-    return daemon_control.start_background(paths, config)
+    return status
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -163,6 +259,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except daemon_control.ControlError as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return e.status
+    except ReaderConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
     except (MonitorError, LibbpfError) as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return 1

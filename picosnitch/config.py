@@ -138,6 +138,20 @@ def _secret(value: Any) -> Optional[str]:
     return None
 
 
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if value in choices:
+            return None
+        return "must be one of %s, not %s" % (", ".join(json.dumps(c) for c in choices), _shown(value))
+    return check
+
+
+def _name_list(value: Any) -> Optional[str]:
+    if isinstance(value, list) and all(isinstance(item, str) and item for item in value):
+        return None
+    return "must be a list of network interface names ([] for all), not %s" % _shown(value)
+
+
 def _http_url(value: Any) -> Optional[str]:
     if isinstance(value, str) and re.match(r"https?://[^/\s]+", value):
         return None
@@ -159,12 +173,21 @@ RULES: dict[str, Rule] = {
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1)),
     "GeoIP database": Rule("", _string),
+    # Guard mode (picosnitch/guard): an opt-in firewall; see the README's "Guard mode".
+    "Guard fail open": Rule(True, _boolean),
+    "Guard interfaces": Rule([], _name_list),
+    "Guard mode": Rule("off", _one_of("off", "ask", "deny unknown")),
+    "Guard prompt group": Rule("", _string),
+    "Guard queue number": Rule(7455, _integer(0)),
+    "Guard timeout (seconds)": Rule(60, _seconds),
+    "Guard timeout action": Rule("deny", _one_of("deny", "allow")),
     "GeoIP lookup": Rule(True, _boolean),
     "Log addresses": Rule(True, _boolean),
     "Log commands": Rule(True, _boolean),
     "Log ignore": Rule([], _ignore_list),
     "Live feed group": Rule("", _string),
     "Log ports": Rule(True, _boolean),
+    "Names from traffic": Rule(True, _boolean),
     "Perf ring buffer (pages)": Rule(256, _power_of_two),
     "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1)),
     "Set st_dev mask": Rule(None, _null_or_integer(0)),
@@ -189,11 +212,13 @@ class Config(collections.abc.Mapping):
     """
 
     def __init__(self, values: dict[str, Any], path: str | os.PathLike = "",
-                 warnings: tuple[str, ...] = (), lines: Optional[dict[str, int]] = None) -> None:
+                 warnings: tuple[str, ...] = (), lines: Optional[dict[str, int]] = None,
+                 missing: Optional[ConfigError] = None) -> None:
         self._values = values
         self.path = str(path)
         self.warnings = list(warnings)
         self._lines = dict(lines or {})
+        self.missing = missing  # why the file was not read, when its defaults stand in for it
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -233,22 +258,27 @@ def strip_comments(text: str) -> str:
     return _STRING_OR_COMMENT.sub(blank, text)
 
 
+def _skip(text: str, position: int) -> int:
+    """The position of the first character at or after `position` that is not white space."""
+    return _WHITESPACE.match(text, position).end()  # type: ignore[union-attr]  # matches ""
+
+
 def _members(text: str) -> list[tuple[str, Any, int]]:
     """(key, value, line) of each member of the top-level object in already valid JSON `text`."""
     decoder = json.JSONDecoder()
-    members = []
-    position = _WHITESPACE.match(text, 0).end() + 1  # past "{"
+    members: list[tuple[str, Any, int]] = []
+    position = _skip(text, 0) + 1  # past "{"
     while True:
-        position = _WHITESPACE.match(text, position).end()
+        position = _skip(text, position)
         if text[position] == "}":
             return members
         line = text.count("\n", 0, position) + 1
-        key, position = json.decoder.scanstring(text, position + 1)
-        position = _WHITESPACE.match(text, position).end() + 1  # past ":"
-        position = _WHITESPACE.match(text, position).end()
+        key, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        position = _skip(text, position) + 1  # past ":"
+        position = _skip(text, position)
         value, position = decoder.raw_decode(text, position)
         members.append((key, value, line))
-        position = _WHITESPACE.match(text, position).end()
+        position = _skip(text, position)
         if text[position] == ",":
             position += 1
 
@@ -298,6 +328,21 @@ def load(path: str | os.PathLike) -> Config:
         line = raw.count(b"\n", 0, error.start) + 1
         raise ConfigError(path, "is not valid UTF-8 text", line) from None
     return parse(text, path)
+
+
+def load_or_defaults(path: str | os.PathLike) -> Config:
+    """config.json for the readers (view, dash): the defaults when there is no such file, with
+    `missing` saying so; ConfigError when the file is there but cannot be used.
+
+    The one policy of every command: a file the user wrote is used as written or not at all
+    (the daemon refuses to start, a reader stops with the same sentence), never half-read.
+    """
+    try:
+        return load(path)
+    except ConfigError as error:
+        if os.path.lexists(path):
+            raise
+        return Config(defaults(), path, missing=error)
 
 
 def write_default(path: str | os.PathLike) -> bool:
@@ -373,6 +418,23 @@ _EXAMPLE = """\
   "GeoIP database": "",
   # Show the country of remote addresses.
   "GeoIP lookup": true,
+  # With the daemon gone (crashed, killed), let new connections through as if the guard were
+  # off (true), or drop them (false: loopback and established connections still pass).
+  "Guard fail open": true,
+  # Network interfaces the guard watches; [] for every one.
+  "Guard interfaces": [],
+  # "off": monitor only. "ask": new connections no rule decides wait for your answer
+  # (picosnitch prompt, a desktop notification or picosnitch dash). "deny unknown": refuse them.
+  "Guard mode": "off",
+  # Group that may answer the guard's prompts (and so allow connections); "" for root only.
+  "Guard prompt group": "",
+  # The NFQUEUE number the guard's iptables rules use.
+  "Guard queue number": 7455,
+  # Seconds a connection waits for an answer before "Guard timeout action" applies to it
+  # (to it alone: a timeout never makes a rule).
+  "Guard timeout (seconds)": 60,
+  # "deny" or "allow": what an unanswered connection gets.
+  "Guard timeout action": "deny",
   # Record local and remote addresses.
   "Log addresses": true,
   # Record full command lines.
@@ -383,6 +445,10 @@ _EXAMPLE = """\
   "Live feed group": "",
   # Record local and remote ports.
   "Log ports": true,
+  # Learn domain names from the DNS answers processes receive and from the first bytes of their TCP
+  # connections (TLS server name, HTTP Host), read in the kernel from their own buffers; false
+  # leaves names to getaddrinfo.
+  "Names from traffic": true,
   # Size of the buffer carrying kernel events, in memory pages; a power of two.
   "Perf ring buffer (pages)": 256,
   # Open-file limit for the daemon; null keeps the system's.

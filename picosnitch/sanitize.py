@@ -43,3 +43,8 @@ def from_bytes(raw: bytes) -> str:
 def to_bytes(value: str) -> bytes:
     """Inverse of from_bytes: the exact original bytes."""
     return value.encode("utf-8", "surrogateescape")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one printable line (database drivers' messages span several)."""
+    return printable(" ".join(str(error).split()), limit=400) or type(error).__name__

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the dashboard's JavaScript dependency (uPlot) from the npm registry and copies the two
-# files the dashboard serves, with the package's license, into picosnitch/dash_static/vendor/.
+# files the dashboard serves, with the package's license, into picosnitch/ui/dash/static/vendor/.
 # Build/maintenance time only: `picosnitch dash` never fetches anything, and the vendored files
 # are committed so that building, testing and running need no network.
 # The tarball is checked against the registry's pinned sha512 integrity before it is unpacked.
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PACKAGE=uplot
 VERSION=1.6.32
 INTEGRITY="sha512-KIMVnG68zvu5XXUbC4LQEPnhwOxBuLyW1AHtpm6IKTXImkbLgkMy+jabjLgSLMasNuGGzQm/ep3tOkyTxpiQIw=="
-DEST=picosnitch/dash_static/vendor
+DEST=picosnitch/ui/dash/static/vendor
 FILES=(dist/uPlot.iife.min.js dist/uPlot.min.css LICENSE)
 
 work=$(mktemp -d)

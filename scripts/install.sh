@@ -31,7 +31,9 @@ else
     prefix=/opt/picosnitch
     python3 -m venv "$prefix"
     "$prefix/bin/pip" install --quiet --upgrade pip
-    "$prefix/bin/pip" install --quiet ".[notify,virustotal]"
+    # The extras the README promises after this install: desktop notifications, VirusTotal,
+    # GeoIP for view and dash, and the dashboard itself (the SQL drivers only when configured).
+    "$prefix/bin/pip" install --quiet ".[notify,virustotal,geoip,dash]"
     ln -sf "$prefix/bin/picosnitch" /usr/local/bin/picosnitch
     mkdir -p /usr/local/share/man/man1
     ln -sf "$prefix/share/man/man1/picosnitch.1" /usr/local/share/man/man1/picosnitch.1

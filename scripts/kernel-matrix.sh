@@ -29,7 +29,7 @@ scripts/install-system-deps.sh test
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e '.[test]'
-make -s -C picosnitch/bpf
+make -s -C picosnitch/kernel/bpf
 if [[ " ${tests[*]} " == *systemd* ]]; then
     PICOSNITCH_DEB=$(scripts/build-deb.sh dist)
     export PICOSNITCH_DEB

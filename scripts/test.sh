@@ -14,9 +14,14 @@ scripts/install-system-deps.sh test
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e '.[test]'
-make -s -C picosnitch/bpf
+make -s -C picosnitch/kernel/bpf
 
-# The Debian package, built the way Debian builds it; tests/test_packaging.py installs and runs it.
+# Lint (pyflakes and import order) and types, settings in pyproject.toml.
+.venv/bin/ruff check --quiet .
+.venv/bin/mypy
+
+# The Debian package, built the way Debian builds it; tests/test_systemd_guest.py installs and runs it
+# in a guest under systemd (never on this machine).
 PICOSNITCH_DEB=$(scripts/build-deb.sh dist)
 export PICOSNITCH_DEB
 

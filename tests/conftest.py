@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch import libbpf
-from picosnitch.kernel_monitor import DRAIN_INTERVAL, KernelMonitor
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import DRAIN_INTERVAL, KernelMonitor
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -93,11 +93,11 @@ class Recorder:
         self.monitor.close()
 
 
-def kernel_has(*, tracepoint: str = "", kfunc: str = "") -> bool:
-    """Whether the running kernel's BTF describes this tracepoint or kfunc."""
+def kernel_has(*, tracepoint: str = "", kfunc: str = "", function: str = "") -> bool:
+    """Whether the running kernel's BTF describes this tracepoint, or this kfunc or function."""
     if tracepoint:
         return bool(libbpf.kernel_btf_types({"btf_trace_" + tracepoint}))
-    return bool(libbpf.kernel_btf_types({kfunc}, libbpf.BTF_KIND_FUNC))
+    return bool(libbpf.kernel_btf_types({kfunc or function}, libbpf.BTF_KIND_FUNC))
 
 
 def expected_degradations() -> list:

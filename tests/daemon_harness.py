@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from picosnitch.paths import Paths
-from picosnitch.sqlite_store import decode_text
+from picosnitch.store.sqlite import decode_text
 
 REPO = Path(__file__).resolve().parent.parent
 

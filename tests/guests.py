@@ -244,8 +244,9 @@ class GuestsNotRun(UserWarning):
 
 def require_guests(problem: Optional[str] = None) -> None:
     """Skips (loudly) or, under CI, fails a guest test on a machine that cannot boot guests."""
-    import pytest
     import warnings
+
+    import pytest
     problem = problem or ("missing " + ", ".join(missing_tools()) if missing_tools() else None)
     if problem is None and os.geteuid() != 0:
         problem = "needs root (the guests load BPF programs and the tests read their results)"

@@ -17,13 +17,15 @@ import threading
 import time
 from pathlib import Path
 
-from picosnitch import config, heap, identity_worker, writer_worker
+from picosnitch import config, heap
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.identity import IdentityResolver
-from picosnitch.kernel_records import Flow
+from picosnitch.identity import worker as identity_worker
+from picosnitch.identity.resolver import IdentityResolver
+from picosnitch.kernel.records import Flow
 from picosnitch.messages import Stop
 from picosnitch.paths import Paths
-from picosnitch.sqlite_store import decode_text
+from picosnitch.store import worker as writer_worker
+from picosnitch.store.sqlite import decode_text
 
 ctx = multiprocessing.get_context("fork")
 CLIENT = Identity(ProcessInfo("/usr/bin/storm", "storm", "storm client", "ab" * 32),

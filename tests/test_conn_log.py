@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from picosnitch import conn_log
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
+from picosnitch.store import conn_log
 
 CURL = ProcessInfo("/usr/bin/curl", "curl", "curl https://example.com", "ab" * 32)
 BASH = ProcessInfo("/usr/bin/bash", "bash", "bash", "cd" * 32)

@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from picosnitch.containers import container_of, container_of_pid
+from picosnitch.identity.containers import container_of, container_of_pid
 
 ID = "3f4e8a9b2c1d" + "0" * 52  # container ids are 64 hex digits; the label keeps 12
 

@@ -40,7 +40,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from daemon_harness import Daemon
 from netlab import HOST4, HOST6, PEER4, PEER6, SUBNET4, TcpPeer, UdpEcho, listen
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import REPO, Daemon, Sink, wait_for
+
 from picosnitch import config as config_file
-from picosnitch.sqlite_store import decode_text
+from picosnitch.store.sqlite import decode_text
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the daemon")
 

@@ -11,13 +11,14 @@ import os
 import time
 
 import pytest
-
 from dash_harness import DashServer
-from picosnitch import dash_api, sqlite_store
-from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.live_feed import LiveFeedServer
-from picosnitch.paths import Paths
 from test_view_tui import HOSTILE_NAME, daemon_db  # noqa: F401 (a fixture)
+
+from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
+from picosnitch.daemon.live_feed import LiveFeedServer
+from picosnitch.paths import Paths
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.ui.dash import api as dash_api
 
 HOSTILE_KEY = HOSTILE_NAME.hex()
 ALPHA_KEY = b"psnv-alpha".hex()

@@ -14,13 +14,13 @@ import tempfile
 import time
 
 import pytest
-
 from daemon_harness import Daemon, Sink, wait_for
 from dash_harness import REPO, DashServer
-from picosnitch import sqlite_store
+from test_view_tui import daemon_db  # noqa: F401 (a fixture)
+
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.paths import Paths
-from test_view_tui import daemon_db  # noqa: F401 (a fixture)
+from picosnitch.store import sqlite as sqlite_store
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

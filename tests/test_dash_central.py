@@ -19,22 +19,24 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from dash_harness import REPO, DashServer
-from picosnitch import cli, config, dash_api, sqlite_store
+
+from picosnitch import cli, config
+from picosnitch.central.backlog import Batch
+from picosnitch.central.queries import server_readers
+from picosnitch.central.rollup import HourlyRollup, hour_of
+from picosnitch.central.settings import load_driver, parse
+from picosnitch.central.writer import ROW_COLUMNS, ServerWriter, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.db_schema import VIEW_COLUMNS
+from picosnitch.installed import install_extra
 from picosnitch.paths import Paths
-from picosnitch.server_queries import server_readers
-from picosnitch.sql_backlog import Batch
-from picosnitch.sql_rollup import HourlyRollup, hour_of
-from picosnitch.sql_server_config import load_driver, parse
-from picosnitch.sql_server_writer import ServerWriter, make_row
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.store.schema import VIEW_COLUMNS
+from picosnitch.ui.dash import api as dash_api
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sql_servers  # noqa: E402
-from test_dash_browser import (browser, choose, drawn, loaded,  # noqa: E402,F401 (a fixture)
-                               severe_console_messages, shot)
+from test_dash_browser import browser, choose, drawn, loaded, severe_console_messages, shot  # noqa: E402,F401 (a fixture)
 from test_view_tui import url_of  # noqa: E402
 
 TABLE = "dash_central"
@@ -80,6 +82,9 @@ def traffic(host_number: int) -> list:
     return found
 
 
+TS = ROW_COLUMNS.index("ts")
+
+
 def write_traffic(server) -> None:
     """alpha's rows as the daemon sends them: a batch per hour, each closing the hours before
     it in the rollup (all but the last hour are marked); beta's in one batch, no rollup."""
@@ -90,11 +95,11 @@ def write_traffic(server) -> None:
         if number:
             assert writer.write(Batch("batch-%s" % host, rows, (0, 0)))
             continue
-        hours = sorted({hour_of(row[-1]) for row in rows})
+        hours = sorted({hour_of(row[TS]) for row in rows})
         rollup = HourlyRollup(since=hours[0])
         for hour in hours:
             batch = Batch("batch-%s-%d" % (host, hour),
-                          [row for row in rows if hour_of(row[-1]) == hour], (0, 0), hour)
+                          [row for row in rows if hour_of(row[TS]) == hour], (0, 0), hour)
             plan = rollup.plan(batch.rows, batch.closes, markable=True)
             assert writer.write(batch, plan.hourly, plan.hours)
             rollup.committed(plan)
@@ -360,7 +365,7 @@ def test_a_missing_driver_names_what_to_install(monkeypatch, capsys, tmp_path, s
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert f'the client "{drivers[0]}" is not installed' in err
-    assert f"install it with: pip install 'picosnitch[{extra}]'" in err
+    assert f"install it with: {install_extra(extra)}" in err
 
 
 def test_the_page_charts_by_host_and_shows_a_lost_server(central, browser):

@@ -6,14 +6,16 @@ import subprocess
 import sys
 
 import pytest
-
 from dash_harness import REPO, DashServer, free_port
-from picosnitch import config, dash_app, sqlite_store
+
+from picosnitch import config
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.paths import Paths
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.ui.dash import app as dash_app
 
 TOKEN = "0123456789abcdef-token"
-STATIC = REPO / "picosnitch" / "dash_static"
+STATIC = REPO / "picosnitch" / "ui" / "dash" / "static"
 
 
 @pytest.fixture(scope="module")

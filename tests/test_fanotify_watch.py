@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from picosnitch.fanotify_watch import FAN_REPORT_FID, ExecutableWatcher
+from picosnitch.identity.fanotify import FAN_REPORT_FID, ExecutableWatcher
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify needs root")
 

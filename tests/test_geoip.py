@@ -7,25 +7,28 @@ test_view_tui has its traffic.
 """
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import maxminddb
-import pytest
-
 import mmdb_writer
+import pytest
 from dash_harness import DashServer
 from mmdb_writer import country
-from picosnitch import sqlite_store
-from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.paths import Paths
-from picosnitch.view_tui import Annotations
 from test_dash_browser import browser, loaded, severe_console_messages, shot  # noqa: F401 (fixture)
 from test_view_tui import REPO, Tmux, daemon_db, line_with, open_tab, ui  # noqa: F401 (fixtures)
+
+from picosnitch import config
+from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
+from picosnitch.paths import Paths
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.ui.annotations import Annotations
 
 NETWORKS = {
     "10.232.0.0/14": country("DE", "Germany"),
@@ -92,10 +95,10 @@ def test_geoip_lookup_false_turns_it_off(tmp_path, mmdb):
     paths = Paths.under(tmp_path)
     paths.ensure_dirs()
     paths.config.write_text(json.dumps({"GeoIP database": str(mmdb), "GeoIP lookup": False}))
-    notes = Annotations.load(paths)
+    notes = Annotations.load(paths, config.load(paths.config))
     assert not notes.geoip and notes.problem == "" and notes.country("10.232.1.1") == ""
     paths.config.write_text(json.dumps({"GeoIP database": str(mmdb)}))
-    assert Annotations.load(paths).country("10.232.1.1") == "DE"
+    assert Annotations.load(paths, config.load(paths.config)).country("10.232.1.1") == "DE"
 
 
 def damaged(tmp_path, how: str):
@@ -192,10 +195,15 @@ def test_view_without_the_maxminddb_package_says_so(daemon_db, tmp_path, mmdb): 
     # Without COLUMNS and LINES, which tmux's shell may export while the window is still
     # 80x24 (curses would keep that size).
     view = Tmux(["env", "-u", "COLUMNS", "-u", "LINES", sys.executable, "-S", "-m", "picosnitch",
-                 "view"], {"PICOSNITCH_PREFIX": str(prefix), "PYTHONPATH": str(REPO)}, 200, 30)
+                 "view"], {"PICOSNITCH_PREFIX": str(prefix), "PYTHONPATH": str(REPO)}, 260, 30)
     try:
+        # The command is the one for how this Python runs picosnitch (see installed.py).
+        command = subprocess.run(
+            [sys.executable, "-S", "-c", "from picosnitch.installed import install_extra; "
+             "print(install_extra('geoip'))"], capture_output=True, text=True, check=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO))).stdout.strip()
         sentence = (f"GeoIP off: reading {mmdb} needs the Python package maxminddb "
-                    "(the geoip extra, or Debian's python3-maxminddb)")
+                    f"(install it with: {command})")
         screen = view.wait_for(sentence)
         assert "conns  executable" in screen and "Traceback" not in screen
         view.keys("q")

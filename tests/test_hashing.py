@@ -7,8 +7,7 @@ import subprocess
 
 import pytest
 
-from picosnitch.hashing import (ALL_BITS, MISMATCH, MISSING, UNREADABLE, HashCache, HashResult,
-                                filesystem_magic)
+from picosnitch.identity.hashing import ALL_BITS, MISMATCH, MISSING, UNREADABLE, HashCache, HashResult, filesystem_magic
 
 
 def sha256_of(path) -> str:

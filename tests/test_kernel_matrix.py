@@ -17,9 +17,9 @@ import subprocess
 import sys
 from collections import Counter
 
+import guests
 import pytest
 
-import guests
 from bench.accuracy import QUICK
 
 # Seconds per guest: measured 8-11 min under TCG here; three guests timing out must still leave CI

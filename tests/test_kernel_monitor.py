@@ -17,13 +17,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-import picosnitch.kernel_records
 from conftest import Recorder, kernel_has
 from netlab import HOST4, PEER4, PEER6, TcpPeer, UdpEcho
-from picosnitch import libbpf
-from picosnitch.kernel_monitor import (KernelFeatures, KernelMonitor, MonitorError, cgroup2_root, check_boundary,
-                                       default_object_path, plan)
+
+import picosnitch.kernel.records
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import (
+    KernelFeatures,
+    KernelMonitor,
+    MonitorError,
+    cgroup2_root,
+    check_boundary,
+    default_object_path,
+    plan,
+)
 
 GEN = str(Path(__file__).parent / "traffic_gen.py")
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -324,6 +331,23 @@ def test_what_a_process_receives_from_port_53_reaches_user_space_as_received(rec
     assert answer.comm == "python3" or answer.comm.startswith("python")
 
 
+def test_with_names_from_traffic_off_nothing_a_process_sends_or_receives_is_read(port53, lab):
+    monitor = KernelMonitor(names_from_traffic=False)
+    try:
+        monitor.start()
+        rec = Recorder(monitor)
+        peer = TcpPeer(PEER4)
+        thread = serve(lab, peer, True)
+        asked, _ = generate(sys.executable, GEN, "dns-ask", PEER4, "53", "recvfrom")
+        sent, _ = generate(sys.executable, GEN, "first-send", PEER4, str(peer.port), "http")
+        thread.join(5)
+        rec.settle()
+        assert rec.of("payload", asked) == [] and rec.of("payload", sent) == []
+        assert rec.totals(asked) and rec.totals(sent)  # the bytes are still counted
+    finally:
+        rec.close()
+
+
 @pytest.mark.parametrize("how,starts", [("tls", b"\x16\x03"), ("http", b"GET / HTTP/1.1\r\nHost: http.")])
 def test_a_tcp_connections_first_send_reaches_user_space_if_it_may_name_the_server(recorder, lab, how, starts):
     peer = TcpPeer(PEER4)
@@ -366,7 +390,9 @@ def test_the_running_kernel_gets_the_programs_its_features_call_for(recorder):
         assert {"sock_send_length", "sock_recv_length"} <= attached
         assert not attached & {"inet_sendmsg_exit", "inet_recvmsg_exit"}
     else:
-        assert {"inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit"} <= attached
+        assert {"inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit",
+                "packet_sendmsg_exit", "packet_recvmsg_exit"} <= attached
+        assert ("inet_sendpage_exit" in attached) == kernel_has(function="inet_sendpage")  # before 6.5
     if kernel_has(kfunc="bpf_rdonly_cast"):  # 6.2 and later
         assert "tcp_rcv_space_adjust" in attached and "tcp_rcv_space_adjust_compat" not in attached
     else:
@@ -376,20 +402,27 @@ def test_the_running_kernel_gets_the_programs_its_features_call_for(recorder):
 
 
 PROGRAMS = {"sock_send_length": "tp_btf/sock_send_length", "sock_recv_length": "tp_btf/sock_recv_length",
-            "inet_sendmsg_exit": "fexit/inet_sendmsg", "tcp_rcv_space_adjust": "tp_btf/tcp_rcv_space_adjust",
+            "inet_sendmsg_exit": "fexit/inet_sendmsg", "inet_sendpage_exit": "fexit/inet_sendpage",
+            "packet_sendmsg_exit": "fexit/packet_sendmsg", "tcp_rcv_space_adjust": "tp_btf/tcp_rcv_space_adjust",
             "tcp_rcv_space_adjust_compat": "tp_btf/tcp_rcv_space_adjust", "sock_release": "cgroup/sock_release"}
 EVERY_TRACEPOINT = frozenset({"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust"})
 
 
+FEXIT_TARGETS = frozenset({"inet_sendmsg", "inet_sendpage", "packet_sendmsg"})
+FALLBACK = {"inet_sendmsg_exit", "inet_sendpage_exit", "packet_sendmsg_exit"}
+
+
 @pytest.mark.parametrize("kernel,features,left_out", [
-    ("6.3 and later", KernelFeatures(EVERY_TRACEPOINT, frozenset({"bpf_rdonly_cast"}), None),
-     {"inet_sendmsg_exit", "tcp_rcv_space_adjust_compat"}),
-    ("6.2", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset({"bpf_rdonly_cast"}), True),
+    ("6.5 and later", KernelFeatures(EVERY_TRACEPOINT, frozenset({"bpf_rdonly_cast"}), None,
+                                     FEXIT_TARGETS - {"inet_sendpage"}), FALLBACK | {"tcp_rcv_space_adjust_compat"}),
+    ("6.3", KernelFeatures(EVERY_TRACEPOINT, frozenset({"bpf_rdonly_cast"}), None, FEXIT_TARGETS),
+     FALLBACK | {"tcp_rcv_space_adjust_compat"}),
+    ("6.2", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset({"bpf_rdonly_cast"}), True, FEXIT_TARGETS),
      {"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust_compat"}),
-    ("6.1", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset(), True),
+    ("6.1", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset(), True, FEXIT_TARGETS),
      {"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust"}),
     ("no sock tracepoints, no trampolines", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset(), False),
-     {"sock_send_length", "sock_recv_length", "inet_sendmsg_exit", "tcp_rcv_space_adjust"}),
+     {"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust"} | FALLBACK),
 ])
 def test_the_plan_leaves_out_what_each_kernel_lacks_and_says_why(kernel, features, left_out):
     disabled = plan(PROGRAMS, features)
@@ -409,7 +442,7 @@ def test_an_object_that_disagrees_with_the_mirrors_is_refused_with_a_sentence(mo
     class Drifted(ctypes.Structure):  # flow_key with a field it no longer has
         _fields_ = [("tgid", ctypes.c_uint32), ("ppid", ctypes.c_uint32), ("uid", ctypes.c_uint32)]
 
-    monkeypatch.setitem(picosnitch.kernel_records.MIRRORS, "flow_key", Drifted)
+    monkeypatch.setitem(picosnitch.kernel.records.MIRRORS, "flow_key", Drifted)
     monitor = KernelMonitor()
     try:
         with pytest.raises(MonitorError, match="does not match this version of picosnitch .*struct flow_key"):

@@ -2,7 +2,7 @@
 
 import os
 
-from picosnitch.libc_probes import MAX_LIBRARIES, LibcProbes, c_libraries
+from picosnitch.kernel.libc_probes import MAX_LIBRARIES, LibcProbes, c_libraries
 
 
 def elf(path, body=b""):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from picosnitch.log_ignore import IgnoreRules
+from picosnitch.identity.log_ignore import IgnoreRules
 
 SHA = "a3" * 32
 

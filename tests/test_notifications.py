@@ -18,18 +18,23 @@ from collections import deque
 import pytest
 
 pytest.importorskip("jeepney")
-from jeepney import HeaderFields, MatchRule, MessageType, message_bus, new_error, \
-    new_method_return  # noqa: E402
+from jeepney import (
+    HeaderFields,
+    MatchRule,
+    MessageType,
+    message_bus,
+    new_error,
+    new_method_return,  # noqa: E402
+)
 from jeepney.io.blocking import open_dbus_connection  # noqa: E402
 from jeepney.wrappers import unwrap_msg  # noqa: E402
 
 from picosnitch import config as config_module  # noqa: E402
-from picosnitch import desktop_sessions, notification_text, notifier_worker  # noqa: E402
+from picosnitch.alerts import desktop_sessions, notification_text, notifier_worker  # noqa: E402
+from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, NewThing, RecordKeeper  # noqa: E402
+from picosnitch.alerts.vt_worker import VtResult  # noqa: E402
 from picosnitch.messages import ErrorReport, Stop  # noqa: E402
 from picosnitch.paths import Paths  # noqa: E402
-from picosnitch.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, NewThing, \
-    RecordKeeper  # noqa: E402
-from picosnitch.vt_worker import VtResult  # noqa: E402
 
 SETTLE, WINDOW, ERROR_WINDOW = 0.3, 2.0, 1.5
 SHA_A, SHA_B = "a" * 64, "b" * 64

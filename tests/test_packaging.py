@@ -25,9 +25,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import Sink, wait_for
-from picosnitch import __version__, systemd_unit
+
+from picosnitch import __version__
+from picosnitch.daemon import systemd_unit
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_FILE = REPO / "picosnitch.service"
@@ -305,7 +306,7 @@ def wheel(tmp_path_factory):
         pytest.skip("needs python3-build, python3-setuptools, python3-wheel")
     work = tmp_path_factory.mktemp("wheel")
     source = source_copy(work / "src")
-    subprocess.run([SYSTEM_PYTHON, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(work / "dist")],
+    subprocess.run([SYSTEM_PYTHON, "-m", "build", "--wheel", "--outdir", str(work / "dist")],
                    cwd=source, check=True, capture_output=True)
     found, = (work / "dist").glob("*.whl")
     return found
@@ -316,7 +317,7 @@ def test_wheel_holds_the_bpf_object_and_the_manpage(wheel):
     assert wheel.name == f"picosnitch-{__version__}-py3-none-{platform}.whl"
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        obj = z.read("picosnitch/bpf/picosnitch.bpf.o")
+        obj = z.read("picosnitch/kernel/bpf/picosnitch.bpf.o")
     assert obj[:4] == b"\x7fELF" and struct.unpack_from("<H", obj, 18)[0] == EM_BPF
     assert f"picosnitch-{__version__}.data/data/share/man/man1/picosnitch.1" in names
 
@@ -361,5 +362,5 @@ def test_deb_contents(deb, tmp_path):
     assert os.access(tmp_path / "usr/bin/picosnitch", os.X_OK)
     assert (tmp_path / "lib/systemd/system/picosnitch.service").read_text() == UNIT_FILE.read_text()
     assert (tmp_path / "usr/share/man/man1/picosnitch.1.gz").is_file()
-    obj = (tmp_path / "usr/lib/python3/dist-packages/picosnitch/bpf/picosnitch.bpf.o").read_bytes()
+    obj = (tmp_path / "usr/lib/python3/dist-packages/picosnitch/kernel/bpf/picosnitch.bpf.o").read_bytes()
     assert struct.unpack_from("<H", obj, 18)[0] == EM_BPF  # compiled at build time, left unstripped by dh

@@ -5,10 +5,22 @@ import os
 import re
 import stat
 
-from picosnitch.record_keeper import (
-    EXES_BY_NAME, NAMES_BY_EXE, NEW_EXE, NEW_NAME, NEW_SHA256, PARENT_EXES_BY_EXE,
-    PARENT_NAMES_BY_NAME, SHA256_BY_EXE, VT_NOT_CHECKED, ErrorLog, NewThing, RecordKeeper,
-    load_record, record_to_json)
+from picosnitch.alerts.record_keeper import (
+    EXES_BY_NAME,
+    NAMES_BY_EXE,
+    NEW_EXE,
+    NEW_NAME,
+    NEW_SHA256,
+    PARENT_EXES_BY_EXE,
+    PARENT_NAMES_BY_NAME,
+    SHA256_BY_EXE,
+    VT_NOT_CHECKED,
+    ErrorLog,
+    NewThing,
+    RecordKeeper,
+    load_record,
+    record_to_json,
+)
 from picosnitch.sanitize import from_bytes
 
 SHA_A = "a" * 64

@@ -16,20 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from picosnitch import sql_worker
+from picosnitch.central import worker as sql_worker
+from picosnitch.central.backlog import Backlog, Batch
+from picosnitch.central.queries import ServerHistory, ServerSQL
+from picosnitch.central.rollup import HOUR, HourlyRollup, hour_of
+from picosnitch.central.settings import load_driver, parse
+from picosnitch.central.writer import ROW_COLUMNS, ServerWriter, create_statements, make_row, rollup_statements
 from picosnitch.messages import Stop
 from picosnitch.paths import Paths
-from picosnitch.server_queries import ServerHistory, ServerSQL
-from picosnitch.sql_backlog import Backlog, Batch
-from picosnitch.sql_rollup import HOUR, HourlyRollup, hour_of
-from picosnitch.sql_server_config import load_driver, parse
-from picosnitch.sql_server_writer import (ServerWriter, create_statements, make_row,
-                                          rollup_statements)
-from picosnitch.view_queries import Filter
+from picosnitch.store.queries import Filter
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sql_server import (Rig, cfg, connection, prefix, server,  # noqa: E402,F401 (fixtures)
-                             table, wait_until)
+from test_sql_server import Rig, cfg, connection, prefix, server, table, wait_until  # noqa: E402,F401 (fixtures)
 
 T0 = hour_of(int(time.time())) + 2 * 86400  # the first hour of the test traffic
 OLD_HOST, OLD_MACHINE = "old.example", "0" * 32
@@ -72,7 +70,7 @@ def figures(hourly: list) -> dict:
     """{(hour, exe, lport): (send, recv)} of rollup rows (or raw rows, by their hour)."""
     found = {}
     for row in hourly:
-        key = (hour_of(row[-1]), row[5], row[14])
+        key = (hour_of(row[ROW_COLUMNS.index("ts")]), row[5], row[14])
         send, recv = found.get(key, (0, 0))
         found[key] = (send + row[3], recv + row[4])
     return found

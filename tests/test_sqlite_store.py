@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch import db_schema, sqlite_store
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo, from_row
 from picosnitch.sanitize import to_bytes
+from picosnitch.store import schema as db_schema
+from picosnitch.store import sqlite as sqlite_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,7 @@ ORIGINAL_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256
                     "pname", "pcmdline", "psha256", "uid", "lport", "rport", "laddr", "raddr",
                     "domain"]
 NEW_COLUMNS = ["gpexe", "gpname", "gpcmdline", "gpsha256", "family", "protocol", "packets_sent",
-               "packets_recv", "netns", "container", "ts"]
+               "packets_recv", "netns", "container", "ts", "domain_source"]
 
 CURL = ProcessInfo("/usr/bin/curl", "curl", "curl https://example.com", "ab" * 32)
 BASH = ProcessInfo("/usr/bin/bash", "bash", "bash", "cd" * 32)
@@ -159,17 +160,19 @@ def test_version_1_database_is_migrated_with_its_rollups(tmp_path):
     old = sqlite3.connect(path)
     old.text_factory = bytes
     assert old.execute("PRAGMA user_version").fetchone()[0] == 1
-    view_before = old.execute("SELECT * FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, "
-                              "CAST(raddr AS BLOB)").fetchall()
+    cursor = old.execute("SELECT * FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, CAST(raddr AS BLOB)")
+    view_before = cursor.fetchall()
+    columns_before = ", ".join(d[0] for d in cursor.description)
     old.close()
 
     conn, problem = sqlite_store.open_db(str(path))
 
     assert problem is None
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == db_schema.SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == db_schema.SCHEMA_VERSION == 3
     conn.text_factory = bytes
-    assert conn.execute("SELECT * FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, "
+    assert conn.execute(f"SELECT {columns_before} FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, "
                         "CAST(raddr AS BLOB)").fetchall() == view_before
+    assert {r[0] for r in conn.execute("SELECT domain_source FROM connections")} == {b""}  # not known then
     expected = rollups_by_definition(conn)
     assert all(expected.values()) and stored_rollups(conn) == expected
     # and the writer goes on from there
@@ -452,7 +455,7 @@ def test_someone_elses_database_is_moved_aside(tmp_path):
 CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
-    from picosnitch import sqlite_store
+    from picosnitch.store import sqlite as sqlite_store
     from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 
     conn, problem = sqlite_store.open_db(sys.argv[1])
@@ -516,7 +519,7 @@ def test_readonly_open_of_a_missing_file_says_so(tmp_path):
         sqlite_store.open_readonly(str(tmp_path / "snitch.db"))
 
 
-READER = ("import sys; sys.path.insert(0, sys.argv[2]); from picosnitch import sqlite_store\n"
+READER = ("import sys; sys.path.insert(0, sys.argv[2]); from picosnitch.store import sqlite as sqlite_store\n"
           "try:\n"
           "    print(sqlite_store.open_readonly(sys.argv[1])"
           ".execute('SELECT count(*) FROM connections').fetchone()[0])\n"

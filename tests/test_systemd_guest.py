@@ -14,9 +14,9 @@ import os
 import re
 from pathlib import Path
 
+import guests
 import pytest
 
-import guests
 from picosnitch import __version__
 
 REPO = guests.REPO

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import REPO
-from picosnitch import live_feed
+from test_view_tui import Tmux, daemon_db, line_with  # noqa: F401 - daemon_db is a fixture
+
 from picosnitch.connection import from_row
+from picosnitch.daemon import live_feed
 from picosnitch.messages import Stop
 from picosnitch.paths import Paths
-from picosnitch.sqlite_store import decode_text
-from test_view_tui import Tmux, daemon_db, line_with  # noqa: F401 - daemon_db is a fixture
+from picosnitch.store.sqlite import decode_text
 
 _ctx = multiprocessing.get_context("fork")
 
@@ -107,7 +107,7 @@ def test_the_socket_is_root_only_unless_a_group_is_configured(feed):
     assert os.stat(f.paths.live_socket).st_gid == 65534
     client = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
-         "from picosnitch.live_feed import FeedClient; import sys; FeedClient(sys.argv[1])",
+         "from picosnitch.daemon.live_feed import FeedClient; import sys; FeedClient(sys.argv[1])",
          str(f.paths.live_socket)], env=dict(os.environ, PYTHONPATH=str(REPO)),
         capture_output=True, text=True, timeout=30)
     assert client.returncode == 0, client.stdout + client.stderr

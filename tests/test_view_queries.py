@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch import sqlite_store, view_queries
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.view_queries import (BY_COLUMN, DIMENSIONS, HOUR, Filter, History, Row,
-                                     bucket_width)
+from picosnitch.store import queries as view_queries
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.store.queries import BY_COLUMN, DIMENSIONS, HOUR, Filter, History, Row, bucket_width
 
 START = 1_700_000_000 - 1_700_000_000 % HOUR + 1234  # mid-hour
 DAYS = 3

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import REPO, Daemon
-from picosnitch import sqlite_store
+
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.paths import Paths
+from picosnitch.store import sqlite as sqlite_store
 
 CLIENT = r"""
 import ctypes, os, socket, sys

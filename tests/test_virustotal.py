@@ -13,11 +13,10 @@ import pytest
 
 pytest.importorskip("requests")
 from picosnitch import config as config_module  # noqa: E402
-from picosnitch import virustotal, vt_worker  # noqa: E402
-from picosnitch.messages import ErrorReport, Stop  # noqa: E402
-from picosnitch.record_keeper import SHA256_BY_EXE, RecordKeeper  # noqa: E402
-from picosnitch.messages import VtRequest, VtResult  # noqa: E402
-from picosnitch.vt_worker import UPLOADED  # noqa: E402
+from picosnitch.alerts import virustotal, vt_worker  # noqa: E402
+from picosnitch.alerts.record_keeper import SHA256_BY_EXE, RecordKeeper, record_result  # noqa: E402
+from picosnitch.alerts.vt_worker import UPLOADED  # noqa: E402
+from picosnitch.messages import ErrorReport, Stop, VtRequest, VtResult  # noqa: E402
 
 try:  # the private session bus and notification server, for the test through the daemon
     from test_notifications import desktop_user, server  # noqa: E402,F401 - fixtures
@@ -146,7 +145,7 @@ class Worker:
                 max(deadline - time.monotonic(), 0)):
             message = self.from_worker.recv()
             if isinstance(message, VtResult):
-                vt_worker.record_result(self.keeper, message)
+                record_result(self.keeper, message)
                 self.results.append(message)
             else:
                 self.errors.append(message)

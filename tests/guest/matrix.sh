@@ -41,7 +41,7 @@ step() {
 # What the monitor leaves out on this kernel and why, with libbpf's last words (the verifier's
 # log of a refused program): the first thing to read when a guest fails.
 step load "$python" - <<'EOF'
-from picosnitch.kernel_monitor import KernelMonitor
+from picosnitch.kernel.monitor import KernelMonitor
 refused = getattr(KernelMonitor, "_refused", None)
 if refused:  # libbpf's whole message for a refused program: the verifier's log
     def tell(self, log, disabled):

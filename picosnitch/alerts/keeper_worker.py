@@ -1,0 +1,85 @@
+"""The record keeper process: record.json, exe.log and error.log, fed by every other worker.
+
+What is new (an executable, a name, a sha256) goes on to the notifier at once, and new hashes
+to the VirusTotal worker, whose verdicts come back here to be recorded.
+"""
+
+import signal
+import time
+from multiprocessing.connection import Connection, wait
+from typing import cast
+
+from picosnitch.alerts.record_keeper import (
+    NAMES_BY_EXE,
+    NEW_EXE,
+    NEW_SHA256,
+    SHA256_BY_EXE,
+    VT_NOT_CHECKED,
+    ErrorLog,
+    RecordKeeper,
+    record_result,
+)
+from picosnitch.messages import ErrorReport, Observed, Stop, VtRequest, VtResult
+
+SAVE_EVERY = 5.0
+
+
+def unchecked_hashes(keeper: RecordKeeper):
+    """VtRequests for every recorded hash VirusTotal has not answered for yet."""
+    record = keeper.as_dict()
+    for exe, hashes in record[SHA256_BY_EXE].items():
+        name = (record[NAMES_BY_EXE].get(exe) or [""])[0]
+        for sha256, status in hashes.items():
+            if status == VT_NOT_CHECKED:
+                yield VtRequest(exe, name, sha256)
+
+
+def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
+    """Serves until every worker named in `wait_for` has said Stop, then tells the helpers to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    errors = ErrorLog(paths.error_log)
+    keeper = RecordKeeper(paths.record, paths.exe_log)
+    if keeper.load_problem:
+        errors.error(keeper.load_problem)
+    if to_vt:
+        for request in unchecked_hashes(keeper):
+            to_vt.send(request)
+    stopped: set[str] = set()
+    next_save = time.monotonic() + SAVE_EVERY
+    try:
+        while not set(wait_for) <= stopped:
+            for inbox in wait(inboxes, timeout=SAVE_EVERY):
+                message = cast(Connection, inbox).recv()
+                if isinstance(message, Stop):
+                    stopped.add(message.sender)
+                elif isinstance(message, ErrorReport):
+                    errors.error(message.message, message.key)
+                    if to_notifier:
+                        to_notifier.send(message)
+                elif isinstance(message, Observed):
+                    observe(keeper, message, to_notifier, to_vt)
+                elif isinstance(message, VtResult):
+                    record_result(keeper, message)
+                    if to_notifier:
+                        to_notifier.send(message)
+            if time.monotonic() >= next_save:
+                next_save = time.monotonic() + SAVE_EVERY
+                keeper.save()
+                errors.flush()
+    finally:
+        keeper.save()
+        errors.flush()
+        for helper in (to_notifier, to_vt):
+            if helper:
+                helper.send(Stop("keeper"))
+    return 0
+
+
+def observe(keeper: RecordKeeper, message: Observed, to_notifier, to_vt) -> None:
+    new = keeper.observe(message.exe, message.name, message.sha256, message.parent_exe, message.parent_name)
+    if new and to_notifier:
+        to_notifier.send(new)  # now, not at the next write window
+    verifiable = message.sha256 and not message.sha256.startswith("!")
+    if to_vt and verifiable and any(thing.kind in (NEW_EXE, NEW_SHA256) for thing in new):
+        to_vt.send(VtRequest(message.exe, message.name, message.sha256))

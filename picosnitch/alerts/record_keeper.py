@@ -1,0 +1,347 @@
+"""The files users read directly: record.json, exe.log and error.log.
+
+record.json lists every executable picosnitch has seen with its names, parents and sha256
+hashes (each with its VirusTotal status). exe.log gets one line each time something new turns
+up: an executable, a new name for one, or a new hash (the file changed). error.log gets one
+line per problem, with bursts of the same problem collapsed into a count.
+
+Names and paths are `str` decoded with surrogateescape (see sanitize). In record.json they are
+kept losslessly: the file is UTF-8 JSON in which undecodable bytes are written as their lone
+surrogate escape (`\\udcff` for the byte 0xff), and control characters, DEL and C1 controls are
+escaped as JSON allows, so reading it back with `json.load` gives the exact original strings and
+`cat record.json` cannot drive the terminal. The logs show values through sanitize instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from picosnitch.messages import VtResult
+from picosnitch.sanitize import log_field, printable
+from picosnitch.timestamps import local_time
+
+NAMES_BY_EXE = "Names by executable"
+EXES_BY_NAME = "Executables by name"
+PARENT_EXES_BY_EXE = "Parent executables by executable"
+PARENT_NAMES_BY_NAME = "Parent names by name"
+SHA256_BY_EXE = "SHA256 by executable"
+LIST_SECTIONS = (NAMES_BY_EXE, EXES_BY_NAME, PARENT_EXES_BY_EXE, PARENT_NAMES_BY_NAME)
+
+NEW_EXE = "new executable"
+NEW_NAME = "new name"
+NEW_SHA256 = "new sha256"
+
+VT_NOT_CHECKED = "not checked"  # status of a hash until the VirusTotal worker reports on it
+
+LOG_FILE_MODE = 0o644
+RECORD_FILE_MODE = 0o644
+
+
+def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append `lines` to a log file in one write.
+
+    The file is opened for each call so a rotated log is followed at once, and O_APPEND with a
+    single write keeps lines from several processes from interleaving.
+    """
+    if not lines:
+        return
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         LOG_FILE_MODE)
+    try:
+        os.write(descriptor, data)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, mode: int = RECORD_FILE_MODE) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file whole."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+# Left raw by json.dumps(ensure_ascii=False): DEL, C1 controls and lone surrogates.
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\ud800-\udfff]")
+
+
+def record_to_json(record: dict) -> bytes:
+    """record.json's bytes: sorted, indented UTF-8 JSON that json.loads reads back exactly."""
+    text = json.dumps(record, ensure_ascii=False, indent=2, sort_keys=True)
+    text = _RAW_IN_JSON.sub(lambda match: "\\u%04x" % ord(match.group()), text)
+    return (text + "\n").encode("utf-8")
+
+
+def _check_record(record: object) -> dict:
+    """`record` if it has the shape of record.json; ValueError naming the first part that has not.
+
+    Sections may be missing (they start empty); sections this version does not know are dropped.
+    """
+    if not isinstance(record, dict):
+        raise ValueError("it is not a JSON object")
+    for section in LIST_SECTIONS + (SHA256_BY_EXE,):
+        by_key = record.get(section, {})
+        if not isinstance(by_key, dict):
+            raise ValueError('"%s" is not an object' % section)
+        for key, values in by_key.items():
+            if section == SHA256_BY_EXE:
+                ok = isinstance(values, dict) and all(isinstance(v, str) for v in values.values())
+            else:
+                ok = isinstance(values, list) and all(isinstance(v, str) for v in values)
+            if not ok:
+                raise ValueError('"%s" of %s is not %s' % (section, printable(key), "an object of "
+                                 "strings" if section == SHA256_BY_EXE else "a list of strings"))
+    return record
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename an unusable file to `<name>.bad-<unix time>` (never over an earlier one)."""
+    stem = "%s.bad-%d" % (path.name, time.time())
+    aside = path.with_name(stem)
+    attempt = 1
+    while aside.exists():
+        aside = path.with_name("%s-%d" % (stem, attempt))
+        attempt += 1
+    os.rename(path, aside)
+    return aside
+
+
+def load_record(path: str | os.PathLike) -> tuple[dict, Optional[str]]:
+    """The record stored at `path` ({} when there is none) and a problem report or None.
+
+    A file that is not a valid record (truncated, edited by hand, not UTF-8) is moved aside
+    to `record.json.bad-<unix time>` so nothing is destroyed, the record starts empty, and the
+    report (one sentence, for error.log) says so. Errors reading the file are raised: starting
+    over then would overwrite a record that may be fine.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}, None
+    try:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors as well.
+        return _check_record(json.loads(raw.decode("utf-8"))), None
+    except ValueError as error:
+        aside = _move_aside(path)
+        return {}, "%s could not be read (%s); moved it to %s and started a new record" % (
+            printable(str(path)), printable(str(error), limit=200), printable(str(aside)))
+
+
+@dataclasses.dataclass(frozen=True)
+class NewThing:
+    """Something observe() saw for the first time: `kind` is NEW_EXE, NEW_NAME or NEW_SHA256."""
+
+    kind: str
+    exe: str
+    name: str
+    sha256: str
+
+
+class RecordKeeper:
+    """Keeps record.json and exe.log up to date with every executable seen.
+
+    `load_problem` is None, or a sentence for error.log when record.json was unusable and has
+    been moved aside (see load_record).
+    """
+
+    def __init__(self, record_path: str | os.PathLike, exe_log_path: str | os.PathLike) -> None:
+        self.record_path = Path(record_path)
+        self.exe_log_path = Path(exe_log_path)
+        record, self.load_problem = load_record(self.record_path)
+        self._sets = {section: {key: set(values) for key, values in record.get(section, {}).items()}
+                      for section in LIST_SECTIONS}
+        self._hashes: dict[str, dict[str, str]] = {
+            exe: dict(hashes) for exe, hashes in record.get(SHA256_BY_EXE, {}).items()}
+        self._changed = False
+
+    def observe(self, exe: str, name: str, sha256: str = "", parent_exe: str = "",
+                parent_name: str = "") -> list[NewThing]:
+        """Record a process and return what about it is new, having logged each to exe.log.
+
+        An unknown `exe` is one NEW_EXE. For a known one, an unseen `name` is NEW_NAME, and an
+        unseen `sha256` is NEW_SHA256 when another hash was recorded before (the file changed);
+        a first hash for an executable that could not be hashed earlier is recorded quietly.
+        Empty `sha256` or parents mean unknown and are not recorded. exe.log is written before
+        the record changes, so if that write fails the same things are new on the next call.
+        """
+        names = self._sets[NAMES_BY_EXE]
+        hashes = self._hashes.get(exe, {})
+        new = []
+        if exe not in names:
+            new.append(NewThing(NEW_EXE, exe, name, sha256))
+        elif name not in names[exe]:
+            new.append(NewThing(NEW_NAME, exe, name, sha256))
+        if sha256 and hashes and sha256 not in hashes:
+            new.append(NewThing(NEW_SHA256, exe, name, sha256))
+
+        now = time.time()
+        append_lines(self.exe_log_path, [", ".join(
+            [local_time(now), thing.kind, log_field(name), log_field(exe), log_field(sha256)])
+            for thing in new])
+
+        self._add(NAMES_BY_EXE, exe, name)
+        self._add(EXES_BY_NAME, name, exe)
+        if parent_exe:
+            self._add(PARENT_EXES_BY_EXE, exe, parent_exe)
+        if parent_name:
+            self._add(PARENT_NAMES_BY_NAME, name, parent_name)
+        if sha256 and sha256 not in hashes:
+            self._hashes.setdefault(exe, {})[sha256] = VT_NOT_CHECKED
+            self._changed = True
+        return new
+
+    def _add(self, section: str, key: str, value: str) -> None:
+        values = self._sets[section].setdefault(key, set())
+        if value not in values:
+            values.add(value)
+            self._changed = True
+
+    def set_vt_status(self, exe: str, sha256: str, status: str) -> None:
+        """Store the VirusTotal verdict for one hash of `exe` (recording the hash if unknown)."""
+        hashes = self._hashes.setdefault(exe, {})
+        if hashes.get(sha256) != status:
+            hashes[sha256] = status
+            self._changed = True
+
+    def as_dict(self) -> dict:
+        """The record as written to record.json: every list sorted."""
+        record: dict = {section: {key: sorted(values) for key, values in by_key.items()}
+                        for section, by_key in self._sets.items()}
+        record[SHA256_BY_EXE] = {exe: dict(hashes) for exe, hashes in self._hashes.items()}
+        return record
+
+    def save(self) -> bool:
+        """Write record.json atomically if anything changed since the last save; return whether."""
+        if not self._changed:
+            return False
+        write_atomically(self.record_path, record_to_json(self.as_dict()))
+        self._changed = False
+        return True
+
+
+@dataclasses.dataclass
+class _Burst:
+    """Repeats of one error key since its line was written."""
+
+    started: float
+    count: int = 0
+    message: str = ""
+    last: float = 0.0
+
+
+class ErrorLog:
+    """Appends one timestamped, sanitised line per error to error.log, collapsing bursts.
+
+    The first error with a given key is written at once. Further errors with that key within
+    `window` seconds are only counted; the count (with the latest message) is written as
+    `... (repeated N times)` by the next flush(), or by the first error() after the window
+    ends. So every error is accounted for, and a flood costs one line per key per window plus
+    one per flush. Call flush() periodically and before exiting. Lines are cut to `line_limit`
+    characters. Safe to share between threads.
+    """
+
+    max_keys = 1000  # beyond this many distinct keys in one window, counts are flushed early
+
+    def __init__(self, path: str | os.PathLike, window: float = 60.0,
+                 clock: Callable[[], float] = time.time, line_limit: int = 4096) -> None:
+        self.path = Path(path)
+        self.window = window
+        self.clock = clock
+        self.line_limit = line_limit
+        self._bursts: dict[str, _Burst] = {}
+        self._lock = threading.Lock()
+
+    def error(self, message: str, key: Optional[str] = None) -> None:
+        """Log `message`; errors with the same `key` (default: the message itself) collapse."""
+        key = message if key is None else key
+        with self._lock:
+            now = self.clock()
+            lines = self._end_windows(now)
+            burst = self._bursts.get(key)
+            if burst is None:
+                lines.append(self._line(now, message))
+                self._bursts[key] = _Burst(started=now)
+            else:
+                burst.count += 1
+                burst.message = message
+                burst.last = now
+            if len(self._bursts) > self.max_keys:
+                lines += self._counts()
+                self._bursts.clear()
+            self._write(lines)
+
+    def flush(self) -> None:
+        """Write the count of every error repeated since its last line."""
+        with self._lock:
+            self._write(self._end_windows(self.clock()) + self._counts())
+
+    def _end_windows(self, now: float) -> list[str]:
+        """Count lines for bursts whose window has ended; those keys start afresh."""
+        lines = []
+        for key, burst in list(self._bursts.items()):
+            if now - burst.started >= self.window:
+                lines += self._counts([burst])
+                del self._bursts[key]
+        return lines
+
+    def _counts(self, bursts: Optional[list[_Burst]] = None) -> list[str]:
+        """Count lines for `bursts` (default all) that have repeats, resetting their counts."""
+        lines = []
+        for burst in self._bursts.values() if bursts is None else bursts:
+            if burst.count:
+                suffix = " (repeated %d time%s)" % (burst.count, "" if burst.count == 1 else "s")
+                lines.append(self._line(burst.last, burst.message, suffix))
+                burst.count = 0
+        return lines
+
+    def _line(self, timestamp: float, message: str, suffix: str = "") -> str:
+        room = max(self.line_limit - len(suffix) - 20, 1)  # 20 = timestamp and space
+        return "%s %s%s" % (local_time(timestamp), printable(message, limit=room), suffix)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            append_lines(self.path, lines)
+        except OSError as error:
+            # The error log itself failed (disk full, removed directory): the service
+            # manager's journal still captures stderr, so the errors are not lost.
+            for line in lines:
+                print("picosnitch: %s (cannot write %s: %s)" % (line, printable(str(self.path)),
+                      error.strerror), file=sys.stderr)
+
+
+# ---- VirusTotal's answers, as the keeper stores them ----
+
+def exe_log_line(result: VtResult, now: float) -> str:
+    """The exe.log line for a status: time, "virustotal", name, exe, sha256, status."""
+    return ", ".join([local_time(now), "virustotal", log_field(result.name),
+                      log_field(result.exe), log_field(result.sha256), log_field(result.status)])
+
+
+def record_result(keeper: RecordKeeper, result: VtResult) -> None:
+    """Store a status in the record (saved with it) and log it to exe.log."""
+    append_lines(keeper.exe_log_path, [exe_log_line(result, time.time())])
+    keeper.set_vt_status(result.exe, result.sha256, result.status)
