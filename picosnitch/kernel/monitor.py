@@ -67,6 +67,14 @@ FALLBACK_GROUPS = ("bytes_fallback", "pages_fallback", "packet_fallback")
 WITHOUT_FUNCTION = {"inet_sendpage": "since 6.5 sendfile and splice go through sendmsg, which is counted"}
 
 
+def _why_missing(prog: str, disabled: Dict[str, str]) -> str:
+    """Why prog is not in place: its own reason, or its stand-in's when prog was not needed."""
+    stand_in = STAND_INS.get(prog)
+    if disabled[prog].startswith("not needed") and stand_in in disabled:
+        return disabled[stand_in]
+    return disabled[prog]
+
+
 def _in_place(prog: str, disabled: Dict[str, str]) -> bool:
     """Whether prog, or its stand-in, is to be loaded."""
     return prog not in disabled or (prog in STAND_INS and STAND_INS[prog] not in disabled)
@@ -359,13 +367,18 @@ class KernelMonitor:
                    if not any(p in disabled for p in HOOK_GROUPS[g][0])]
         for group, (progs, consequence) in HOOK_GROUPS.items():
             missing = [p for p in progs if not _in_place(p, disabled)]
-            if not missing or disabled[missing[0]].startswith("not needed"):
+            why = _why_missing(missing[0], disabled) if missing else ""
+            if not missing or why.startswith("not needed"):
                 continue
             if group.startswith("bytes") and counted:
                 continue  # the other byte-counting method is in place
-            if group in FALLBACK_GROUPS[1:] and not counted:
-                continue  # no traffic is counted at all: that is said once
-            self.degraded.append(Degraded(", ".join(missing), consequence, disabled[missing[0]]))
+            if not counted and (group in FALLBACK_GROUPS[1:] or (group == "bytes" and self._fallback_tried(disabled))):
+                continue  # no traffic is counted at all: that is said once, with why the fallback failed
+            self.degraded.append(Degraded(", ".join(missing), consequence, why))
+
+    @staticmethod
+    def _fallback_tried(disabled: Dict[str, str]) -> bool:
+        return not disabled.get(HOOK_GROUPS["bytes_fallback"][0][0], "").startswith("not needed")
 
     # --- records ---
 
