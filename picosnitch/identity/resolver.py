@@ -38,7 +38,7 @@ class IdentityResolver:
         self.containers: Dict[int, str] = {}
         self.watched: Set[str] = set()
         self.observed: Set[Tuple[str, str, str, str, str]] = set()
-        self.batch_identities: Dict[Tuple[int, ...], Identity] = {}
+        self.batch_identities: Dict[tuple, Identity] = {}
         self.loss_totals: Dict[str, int] = {}
         self.names: Dict[str, str] = {}  # last name seen per exe, for re-hash reports
 
@@ -72,7 +72,8 @@ class IdentityResolver:
         return []
 
     def connection(self, flow: Flow, ts: int) -> Optional[Connection]:
-        identity = self.identity(flow.tgid, flow.ppid, flow.exe_dev, flow.exe_ino, flow.uid, flow.netns)
+        identity = self.identity(flow.tgid, flow.ppid, flow.exec_id, flow.comm, flow.exe_dev, flow.exe_ino, flow.uid,
+                                 flow.netns)
         domain = self.dns.domain(flow.tgid, flow.raddr)
         # As in the original, "Log addresses" false hides where the traffic went: the remote
         # address and the domain it was looked up as. The local address is still recorded.
@@ -89,7 +90,8 @@ class IdentityResolver:
                           flow.packets_recv)
 
     def _exec_row(self, event: Exec, ts: int) -> List[Connection]:
-        identity = self.identity(event.tgid, event.ppid, event.exe_dev, event.exe_ino, event.uid, 0)
+        identity = self.identity(event.tgid, event.ppid, event.exec_id, event.comm, event.exe_dev, event.exe_ino,
+                                 event.uid, 0)
         if self.ignore and self.ignore.ignores(identity.process.sha256):
             return []
         return [Connection(identity, Endpoint(), ts)]
@@ -99,15 +101,18 @@ class IdentityResolver:
         many flows of the same process the batch holds: a connection storm costs one lookup."""
         self.batch_identities.clear()
 
-    def identity(self, tgid: int, ppid: int, dev: int, ino: int, uid: int, netns: int) -> Identity:
-        key = (tgid, ppid, dev, ino, uid, netns)
+    def identity(self, tgid: int, ppid: int, exec_id: int, comm: str, dev: int, ino: int, uid: int,
+                 netns: int) -> Identity:
+        key = (tgid, ppid, exec_id, comm, dev, ino, uid, netns)
         known = self.batch_identities.get(key)
         if known is None:
             known = self.batch_identities[key] = self._identity(*key)
         return known
 
-    def _identity(self, tgid: int, ppid: int, dev: int, ino: int, uid: int, netns: int) -> Identity:
-        process = self.describe(tgid, self.table.image(tgid, dev, ino), dev, ino, live=True)
+    def _identity(self, tgid: int, ppid: int, exec_id: int, comm: str, dev: int, ino: int, uid: int,
+                  netns: int) -> Identity:
+        """The sender is the image its exec produced, named as it was when it sent (comm)."""
+        process = self.describe(tgid, self.table.image(tgid, exec_id), dev, ino, live=True, name=comm)
         parent_proc = self.table.get(ppid)
         parent = self.describe(ppid, parent_proc.image) if parent_proc else ProcessInfo()
         grandparent = ProcessInfo()
@@ -120,15 +125,16 @@ class IdentityResolver:
         return identity
 
     def describe(self, tgid: int, image: Optional[Image], dev: int = 0, ino: int = 0,
-                 live: bool = False) -> ProcessInfo:
-        """exe, name, cmdline and sha256 of one process image."""
+                 live: bool = False, name: str = "") -> ProcessInfo:
+        """exe, name, cmdline and sha256 of one process image; `name` is its comm when it sent."""
         if image is None:
             self.report(ErrorReport(f"traffic from process {tgid} (executable device {dev} inode {ino}) "
-                                    "whose executable could not be identified", f"unknown:{dev}:{ino}"))
-            return ProcessInfo(UNKNOWN, self.table.live_name(tgid) or "", "", UNKNOWN)
+                                    "whose exec was not seen (its event was lost): recorded as unknown",
+                                    f"unknown:{dev}:{ino}"))
+            return ProcessInfo(UNKNOWN, name or self.table.live_name(tgid) or "", "", UNKNOWN)
         if live:
             image = self.table.complete_argv(tgid, image)
-        name = (self.table.live_name(tgid) if live else None) or image.name
+        name = name or image.name
         cmdline = " ".join(image.argv) if self.log_commands else ""
         return ProcessInfo(image.exe, name, cmdline, self.sha256(tgid, image))
 

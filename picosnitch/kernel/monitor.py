@@ -401,7 +401,10 @@ class KernelMonitor:
             batch = self.poll(max(next_drain - time.monotonic(), 0))
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
-                batch += [*self.drain(), *self.losses()]
+                flows = self.drain()
+                # The exec that made a drained flow's sender was in the ring before the flow was
+                # sent: read it now, so it precedes its flows in the batch.
+                batch += [*self.poll(0), *flows, *self.losses()]
             _deliver_in_parts(deliver, batch)
         _deliver_in_parts(deliver, [*self.poll(0), *self.drain_all(), *self.losses()])
 
