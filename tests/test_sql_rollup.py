@@ -21,7 +21,7 @@ from picosnitch.central.backlog import Backlog, Batch
 from picosnitch.central.queries import ServerHistory, ServerSQL
 from picosnitch.central.rollup import HOUR, HourlyRollup, hour_of
 from picosnitch.central.settings import load_driver, parse
-from picosnitch.central.writer import ServerWriter, create_statements, make_row, rollup_statements
+from picosnitch.central.writer import ROW_COLUMNS, ServerWriter, create_statements, make_row, rollup_statements
 from picosnitch.messages import Stop
 from picosnitch.paths import Paths
 from picosnitch.store.queries import Filter
@@ -69,10 +69,11 @@ def test_an_hour_closes_once_a_later_hour_is_taken_or_its_last_window_is_late():
 def figures(hourly: list) -> dict:
     """{(hour, exe, lport): (send, recv)} of rollup rows (or raw rows, by their hour)."""
     found = {}
+    ts, exe, lport, send_, recv_ = (ROW_COLUMNS.index(name) for name in ("ts", "exe", "lport", "send", "recv"))
     for row in hourly:
-        key = (hour_of(row[-1]), row[5], row[14])
+        key = (hour_of(row[ts]), row[exe], row[lport])
         send, recv = found.get(key, (0, 0))
-        found[key] = (send + row[3], recv + row[4])
+        found[key] = (send + row[send_], recv + row[recv_])
     return found
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
-from picosnitch.kernel.records import Exec, Exit, Fork
+from picosnitch.kernel.records import Exec, Exit, Fork, Pinned, PinnedFile
 from picosnitch.sanitize import from_bytes
 
 EXITED_KEEP_SECONDS = 60.0
@@ -37,6 +37,14 @@ class Image:
     exec_id: Optional[int] = None  # None: read from /proc, the exec that made it is unknown
     filename: str = ""  # what the kernel executed (the interpreter of a #! script)
     path: str = ""  # the path given to execve
+    pins: Tuple[PinnedFile, ...] = ()  # the files it ran, pinned at exec (kernel.pins)
+    missed: Tuple[Tuple[str, str, str], ...] = ()  # (role, path, why) of those that could not be
+
+    def pin(self, role: str) -> Optional[PinnedFile]:
+        return next((p for p in self.pins if p.role == role), None)
+
+    def missed_pin(self, role: str) -> Optional[Tuple[str, str, str]]:
+        return next((m for m in self.missed if m[0] == role), None)
 
 
 @dataclass
@@ -120,6 +128,19 @@ class ProcessTable:
         while len(images) > IMAGES_KEPT:
             del images[next(iter(images))]
         self.processes[event.tgid] = Process(event.tgid, event.ppid, image, images)
+
+    def pin(self, record: Pinned) -> None:
+        """Attaches the files the monitor pinned at exec to the image that exec made."""
+        p = self.processes.get(record.tgid)
+        image = p.images.get(record.exec_id) if p else None
+        if p is None or image is None:
+            return
+        pins = record.files
+        exe = next((f for f in pins if f.role == "exe"), None)
+        pinned = replace(image, pins=pins, missed=record.missed, exe=exe.path if exe else image.exe)
+        p.images[record.exec_id] = pinned
+        if p.image is image:
+            p.image = pinned
 
     def get(self, tgid: int) -> Optional[Process]:
         """The process, from the table or, failing that, from /proc."""

@@ -9,12 +9,14 @@ import os
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
+from picosnitch.identity import exe_state
 from picosnitch.identity.containers import container_of_pid
 from picosnitch.identity.dns import DnsCache
-from picosnitch.identity.hashing import HashCache
+from picosnitch.identity.hashing import MISSING, HashCache
 from picosnitch.identity.log_ignore import IgnoreRules
+from picosnitch.identity.pin_store import PinStore
 from picosnitch.identity.process_table import Image, ProcessTable
-from picosnitch.kernel.records import Exec, Flow
+from picosnitch.kernel.records import Exec, Flow, PinnedFile
 from picosnitch.messages import ErrorReport, Observed
 
 UNKNOWN = "!unknown"  # sha256/exe of traffic whose executable could not be identified
@@ -32,6 +34,7 @@ class IdentityResolver:
         self.ignore = IgnoreRules.from_config(config["Log ignore"])
         self.report = report
         self.watch = watch
+        self.pins: Optional[PinStore] = None  # the files the monitor pinned at exec, when it sends them
         self.table = ProcessTable(proc)
         self.dns = DnsCache()
         self.hashes = HashCache(config["Set st_dev mask"])
@@ -56,6 +59,11 @@ class IdentityResolver:
                     self.containers[record.tgid] = container
                 if self.every_exe:
                     return self._exec_row(record, ts)
+        elif kind == "pinned":
+            self.table.pin(record)
+            if self.pins is not None:
+                for pinned in record.files:
+                    self.pins.touch(pinned.key)
         elif kind == "dns":
             self.dns.add(record)
         elif kind == "flow":
@@ -126,7 +134,9 @@ class IdentityResolver:
 
     def describe(self, tgid: int, image: Optional[Image], dev: int = 0, ino: int = 0,
                  live: bool = False, name: str = "") -> ProcessInfo:
-        """exe, name, cmdline and sha256 of one process image; `name` is its comm when it sent."""
+        """exe, name, cmdline and sha256 of one process image, with the script an interpreter ran
+        and the exe_state markers; `name` is its comm when it sent. When ld.so ran a program, the
+        program is the exe and ld.so the loader (exe_state)."""
         if image is None:
             self.report(ErrorReport(f"traffic from process {tgid} (executable device {dev} inode {ino}) "
                                     "whose exec was not seen (its event was lost): recorded as unknown",
@@ -136,9 +146,55 @@ class IdentityResolver:
             image = self.table.complete_argv(tgid, image)
         name = name or image.name
         cmdline = " ".join(image.argv) if self.log_commands else ""
-        return ProcessInfo(image.exe, name, cmdline, self.sha256(tgid, image))
+        program = image.pin("program")
+        if program:
+            exe, sha256 = program.path, self.pinned_sha256(program)
+            state = exe_state.markers(program, self._fd(program), loader=image.exe)
+        else:
+            exe, sha256 = image.exe, self.sha256(tgid, image)
+            pinned = image.pin("exe")
+            state = exe_state.markers(pinned, self._fd(pinned)) if pinned else ""
+        script, script_sha256 = self.script(image)
+        return ProcessInfo(exe, name, cmdline, sha256, script, script_sha256, state)
+
+    def script(self, image: Image) -> Tuple[str, str]:
+        """(path, sha256) of the script an interpreter ran, ("", "") for none."""
+        pinned = image.pin("script")
+        if pinned:
+            return pinned.path, self.pinned_sha256(pinned)
+        missed = image.missed_pin("script") or image.missed_pin("program")
+        if missed:
+            _, path, why = missed
+            self.report(ErrorReport(f"sha256 of the script {path} run by {image.exe} is unknown: {why}",
+                                    f"script:{path}"))
+            return path, MISSING
+        return "", ""
+
+    def pinned_sha256(self, pinned: PinnedFile) -> str:
+        """sha256 of a file pinned at exec: the very file that ran."""
+        fd = self._fd(pinned)
+        if fd is None:
+            known = self.hashes.cached(pinned.key)
+            if known:
+                return known
+            self.report(ErrorReport(f"sha256 of {pinned.path} is unknown: its pin was given up to stay within "
+                                    "the descriptor limit (raise \"Set RLIMIT_NOFILE\")", f"pin:{pinned.path}"))
+            return MISSING
+        result = self.hashes.hash_fd(pinned.key, fd, pinned.path)
+        if not result.ok:
+            self.report(ErrorReport(f"sha256 of {pinned.path} could not be taken: {result.error}",
+                                    f"hash:{pinned.path}:{result.sha256}"))
+        else:
+            self._watch(pinned.path)
+        return result.sha256
+
+    def _fd(self, pinned: PinnedFile) -> Optional[int]:
+        return self.pins.fd(pinned.key) if self.pins is not None else None
 
     def sha256(self, tgid: int, image: Image) -> str:
+        pinned = image.pin("exe")
+        if pinned and (self._fd(pinned) is not None or self.hashes.cached(pinned.key)):
+            return self.pinned_sha256(pinned)
         result = None
         if self.table.is_alive(tgid):
             result = self.hashes.hash_live(tgid, image.dev, image.ino)
@@ -147,16 +203,20 @@ class IdentityResolver:
         if not result.ok:
             self.report(ErrorReport(f"sha256 of {image.exe} could not be verified: {result.error}",
                                     f"hash:{image.exe}:{result.sha256}"))
-        elif self.watch and image.exe not in self.watched:
-            self.watched.add(image.exe)
-            try:
-                self.watch(image.exe)
-            except OSError as e:
-                # Hashed through /proc/PID/exe, but not reachable by its path here: deleted since,
-                # a memfd, or a path inside another mount namespace (a container).
-                self.report(ErrorReport(f"changes to {image.exe} will not be noticed: {e.strerror or e}",
-                                        f"watch:{image.exe}"))
+        else:
+            self._watch(image.exe)
         return result.sha256
+
+    def _watch(self, path: str) -> None:
+        if not self.watch or path in self.watched or path.startswith(exe_state.MEMFD_PREFIX):
+            return
+        self.watched.add(path)
+        try:
+            self.watch(path)
+        except OSError as e:
+            # Hashed through a pin or /proc/PID/exe, but not reachable by its path here: deleted
+            # since, or a path inside another mount namespace (a container).
+            self.report(ErrorReport(f"changes to {path} will not be noticed: {e.strerror or e}", f"watch:{path}"))
 
     def container(self, tgid: int, ppid: int) -> str:
         if tgid not in self.containers:
@@ -183,7 +243,6 @@ class IdentityResolver:
         except OSError as e:
             self.report(ErrorReport(f"{path} changed and cannot be hashed again: {e.strerror}", f"rehash:{path}"))
             return
-        self.hashes.invalidate(st.st_dev, st.st_ino)
         result = self.hashes.hash_path(path, st.st_dev, st.st_ino)
         if not result.ok:
             self.report(ErrorReport(f"{path} changed and cannot be hashed again: {result.error}", f"rehash:{path}"))

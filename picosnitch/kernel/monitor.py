@@ -17,12 +17,14 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
+from picosnitch.kernel.pins import ExecPinner
 from picosnitch.kernel.records import (
     CELL_DIRTY_BITS,
     LOSS_KINDS,
     MIRRORS,
     Degraded,
     DrainState,
+    Exec,
     Flow,
     FlowKey,
     FlowValue,
@@ -201,6 +203,7 @@ class KernelMonitor:
         self.libcs: Optional[LibcProbes] = None
         self._pending: List[Record] = []
         self._losses_seen = [0] * len(LOSS_KINDS)
+        self.pinner: Optional[ExecPinner] = None  # pins what each exec ran (kernel.pins), when set
 
     # --- loading ---
 
@@ -349,8 +352,16 @@ class KernelMonitor:
         record = parse_event(data)
         if record is not None:
             self._pending.append(record)
-            if record.kind == "exec" and self.libcs:
-                self.libcs.notice(record.tgid)
+            if isinstance(record, Exec):
+                self._pin_exec(record)
+                if self.libcs:
+                    self.libcs.notice(record.tgid)
+
+    def _pin_exec(self, record: Exec) -> None:
+        """Now, within microseconds of the exec, while what it ran is still there: the Pinned record
+        follows its Exec."""
+        if self.pinner is not None:
+            self._pending.append(self.pinner.pin(record))
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""

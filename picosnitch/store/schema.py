@@ -28,7 +28,7 @@ CAST(column AS BLOB) when that matters.
 import sqlite3
 from typing import Optional
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # (column, meaning) in the order the `connections` view exposes them. The README quotes this.
 VIEW_COLUMNS = (
@@ -60,6 +60,11 @@ VIEW_COLUMNS = (
     ("netns", "network namespace inode number (0 unknown)"),
     ("container", "container id or systemd unit from the cgroup path ('' none)"),
     ("ts", "unix time (seconds, UTC) of the start of the write window"),
+    ("script", "the script an interpreter ran (python3 evil.py: evil.py), as the process named it, made "
+               "absolute; '' for none"),
+    ("script_sha256", "sha256 of that script, of the file that ran ('' for no script)"),
+    ("exe_state", "markers of an unusual executable, comma-separated: memfd, deleted, replaced, "
+                  "world-writable-dir, loader:PATH (ld.so ran the program in exe); '' for none"),
 )
 
 _TABLES = """
@@ -68,9 +73,12 @@ CREATE TABLE processes (
     exe TEXT NOT NULL,
     name TEXT NOT NULL,
     cmdline TEXT NOT NULL,
-    sha256 TEXT NOT NULL
+    sha256 TEXT NOT NULL,
+    script TEXT NOT NULL DEFAULT '',
+    script_sha256 TEXT NOT NULL DEFAULT '',
+    exe_state TEXT NOT NULL DEFAULT ''
 );
-CREATE UNIQUE INDEX processes_key ON processes (exe, name, cmdline, sha256);
+CREATE UNIQUE INDEX processes_key ON processes (exe, name, cmdline, sha256, script, script_sha256, exe_state);
 
 CREATE TABLE identities (
     id INTEGER PRIMARY KEY,
@@ -179,6 +187,7 @@ _SOURCES = {
     "packets_sent": "t.packets_sent", "packets_recv": "t.packets_recv",
     "netns": "i.netns", "container": "i.container",
     "ts": "t.{ts}",
+    "script": "p.script", "script_sha256": "p.script_sha256", "exe_state": "p.exe_state",
 }
 
 
@@ -255,9 +264,26 @@ def _add_rollups(conn: sqlite3.Connection) -> None:
     fill_rollups(conn)
 
 
+# Added in version 3: what identifies a process besides its executable (connection.ProcessInfo).
+_PROCESS_IDENTITY_COLUMNS = """
+ALTER TABLE processes ADD COLUMN script TEXT NOT NULL DEFAULT '';
+ALTER TABLE processes ADD COLUMN script_sha256 TEXT NOT NULL DEFAULT '';
+ALTER TABLE processes ADD COLUMN exe_state TEXT NOT NULL DEFAULT '';
+DROP INDEX processes_key;
+CREATE UNIQUE INDEX processes_key ON processes (exe, name, cmdline, sha256, script, script_sha256, exe_state);
+DROP VIEW connections;
+DROP VIEW connections_hourly;
+"""
+
+
+def _add_script_columns(conn: sqlite3.Connection) -> None:
+    """Version 2 -> 3: scripts and exe_state; the views gain their columns (rows so far have none)."""
+    _run_script(conn, _PROCESS_IDENTITY_COLUMNS + _VIEWS)
+
+
 # MIGRATIONS[n] upgrades a version-n database to version n + 1, inside the caller's
 # transaction. Add an entry here (and bump SCHEMA_VERSION) whenever the schema changes.
-MIGRATIONS: dict = {1: _add_rollups}
+MIGRATIONS: dict = {1: _add_rollups, 2: _add_script_columns}
 
 
 class SchemaError(Exception):
