@@ -11,7 +11,8 @@ deb=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
 case "${1:-run}" in
     deb) want+=("${deb[@]}") ;;
     test) want+=("${deb[@]}" iproute2 tmux procps psmisc gcc liburing-dev dbus-daemon libnotify-bin passwd
-                 util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static musl-tools) ;;
+                 util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static musl-tools
+                 perl ruby nodejs php-cli zsh default-jdk-headless) ;;
 esac
 missing=()
 for pkg in "${want[@]}"; do

@@ -35,18 +35,17 @@ def markers(pinned: PinnedFile, fd: Optional[int], loader: str = "") -> str:
 def _on_disk(pinned: PinnedFile, fd: Optional[int]) -> List[str]:
     found = []
     try:
-        nlink = os.fstat(fd).st_nlink if fd is not None else pinned.nlink
+        st = os.stat(pinned.path)
+        if (st.st_dev, st.st_ino) != pinned.key[:2]:
+            found.append("replaced")  # (a rename over it also leaves the file that ran without a name)
     except OSError:
-        nlink = pinned.nlink
-    if nlink == 0:
-        found.append("deleted")
-    else:
+        found.append("deleted")  # no file at this path (it may be linked elsewhere)
+    if not found:
         try:
-            st = os.stat(pinned.path)
-            if (st.st_dev, st.st_ino) != pinned.key[:2]:
-                found.append("replaced")
+            if fd is not None and os.fstat(fd).st_nlink == 0:
+                found.append("deleted")
         except OSError:
-            found.append("deleted")  # linked elsewhere, but not at this path any more
+            pass
     try:
         if os.stat(os.path.dirname(pinned.path) or "/").st_mode & stat.S_IWOTH:
             found.append("world-writable-dir")

@@ -160,21 +160,27 @@ INTERPRETERS: List[Tuple[re.Pattern, Grammar]] = [
 LOADERS = re.compile(r"ld-linux[-a-z0-9_.]*\.so\.[0-9]+|ld-musl-[a-z0-9_]+\.so\.1|ld\.so(\.[0-9]+)?|ld64\.so\.[0-9]+")
 
 
-def grammar_of(exe: str) -> Tuple[str, Optional[Grammar]]:
+def is_loader(path: str) -> bool:
+    """A dynamic loader's file name; musl's loader is its C library (x86_64-linux-musl/libc.so)."""
+    name = os.path.basename(path)
+    return bool(LOADERS.fullmatch(name)) or (name == "libc.so" and "musl" in path)
+
+
+def grammar_of(exe: str, filename: str = "") -> Tuple[str, Optional[Grammar]]:
     """("program", ld_so) for a dynamic loader, ("script", grammar) for a known interpreter,
-    ("", None) otherwise."""
-    name = os.path.basename(exe)
-    if LOADERS.fullmatch(name):
+    ("", None) otherwise; `filename` is the path it was executed by (ld-musl-x86_64.so.1)."""
+    if is_loader(exe) or (filename and is_loader(filename)):
         return "program", ld_so
+    name = os.path.basename(exe)
     for pattern, grammar in INTERPRETERS:
         if pattern.fullmatch(name):
             return "script", grammar
     return "", None
 
 
-def run_file(exe: str, argv: Sequence[str]) -> Optional[Tuple[str, str]]:
+def run_file(exe: str, argv: Sequence[str], filename: str = "") -> Optional[Tuple[str, str]]:
     """(role, path as given) of the script or program `exe` runs according to its argv."""
-    role, grammar = grammar_of(exe)
+    role, grammar = grammar_of(exe, filename)
     if grammar is None:
         return None
     path = grammar(list(argv[1:]))
@@ -185,7 +191,7 @@ def classify(record: Exec, exe: str) -> List[Tuple[str, str]]:
     """What the monitor pins besides the executable (kernel.pins.Classifier): the file the argv
     grammar names, else the path execve was given when it is not the executable (a #! script of an
     interpreter this module does not know, a binfmt_misc program)."""
-    found = run_file(exe, record.argv)
+    found = run_file(exe, record.argv, record.filename)
     if found:
         return [found]
     path = record.path

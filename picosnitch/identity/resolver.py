@@ -35,6 +35,7 @@ class IdentityResolver:
         self.report = report
         self.watch = watch
         self.pins: Optional[PinStore] = None  # the files the monitor pinned at exec, when it sends them
+        self.exec_rows: Dict[Tuple[int, int], Exec] = {}  # "Every exe" rows waiting for their pins
         self.table = ProcessTable(proc)
         self.dns = DnsCache()
         self.hashes = HashCache(config["Set st_dev mask"])
@@ -57,13 +58,18 @@ class IdentityResolver:
                 container = container_of_pid(record.tgid)
                 if container:
                     self.containers[record.tgid] = container
-                if self.every_exe:
+                if self.every_exe and self.pins is None:
                     return self._exec_row(record, ts)
+                if self.every_exe:  # once what it ran is pinned: its Pinned record comes next
+                    self.exec_rows[(record.tgid, record.exec_id)] = record
         elif kind == "pinned":
             self.table.pin(record)
             if self.pins is not None:
                 for pinned in record.files:
                     self.pins.touch(pinned.key)
+            event = self.exec_rows.pop((record.tgid, record.exec_id), None)
+            if event is not None:
+                return self._exec_row(event, ts)
         elif kind == "dns":
             self.dns.add(record)
         elif kind == "flow":
@@ -139,7 +145,8 @@ class IdentityResolver:
         program is the exe and ld.so the loader (exe_state)."""
         if image is None:
             self.report(ErrorReport(f"traffic from process {tgid} (executable device {dev} inode {ino}) "
-                                    "whose exec was not seen (its event was lost): recorded as unknown",
+                                    "whose exec was not seen (it exited before the daemon saw it, or the exec event was lost): "
+                                    "recorded as unknown",
                                     f"unknown:{dev}:{ino}"))
             return ProcessInfo(UNKNOWN, name or self.table.live_name(tgid) or "", "", UNKNOWN)
         if live:

@@ -16,6 +16,7 @@ another key, so it is never taken for the one pinned before. The monitor remembe
 """
 
 import array
+import errno
 import os
 import pickle
 import resource
@@ -67,22 +68,37 @@ class ExecPinner:
         base = f"{self.proc}/{record.tgid}"
         exe: Optional[PinnedFile]
         try:
+            shares_our_root = os.readlink(f"{base}/root") == "/"
             exe = self._open(f"{base}/exe", "exe", os.readlink(f"{base}/exe"))
-        except OSError as e:
-            exe = self._open_verified(record, e)
+        except OSError:
+            exe = self._open_verified(record)  # found in our root: it ran in our root
+            shares_our_root = exe is not None
             if exe is None:
                 missed.append(("exe", record.filename, "the process was gone before it could be pinned"))
         if exe is not None:
             files.append(exe)
         for role, path in (self.classify(record, exe.path if exe else record.filename) if self.classify else ()):
             try:
-                pinned = self._open(self._inside(base, path), role, None)
+                pinned = self._open_run_file(base, role, path, shares_our_root)
             except OSError as e:
                 missed.append((role, path, e.strerror or str(e)))
                 continue
             if exe is None or pinned.key != exe.key:
                 files.append(pinned)
         return Pinned(record.tgid, record.exec_id, tuple(files), tuple(missed))
+
+    def _open_run_file(self, base: str, role: str, path: str, shares_our_root: bool) -> PinnedFile:
+        """A script or program as the process names it: from its root if absolute, else from its
+        cwd. Once it has exited its cwd is gone; an absolute path is then opened in our root, which
+        was its root too."""
+        try:
+            return self._open(f"{base}/root{path}" if path.startswith("/") else f"{base}/cwd/{path}", role, None)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESRCH) or not (path.startswith("/") and shares_our_root):
+                if not path.startswith("/") and not os.path.lexists(f"{base}/cwd/."):
+                    raise OSError(e.errno, "the process exited before its cwd could be read") from None
+                raise
+        return self._open(path, role, None)
 
     def send(self, sock: socket.socket) -> None:
         """Sends the queued descriptors (key list as the payload), then closes them here."""
@@ -101,10 +117,6 @@ class ExecPinner:
             os.close(fd)
         self._queued.clear()
 
-    def _inside(self, base: str, path: str) -> str:
-        """`path` as the process resolves it: from its root if absolute, else from its cwd."""
-        return f"{base}/root{path}" if path.startswith("/") else f"{base}/cwd/{path}"
-
     def _open(self, where: str, role: str, path: Optional[str]) -> PinnedFile:
         fd = os.open(where, OPEN_FLAGS)
         try:
@@ -118,7 +130,7 @@ class ExecPinner:
             raise
         return self._keep(fd, PinnedFile(role, _strip_deleted(path), key_of(st), st.st_nlink))
 
-    def _open_verified(self, record: Exec, error: OSError) -> Optional[PinnedFile]:
+    def _open_verified(self, record: Exec) -> Optional[PinnedFile]:
         """The process is gone already: its executable by the path it was started by, if that still
         names the file the kernel ran (the same inode; on btrfs the device numbers differ)."""
         if not record.filename.startswith("/"):
