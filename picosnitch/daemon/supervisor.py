@@ -77,7 +77,7 @@ class Supervisor:
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
             "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
-                                           to_helper["notifier"], to_helper["vt"])),
+                                           to_helper["notifier"], to_helper["vt"], config["Dpkg database"])),
         }
         if "sql" in inbox:
             targets["sql"] = (sql_worker.run, (config, paths, inbox["sql"][0], to_keeper["sql"][1]))

@@ -41,7 +41,7 @@ class IdentityResolver:
         self.hashes = HashCache(config["Set st_dev mask"])
         self.containers: Dict[int, str] = {}
         self.watched: Set[str] = set()
-        self.observed: Set[Tuple[str, str, str, str, str]] = set()
+        self.observed: Set[Tuple[str, ...]] = set()
         self.batch_identities: Dict[tuple, Identity] = {}
         self.loss_totals: Dict[str, int] = {}
         self.names: Dict[str, str] = {}  # last name seen per exe, for re-hash reports
@@ -98,7 +98,7 @@ class IdentityResolver:
             flow.raddr if self.log_addresses else "", flow.rport if self.log_ports else -1,
             domain if self.log_addresses else "")
         if self.ignore and self.ignore.ignores(identity.process.sha256, domain, flow.laddr, flow.raddr,
-                                               flow.lport, flow.rport):
+                                               flow.lport, flow.rport, identity.process.script_sha256):
             return None
         return Connection(identity, endpoint, ts, flow.bytes_sent, flow.bytes_recv, flow.packets_sent,
                           flow.packets_recv)
@@ -106,7 +106,8 @@ class IdentityResolver:
     def _exec_row(self, event: Exec, ts: int) -> List[Connection]:
         identity = self.identity(event.tgid, event.ppid, event.exec_id, event.comm, event.exe_dev, event.exe_ino,
                                  event.uid, 0)
-        if self.ignore and self.ignore.ignores(identity.process.sha256):
+        if self.ignore and self.ignore.ignores(identity.process.sha256,
+                                               script_sha256=identity.process.script_sha256):
             return []
         return [Connection(identity, Endpoint(), ts)]
 
@@ -235,7 +236,7 @@ class IdentityResolver:
 
     def _observe(self, identity: Identity) -> None:
         p, parent = identity.process, identity.parent
-        key = (p.exe, p.name, p.sha256, parent.exe, parent.name)
+        key = (p.exe, p.name, p.sha256, parent.exe, parent.name, p.script, p.script_sha256)
         if key not in self.observed:
             self.observed.add(key)
             self.names[p.exe] = p.name
