@@ -269,3 +269,95 @@ def test_a_renamed_process_shows_its_new_name_next_to_its_real_exe(hiding_run):
     assert one(rows_for(w, "renamed"), "exe", "name", "sha256") == (PY, "firefox", sha256_of(PY))
 
 
+
+
+# --- run 3: where a changed sha256 came from ------------------------------------------------------
+
+
+def build_deb(tmp: Path, version: str, program: Path, content: bytes) -> Path:
+    """A real .deb of package psn-pkgtool at `version` that installs `content` as `program`."""
+    tree = tmp / f"deb-{version}"
+    target = tree / str(program).lstrip("/")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(content)
+    target.chmod(0o755)
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: psn-pkgtool\nVersion: {version}\nArchitecture: all\nMaintainer: picosnitch tests <root@localhost>\n"
+        "Description: a program the picosnitch tests install and upgrade\n")
+    (tree / "DEBIAN" / "md5sums").write_text(f"{hashlib.md5(content).hexdigest()}  {str(program).lstrip('/')}\n")
+    deb = tmp / f"psn-pkgtool_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)], check=True,
+                   capture_output=True)
+    return deb
+
+
+def private_dpkg(admindir: Path, log: Path) -> list:
+    """dpkg with a database of its own (never the host's); files go where the package says, which
+    is inside this test's directory."""
+    for sub in ("info", "updates", "triggers"):
+        (admindir / sub).mkdir(parents=True, exist_ok=True)
+    (admindir / "status").touch()
+    return ["dpkg", f"--admindir={admindir}", "--instdir=/", f"--log={log}", "--force-not-root"]
+
+
+def exe_log_line(daemon: Daemon, *words: str, timeout: float = 15) -> str:
+    """The first exe.log line holding every one of `words`, waited for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = daemon.paths.exe_log
+        for line in (log.read_text(errors="surrogateescape").splitlines() if log.exists() else []):
+            if all(word in line for word in words):
+                return line
+        time.sleep(0.2)
+    raise AssertionError(f"no exe.log line with {words}")
+
+
+@pytest.fixture(scope="module")
+def package_run(netops, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("package")
+    admindir = tmp / "dpkg"
+    dpkg = private_dpkg(admindir, tmp / "dpkg.log")
+    program = tmp / "installed" / "psn-pkgtool"
+    original = Path(netops).read_bytes()
+    w = SimpleNamespace(program=program, lines={})
+    sink = socket.create_server(("127.0.0.1", 0), backlog=16)  # connections complete in its backlog
+    port = sink.getsockname()[1]
+    daemon = Daemon(tmp / "prefix", **{"Dpkg database": str(admindir)})
+    daemon.start()
+    try:
+        steps = (("1.0", original + b"\0psn-pkgtool 1.0"), ("2.0", original + b"\0psn-pkgtool 2.0"))
+        for version, content in steps:
+            subprocess.run([*dpkg, "-i", str(build_deb(tmp, version, program, content))], check=True,
+                           capture_output=True)
+            w.lines[version] = talk(daemon, program, port)
+        program.write_bytes(original + b"\0changed by hand")  # in place: no package did this
+        w.lines["by hand"] = talk(daemon, program, port)
+    except BaseException:
+        daemon.kill_group()
+        raise
+    finally:
+        sink.close()
+    w.result = stopped(daemon)
+    return w
+
+
+def talk(daemon: Daemon, program: Path, port: int) -> str:
+    """Runs the program and returns the exe.log line its sha256 got."""
+    subprocess.run([str(program), "quick", "127.0.0.1", str(port), "10"], check=True, capture_output=True)
+    return exe_log_line(daemon, str(program), sha256_of(program))
+
+
+def test_a_package_upgrade_is_reported_as_the_package_managers_doing(package_run):
+    line = package_run.lines["2.0"]
+    assert ", new sha256, " in line
+    assert line.endswith(", updated by the package manager: psn-pkgtool 1.0 → 2.0")
+
+
+def test_the_same_executable_changed_by_hand_is_modified_outside_any_package(package_run):
+    line = package_run.lines["by hand"]
+    assert ", new sha256, " in line and line.endswith(", modified outside any package")
+
+
+def test_the_first_version_is_simply_new(package_run):
+    assert ", new executable, " in package_run.lines["1.0"]

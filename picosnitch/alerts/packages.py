@@ -13,15 +13,21 @@ the answer with the hash in record.json, so that the next change can name the ve
 
 from __future__ import annotations
 
+import array
+import bisect
+import fcntl
 import glob
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 DPKG_ADMINDIR = "/var/lib/dpkg"
+LOCK_WAIT = 60.0  # seconds to wait for a running dpkg to record what it is installing
 CHUNK = 1 << 20
 
 
@@ -76,7 +82,7 @@ class Dpkg:
 
     def __init__(self, admindir: str = DPKG_ADMINDIR):
         self.admindir = admindir
-        self._owners: Dict[str, Optional[Tuple[str, str]]] = {}  # path -> (package, listed as)
+        self._index: Optional[Tuple[List[str], "array.array[int]", "array.array[int]"]] = None
         self._versions: Dict[str, str] = {}
         self._stamp: Optional[float] = None
 
@@ -85,7 +91,31 @@ class Dpkg:
 
     def origin(self, path: str, sha256: str) -> Optional[Origin]:
         """The origin of the file at `path` if it still has `sha256`; None if no package owns it or
-        the file has changed since."""
+        the file has changed since. A file replaced while dpkg runs is seen before dpkg has
+        recorded it: then the answer waits until dpkg is done (at most LOCK_WAIT seconds)."""
+        found = self._origin(path, sha256)
+        deadline = time.monotonic() + LOCK_WAIT
+        while (found is None or not found.matches) and self._locked() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if not self._locked():
+                found = self._origin(path, sha256)
+        return found
+
+    def _locked(self) -> bool:
+        """Whether a dpkg holds its database lock now (asked without taking it: F_GETLK)."""
+        try:
+            fd = os.open(os.path.join(self.admindir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            return struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _origin(self, path: str, sha256: str) -> Optional[Origin]:
         self._refresh()
         owner = self._owner(path)
         if owner is None:
@@ -108,7 +138,7 @@ class Dpkg:
             stamp = None
         if stamp != self._stamp:
             self._stamp = stamp
-            self._owners.clear()
+            self._index = None
             self._versions = self._read_versions()
 
     def _read_versions(self) -> Dict[str, str]:
@@ -128,22 +158,31 @@ class Dpkg:
         return versions
 
     def _owner(self, path: str) -> Optional[Tuple[str, str]]:
-        if path not in self._owners:
-            self._owners[path] = self._find_owner(path)
-        return self._owners[path]
+        """(package, the name it lists the file under), from an index of every .list file: the
+        sorted hashes of the listed paths beside their package's number, ~10 bytes a path."""
+        if self._index is None:
+            self._index = self._build_index()
+        packages, hashes, owners = self._index
+        for name in _aliases(path):
+            wanted = hash(name.encode("utf-8", "surrogateescape"))
+            at = bisect.bisect_left(hashes, wanted)
+            if at < len(hashes) and hashes[at] == wanted:
+                return packages[owners[at]], name
+        return None
 
-    def _find_owner(self, path: str) -> Optional[Tuple[str, str]]:
-        needles = [("\n" + name + "\n").encode("utf-8", "surrogateescape") for name in _aliases(path)]
-        for listing in glob.glob(os.path.join(glob.escape(self.admindir), "info", "*.list")):
+    def _build_index(self) -> Tuple[List[str], "array.array[int]", "array.array[int]"]:
+        packages: List[str] = []
+        entries: List[Tuple[int, int]] = []
+        for listing in sorted(glob.glob(os.path.join(glob.escape(self.admindir), "info", "*.list"))):
             try:
                 with open(listing, "rb") as f:
-                    text = b"\n" + f.read()
+                    lines = f.read().split(b"\n")
             except OSError:
                 continue
-            for needle, name in zip(needles, _aliases(path)):
-                if needle in text:
-                    return os.path.basename(listing)[: -len(".list")], name
-        return None
+            entries += [(hash(line), len(packages)) for line in lines if line]
+            packages.append(os.path.basename(listing)[: -len(".list")])
+        entries.sort()
+        return packages, array.array("q", (h for h, _ in entries)), array.array("I", (i for _, i in entries))
 
     def _md5sums(self, package: str) -> Dict[str, str]:
         sums: Dict[str, str] = {}

@@ -45,6 +45,7 @@ class IdentityResolver:
         self.batch_identities: Dict[tuple, Identity] = {}
         self.loss_totals: Dict[str, int] = {}
         self.names: Dict[str, str] = {}  # last name seen per exe, for re-hash reports
+        self.script_runners: Dict[str, Tuple[str, str]] = {}  # script -> (interpreter, name) last seen
 
     # --- kernel records in, Connections out ---
 
@@ -240,6 +241,8 @@ class IdentityResolver:
         if key not in self.observed:
             self.observed.add(key)
             self.names[p.exe] = p.name
+            if p.script:
+                self.script_runners[p.script] = (p.exe, p.name)
             self.report(Observed(*key))
 
     # --- executables changed on disk ---
@@ -254,6 +257,10 @@ class IdentityResolver:
         result = self.hashes.hash_path(path, st.st_dev, st.st_ino)
         if not result.ok:
             self.report(ErrorReport(f"{path} changed and cannot be hashed again: {result.error}", f"rehash:{path}"))
+            return
+        if path in self.script_runners:  # a script: it changed, its interpreter did not
+            interpreter, name = self.script_runners[path]
+            self.report(Observed(interpreter, name, "", "", "", path, result.sha256))
             return
         name = self.names.get(path, os.path.basename(path))
         self.report(Observed(path, name, result.sha256, "", ""))
