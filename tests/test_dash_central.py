@@ -26,7 +26,7 @@ from picosnitch.central.backlog import Batch
 from picosnitch.central.queries import server_readers
 from picosnitch.central.rollup import HourlyRollup, hour_of
 from picosnitch.central.settings import load_driver, parse
-from picosnitch.central.writer import ServerWriter, make_row
+from picosnitch.central.writer import ROW_COLUMNS, ServerWriter, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.installed import install_extra
 from picosnitch.paths import Paths
@@ -40,6 +40,7 @@ from test_dash_browser import browser, choose, drawn, loaded, severe_console_mes
 from test_view_tui import url_of  # noqa: E402
 
 TABLE = "dash_central"
+TS = ROW_COLUMNS.index("ts")
 HOSTS = {"alpha.example": "a" * 32, "beta.example": "b" * 32}
 HOSTILE_EXE = "/tmp/evil\n\x1b[2J\udcff"
 # Executables the same to a case-folding, trailing-space-ignoring collation; and twelve more,
@@ -92,11 +93,11 @@ def write_traffic(server) -> None:
         if number:
             assert writer.write(Batch("batch-%s" % host, rows, (0, 0)))
             continue
-        hours = sorted({hour_of(row[-1]) for row in rows})
+        hours = sorted({hour_of(row[TS]) for row in rows})
         rollup = HourlyRollup(since=hours[0])
         for hour in hours:
             batch = Batch("batch-%s-%d" % (host, hour),
-                          [row for row in rows if hour_of(row[-1]) == hour], (0, 0), hour)
+                          [row for row in rows if hour_of(row[TS]) == hour], (0, 0), hour)
             plan = rollup.plan(batch.rows, batch.closes, markable=True)
             assert writer.write(batch, plan.hourly, plan.hours)
             rollup.committed(plan)

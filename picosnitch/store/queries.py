@@ -80,6 +80,8 @@ DIMENSIONS: tuple[Dimension, ...] = tuple(
        Dimension("raddr", "remote address", "endpoint", "e.raddr"),
        Dimension("domain", "domain", "endpoint", "e.domain"),
        Dimension("container", "container", "identity", "i.container"),
+       Dimension("script", "script", "identity", "p.script"),
+       Dimension("script_sha256", "script sha256", "identity", "p.script_sha256"),
        Dimension("contime", "entry time", "time", "")])
 
 BY_COLUMN = {d.column: d for d in DIMENSIONS}

@@ -171,7 +171,19 @@ def open_readonly(path: str) -> sqlite3.Connection:
         raise PermissionError(
             f"cannot read {path} ({exc}): it needs read permission on the file and on its -wal "
             f"and -shm files if they exist, and search permission on its directory") from exc
+    _columns_added_since(conn)
     return conn
+
+
+def _columns_added_since(conn: sqlite3.Connection) -> None:
+    """A database the daemon has not migrated yet (it has not restarted since an upgrade) reads as
+    if it had: a temporary view, which SQLite finds before the table of the same name, gives its
+    processes the columns added since, empty."""
+    have = {row[1] for row in conn.execute("PRAGMA main.table_info(processes)")}
+    if have and "script" not in have:
+        conn.execute("PRAGMA temp_store = MEMORY")  # (setting it later would drop temporary objects)
+        conn.execute("""CREATE TEMP VIEW processes AS SELECT id, exe, name, cmdline, sha256,
+            '' AS script, '' AS script_sha256, '' AS exe_state FROM main.processes""")
 
 
 class RecentIds:
