@@ -115,6 +115,23 @@ class HashCache:
             return HashResult(UNREADABLE, f"{what}: cannot read: {e.strerror}")
         return HashResult(self._remember(key, sha256))
 
+    def hash_if_same(self, path: str, key: FileKey) -> HashResult:
+        """The hash of the file `key` names (a pin this process never held): from the cache, or from
+        the file at `path` if it is still that very file (device, inode, ctime and size)."""
+        known = self._hashes.get(key)
+        if known is not None:
+            return HashResult(known)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            return HashResult(MISSING, f"{path}: the file that ran is gone ({e.strerror})")
+        try:
+            if key_of(os.fstat(fd)) != key:
+                return HashResult(MISMATCH, f"{path}: is no longer the file that ran")
+            return self.hash_fd(key, fd, path)
+        finally:
+            os.close(fd)
+
     def cached(self, key: FileKey) -> Optional[str]:
         return self._hashes.get(key)
 

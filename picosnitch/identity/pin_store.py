@@ -4,19 +4,21 @@ Descriptors are kept by file key in one LRU, bounded by kernel.pins.pin_capacity
 descriptor limit that "Set RLIMIT_NOFILE" sets). Each pin record the monitor sends moves its keys
 to the newest end, in the order the monitor's own memory of sent keys moves them, and this store is
 at least that memory's size: a key the monitor sends without a descriptor is still held here. The
-least recently executed file is closed first; its hash, once taken, stays in the hash cache.
+least recently executed file is closed first, and hashed before it is (`on_evict`): a burst of more
+distinct executables than the store holds costs hashing, never a hash.
 """
 
 import os
 from collections import OrderedDict
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 from picosnitch.kernel.records import FileKey
 
 
 class PinStore:
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, on_evict: Optional[Callable[[FileKey, int], object]] = None):
         self.capacity = capacity
+        self.on_evict = on_evict
         self._fds: "OrderedDict[FileKey, int]" = OrderedDict()
         self.evicted = 0  # descriptors closed to stay within capacity
 
@@ -45,6 +47,10 @@ class PinStore:
 
     def _trim(self) -> None:
         while len(self._fds) > self.capacity:
-            _, fd = self._fds.popitem(last=False)
-            os.close(fd)
+            key, fd = self._fds.popitem(last=False)
+            try:
+                if self.on_evict is not None:
+                    self.on_evict(key, fd)
+            finally:
+                os.close(fd)
             self.evicted += 1

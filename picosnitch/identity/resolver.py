@@ -16,7 +16,7 @@ from picosnitch.identity.hashing import MISSING, HashCache
 from picosnitch.identity.log_ignore import IgnoreRules
 from picosnitch.identity.pin_store import PinStore
 from picosnitch.identity.process_table import Image, ProcessTable
-from picosnitch.kernel.records import Exec, Flow, PinnedFile
+from picosnitch.kernel.records import Exec, FileKey, Flow, PinnedFile
 from picosnitch.messages import ErrorReport, Observed
 
 UNKNOWN = "!unknown"  # sha256/exe of traffic whose executable could not be identified
@@ -182,20 +182,21 @@ class IdentityResolver:
     def pinned_sha256(self, pinned: PinnedFile) -> str:
         """sha256 of a file pinned at exec: the very file that ran."""
         fd = self._fd(pinned)
-        if fd is None:
-            known = self.hashes.cached(pinned.key)
-            if known:
-                return known
-            self.report(ErrorReport(f"sha256 of {pinned.path} is unknown: its pin was given up to stay within "
-                                    "the descriptor limit (raise \"Set RLIMIT_NOFILE\")", f"pin:{pinned.path}"))
-            return MISSING
-        result = self.hashes.hash_fd(pinned.key, fd, pinned.path)
+        if fd is None:  # not held here (this worker restarted since): the path, if it is still that file
+            result = self.hashes.hash_if_same(pinned.path, pinned.key)
+        else:
+            result = self.hashes.hash_fd(pinned.key, fd, pinned.path)
         if not result.ok:
             self.report(ErrorReport(f"sha256 of {pinned.path} could not be taken: {result.error}",
                                     f"hash:{pinned.path}:{result.sha256}"))
         else:
             self._watch(pinned.path)
         return result.sha256
+
+    def hash_before_closing(self, key: FileKey, fd: int) -> None:
+        """A pin given up to stay within the descriptor limit: its hash is kept (PinStore)."""
+        if self.hashes.cached(key) is None:
+            self.hashes.hash_fd(key, fd, "a pinned executable")
 
     def _fd(self, pinned: PinnedFile) -> Optional[int]:
         return self.pins.fd(pinned.key) if self.pins is not None else None

@@ -47,7 +47,7 @@ def run(config, from_monitor, consumers, to_keeper, pin_socket=None) -> int:
     resolver = IdentityResolver(config, to_keeper.send, watcher.watch if watcher else None)
     resolver.table.scan()
     if pin_socket is not None:
-        resolver.pins = PinStore(pin_capacity())
+        resolver.pins = PinStore(pin_capacity(), resolver.hash_before_closing)
     limit = config["DB write limit (seconds)"]
     next_expiry = time.monotonic() + EXPIRE_EVERY
     sources = [from_monitor] + ([watcher] if watcher else []) + ([pin_socket] if pin_socket else [])
