@@ -61,6 +61,18 @@ def test_one_observation_is_one_notice_and_a_new_executable_says_everything():
     assert new == notification_text.Notice("picosnitch: new executable", "x\n/opt/x")
 
 
+def test_a_script_is_named_as_a_script_and_a_change_says_where_it_came_from():
+    def notice(*things):
+        return notification_text.coalesce(notification_text.group(list(things)), "/var/log/exe.log")
+    assert notice(NewThing(NEW_EXE, "/home/u/sync.py", "python3", SHA_A, "script")) == [
+        notification_text.Notice("picosnitch: new script", "python3\n/home/u/sync.py")]
+    assert notice(NewThing(NEW_SHA256, "/home/u/sync.py", "python3", SHA_B, "script",
+                           "modified outside any package")) == [notification_text.Notice(
+        "picosnitch: script changed", "python3\n/home/u/sync.py\nnew sha256 bbbbbbbbbbbbbbb…\nmodified outside any package")]
+    assert notice(NewThing(NEW_SHA256, "/usr/bin/curl", "curl", SHA_B, note="updated by the package manager: "
+                           "curl 8.5.0 → 8.6.0"))[0].body.endswith("\nupdated by the package manager: curl 8.5.0 → 8.6.0")
+
+
 def test_a_burst_becomes_one_summary_that_counts_and_points_to_the_log():
     things = [NewThing(NEW_EXE, "/bin/p%d" % i, "p%d" % i, SHA_A) for i in range(28)]
     things += [NewThing(NEW_SHA256, "/bin/q%d" % i, "q%d" % i, SHA_B) for i in range(2)]
