@@ -48,6 +48,23 @@ def key_of(st: os.stat_result) -> FileKey:
     return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
 
 
+class Grab:
+    """What grab() could open of a process that just exec'd (None: it was gone)."""
+
+    def __init__(self) -> None:
+        self.exe_fd: Optional[int] = None
+        self.exe_path: Optional[str] = None
+        self.root_fd: Optional[int] = None
+        self.cwd_fd: Optional[int] = None
+        self.shares_our_root = False
+
+    def close(self) -> None:
+        for fd in (self.exe_fd, self.root_fd, self.cwd_fd):
+            if fd is not None:
+                os.close(fd)
+        self.exe_fd = self.root_fd = self.cwd_fd = None
+
+
 def _strip_deleted(path: str) -> str:
     return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
 
@@ -62,24 +79,48 @@ class ExecPinner:
         self._sent: "OrderedDict[FileKey, None]" = OrderedDict()
         self._queued: Dict[FileKey, int] = {}  # key -> descriptor, not yet sent
 
-    def pin(self, record: Exec) -> Pinned:
+    def grab(self, tgid: int) -> "Grab":
+        """The first moments after an exec, before its record is even parsed: opens the executable
+        and takes handles on the process's cwd and root (O_PATH), which stay usable after it exits,
+        so that a script named relative to them can still be found."""
+        base = f"{self.proc}/{tgid}"
+        grab = Grab()
+        try:
+            grab.exe_fd = os.open(f"{base}/exe", OPEN_FLAGS)
+            grab.exe_path = os.readlink(f"{base}/exe")
+            grab.root_fd = os.open(f"{base}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            grab.cwd_fd = os.open(f"{base}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            grab.shares_our_root = os.readlink(f"{base}/root") == "/"
+        except OSError:
+            pass  # gone already: what was opened is used, the rest is found by path (pin)
+        return grab
+
+    def pin(self, record: Exec, grab: Optional["Grab"] = None) -> Pinned:
+        """The Pinned record for an exec: what grab() opened, and the script or program the
+        classifier names, opened through the process's cwd or root."""
+        grab = grab or self.grab(record.tgid)
+        try:
+            return self._pin(record, grab)
+        finally:
+            grab.close()
+
+    def _pin(self, record: Exec, grab: "Grab") -> Pinned:
         files: List[PinnedFile] = []
         missed: List[Tuple[str, str, str]] = []
-        base = f"{self.proc}/{record.tgid}"
-        exe: Optional[PinnedFile]
-        try:
-            shares_our_root = os.readlink(f"{base}/root") == "/"
-            exe = self._open(f"{base}/exe", "exe", os.readlink(f"{base}/exe"))
-        except OSError:
+        exe: Optional[PinnedFile] = None
+        if grab.exe_fd is not None and grab.exe_path is not None:
+            exe = self._pinned(grab.exe_fd, "exe", grab.exe_path)
+            grab.exe_fd = None  # kept (or closed) by _pinned
+        if exe is None:
             exe = self._open_verified(record)  # found in our root: it ran in our root
-            shares_our_root = exe is not None
+            grab.shares_our_root = grab.shares_our_root or exe is not None
             if exe is None:
                 missed.append(("exe", record.filename, "the process was gone before it could be pinned"))
         if exe is not None:
             files.append(exe)
         for role, path in (self.classify(record, exe.path if exe else record.filename) if self.classify else ()):
             try:
-                pinned = self._open_run_file(base, role, path, shares_our_root)
+                pinned = self._open_run_file(grab, role, path)
             except OSError as e:
                 missed.append((role, path, e.strerror or str(e)))
                 continue
@@ -87,18 +128,17 @@ class ExecPinner:
                 files.append(pinned)
         return Pinned(record.tgid, record.exec_id, tuple(files), tuple(missed))
 
-    def _open_run_file(self, base: str, role: str, path: str, shares_our_root: bool) -> PinnedFile:
+    def _open_run_file(self, grab: "Grab", role: str, path: str) -> PinnedFile:
         """A script or program as the process names it: from its root if absolute, else from its
-        cwd. Once it has exited its cwd is gone; an absolute path is then opened in our root, which
-        was its root too."""
-        try:
-            return self._open(f"{base}/root{path}" if path.startswith("/") else f"{base}/cwd/{path}", role, None)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ESRCH) or not (path.startswith("/") and shares_our_root):
-                if not path.startswith("/") and not os.path.lexists(f"{base}/cwd/."):
-                    raise OSError(e.errno, "the process exited before its cwd could be read") from None
-                raise
-        return self._open(path, role, None)
+        cwd, through the handles grab() took. Without them (it exited first), an absolute path is
+        opened in our root when that was its root too; a relative one cannot be found."""
+        if not path.startswith("/") and grab.cwd_fd is not None:
+            return self._open(path, role, dir_fd=grab.cwd_fd)
+        if path.startswith("/") and grab.root_fd is not None:
+            return self._open(path.lstrip("/") or ".", role, dir_fd=grab.root_fd)
+        if path.startswith("/") and grab.shares_our_root:
+            return self._open(path, role)
+        raise OSError(errno.ESRCH, "the process exited before its cwd could be read")
 
     def send(self, sock: socket.socket) -> None:
         """Sends the queued descriptors (key list as the payload), then closes them here."""
@@ -117,17 +157,27 @@ class ExecPinner:
             os.close(fd)
         self._queued.clear()
 
-    def _open(self, where: str, role: str, path: Optional[str]) -> PinnedFile:
-        fd = os.open(where, OPEN_FLAGS)
+    def _open(self, where: str, role: str, dir_fd: Optional[int] = None) -> PinnedFile:
+        fd = os.open(where, OPEN_FLAGS, dir_fd=dir_fd)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(0, "not a regular file")
-            if path is None:
-                path = os.readlink(f"/proc/self/fd/{fd}")
+            path = os.readlink(f"/proc/self/fd/{fd}")
         except BaseException:
             os.close(fd)
             raise
+        pinned = self._pinned(fd, role, path)
+        if pinned is None:
+            raise OSError(errno.EINVAL, "not a regular file")
+        return pinned
+
+    def _pinned(self, fd: int, role: str, path: str) -> Optional[PinnedFile]:
+        """The pin of an open file (None, and closed, if it is not a regular file)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
         return self._keep(fd, PinnedFile(role, _strip_deleted(path), key_of(st), st.st_nlink))
 
     def _open_verified(self, record: Exec) -> Optional[PinnedFile]:
