@@ -27,7 +27,9 @@ per-packet hooks (sock_send_length, sock_recv_length, tcp_rcv_space_adjust, cgro
 the cost of the hooks themselves, which no work in the programs can remove.
 
 --peer nethogs adds a third mode to every round: nethogs (libpcap) watching the loopback interface
-instead of our programs, on the same workload, so both ratios come from one run.
+instead of our programs, on the same workload, so both ratios come from one run. --compare-names
+adds the monitor with "Names from traffic" off (no DNS answers or first sends read): what reading
+them costs, side by side.
 """
 
 import argparse
@@ -539,7 +541,7 @@ class NethogsPeer:
             self.proc.wait()
 
 
-MODES = ("detached", "monitor", "nethogs")
+MODES = ("detached", "monitor", "nethogs", "no-names")
 
 
 @dataclass
@@ -561,7 +563,7 @@ def run_once(generator: str, workload: Workload, mode: str, args: argparse.Names
     """One run in one mode: detached, monitor (the monitor, or with empty_hooks, an object path, the
     empty programs), or nethogs."""
     stats = not args.no_stats
-    attached = mode == "monitor"
+    attached = mode in ("monitor", "no-names")
     monitor = drainer = None
     peer = NethogsPeer() if mode == "nethogs" else contextlib.nullcontext()
     try:
@@ -570,7 +572,7 @@ def run_once(generator: str, workload: Workload, mode: str, args: argparse.Names
             monitor.start()
             fds = loaded_programs(monitor)
         elif attached:
-            monitor = KernelMonitor()
+            monitor = KernelMonitor(names_from_traffic=mode == "monitor")
             results.degraded = monitor.start()
             results.load_seconds.append(monitor.load_seconds)
             fds = loaded_programs(monitor)
@@ -590,6 +592,7 @@ def run_once(generator: str, workload: Workload, mode: str, args: argparse.Names
         if monitor:
             monitor.close()
     key = (workload.label, mode)
+    attached = mode == "monitor"  # the per-invocation figures are the monitor's with names on
     results.rates.setdefault(key, []).append(traffic.rate)
     results.writes_per_s.setdefault(key, []).append(traffic.writes_sent / traffic.counted_seconds)
     if traffic.sender_cpu > 0:  # 0: the sender did not get to note its CPU time
@@ -623,7 +626,8 @@ def run(args: argparse.Namespace) -> Results:
 
 
 def modes_of(args: argparse.Namespace) -> List[str]:
-    return list(MODES if args.peer == "nethogs" else MODES[:2])
+    return ["detached", "monitor"] + (["nethogs"] if args.peer == "nethogs" else []) + (
+        ["no-names"] if args.compare_names else [])
 
 
 def chosen(args: argparse.Namespace) -> List[Workload]:
@@ -660,14 +664,17 @@ def tables(results: Results, args: argparse.Namespace) -> Dict[str, Tuple[List[s
             rate_text(w, statistics.median(on), statistics.median(results.writes_per_s[(w.label, "monitor")])),
             f"{ratio:.3f}", f"{statistics.median(paired):.3f} ({min(paired):.3f}–{max(paired):.3f})",
             f"{added:+,.0f}", f"≥ {w.target:.2f}", "yes" if ratio >= w.target else f"no (−{w.target - ratio:.3f})"]
-        if peer:
-            hogs = results.rates[(w.label, "nethogs")]
-            row += [f"{statistics.median(hogs) / statistics.median(off):.3f}",
-                    f"{statistics.median([a / b for a, b in zip(hogs, off)]):.3f}"]
+        for mode in ("nethogs", "no-names"):
+            if (w.label, mode) in results.rates:
+                other = results.rates[(w.label, mode)]
+                row += [f"{statistics.median(other) / statistics.median(off):.3f}",
+                        f"{statistics.median([a / b for a, b in zip(other, off)]):.3f}"]
         throughput.append(row)
+    extra = (["nethogs ratio", "nethogs per-round median"] if peer else []) + (
+        ["names off ratio", "names off per-round median"] if args.compare_names else [])
     out = {"Throughput (median of the rounds; received bytes)": (
         ["workload", "detached", "attached", "ratio", "per-round ratios: median (range)", "ns added per write",
-         "target", "met"] + (["nethogs ratio", "nethogs per-round median"] if peer else []), throughput)}
+         "target", "met"] + extra, throughput)}
 
     cpu = []
     for w in chosen(args):
@@ -759,6 +766,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "without waiting or wake-ups, the steadiest figure on a busy machine")
     parser.add_argument("--peer", choices=("nethogs",),
                         help="also run every workload with this peer watching the traffic instead of our programs")
+    parser.add_argument("--compare-names", action="store_true",
+                        help="also run the monitor with names from traffic off, side by side")
     parser.add_argument("--no-stats", action="store_true",
                         help="leave kernel.bpf_stats_enabled alone (no per-invocation table)")
     args = parser.parse_args(argv)

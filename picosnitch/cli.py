@@ -39,6 +39,8 @@ commands:
   dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
   dash --db URL     the dashboard over the central server (URL as for view --db), with a
                     host dimension; --db config for config.json's "DB sql server"
+  prompt            answer guard mode's prompts: allow or deny new connections (root or
+                    "Guard prompt group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
@@ -172,6 +174,13 @@ def _dash(paths: Paths, options: List[str]) -> Optional[int]:
     return app.main(paths, reader_config("dash", paths), db=db)
 
 
+def _prompt(paths: Paths, options: List[str]) -> Optional[int]:
+    if options:
+        return None
+    from picosnitch.ui import prompt
+    return prompt.main(paths)
+
+
 def _monitor(paths: Paths, options: List[str]) -> Optional[int]:
     return monitor_raw() if options == ["--raw"] else None
 
@@ -187,6 +196,13 @@ def _as_root(command: str, action: Callable[[Paths], int]) -> Command:
             return 1
         return action(paths)
     return run
+
+
+def _stop(paths: Paths) -> int:
+    status = daemon_control.stop(paths)
+    from picosnitch.guard import firewall  # a guard killed with the daemon leaves its rules
+    firewall.remove_leftovers(paths)
+    return status
 
 
 def _systemd(paths: Paths) -> int:
@@ -209,7 +225,7 @@ def _start_no_daemon(paths: Paths) -> int:
 
 COMMANDS: Dict[str, Command] = {
     "start": _as_root("start", _start),
-    "stop": _as_root("stop", daemon_control.stop),
+    "stop": _as_root("stop", _stop),
     "restart": _as_root("restart", _restart),
     "start-no-daemon": _as_root("start-no-daemon", _start_no_daemon),
     "systemd": _as_root("systemd", _systemd),
@@ -218,6 +234,7 @@ COMMANDS: Dict[str, Command] = {
     "view": _view,
     "top": _top,
     "dash": _dash,
+    "prompt": _prompt,
     "monitor": _monitor,
     "help": _help,
 }

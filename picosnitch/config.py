@@ -138,6 +138,20 @@ def _secret(value: Any) -> Optional[str]:
     return None
 
 
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if value in choices:
+            return None
+        return "must be one of %s, not %s" % (", ".join(json.dumps(c) for c in choices), _shown(value))
+    return check
+
+
+def _name_list(value: Any) -> Optional[str]:
+    if isinstance(value, list) and all(isinstance(item, str) and item for item in value):
+        return None
+    return "must be a list of network interface names ([] for all), not %s" % _shown(value)
+
+
 def _http_url(value: Any) -> Optional[str]:
     if isinstance(value, str) and re.match(r"https?://[^/\s]+", value):
         return None
@@ -160,12 +174,21 @@ RULES: dict[str, Rule] = {
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1)),
     "GeoIP database": Rule("", _string),
+    # Guard mode (picosnitch/guard): an opt-in firewall; see the README's "Guard mode".
+    "Guard fail open": Rule(True, _boolean),
+    "Guard interfaces": Rule([], _name_list),
+    "Guard mode": Rule("off", _one_of("off", "ask", "deny unknown")),
+    "Guard prompt group": Rule("", _string),
+    "Guard queue number": Rule(7455, _integer(0)),
+    "Guard timeout (seconds)": Rule(60, _seconds),
+    "Guard timeout action": Rule("deny", _one_of("deny", "allow")),
     "GeoIP lookup": Rule(True, _boolean),
     "Log addresses": Rule(True, _boolean),
     "Log commands": Rule(True, _boolean),
     "Log ignore": Rule([], _ignore_list),
     "Live feed group": Rule("", _string),
     "Log ports": Rule(True, _boolean),
+    "Names from traffic": Rule(True, _boolean),
     "Perf ring buffer (pages)": Rule(256, _power_of_two),
     "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1)),
     "Set st_dev mask": Rule(None, _null_or_integer(0)),
@@ -399,6 +422,23 @@ _EXAMPLE = """\
   "GeoIP database": "",
   # Show the country of remote addresses.
   "GeoIP lookup": true,
+  # With the daemon gone (crashed, killed), let new connections through as if the guard were
+  # off (true), or drop them (false: loopback and established connections still pass).
+  "Guard fail open": true,
+  # Network interfaces the guard watches; [] for every one.
+  "Guard interfaces": [],
+  # "off": monitor only. "ask": new connections no rule decides wait for your answer
+  # (picosnitch prompt, a desktop notification or picosnitch dash). "deny unknown": refuse them.
+  "Guard mode": "off",
+  # Group that may answer the guard's prompts (and so allow connections); "" for root only.
+  "Guard prompt group": "",
+  # The NFQUEUE number the guard's iptables rules use.
+  "Guard queue number": 7455,
+  # Seconds a connection waits for an answer before "Guard timeout action" applies to it
+  # (to it alone: a timeout never makes a rule).
+  "Guard timeout (seconds)": 60,
+  # "deny" or "allow": what an unanswered connection gets.
+  "Guard timeout action": "deny",
   # Record local and remote addresses.
   "Log addresses": true,
   # Record full command lines.
@@ -409,6 +449,10 @@ _EXAMPLE = """\
   "Live feed group": "",
   # Record local and remote ports.
   "Log ports": true,
+  # Learn domain names from the DNS answers processes receive and from the first bytes of their TCP
+  # connections (TLS server name, HTTP Host), read in the kernel from their own buffers; false
+  # leaves names to getaddrinfo.
+  "Names from traffic": true,
   # Size of the buffer carrying kernel events, in memory pages; a power of two.
   "Perf ring buffer (pages)": 256,
   # Open-file limit for the daemon; null keeps the system's.

@@ -37,6 +37,7 @@ class Endpoint:
     raddr: str = ""
     rport: int = -1
     domain: str = ""  # reversed, as the original stores it: com.example.www
+    domain_source: str = ""  # how the domain was learned: getaddrinfo, dns, sni, http (identity.dns)
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,15 @@
 #   deb:  to build the Debian package (scripts/build-deb.sh)
 #   test: everything the tests use, including building, installing and running the .deb
 set -euo pipefail
-want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make)
+want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make
+      iptables)  # guard mode (the NFQUEUE target); the monitor alone does not need it
 deb=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel python3-build
      dpkg-dev fakeroot git
      python3-jeepney python3-requests)  # the .deb's own Depends, so the tests can install it offline
 case "${1:-run}" in
     deb) want+=("${deb[@]}") ;;
     test) want+=("${deb[@]}" iproute2 tmux procps psmisc gcc liburing-dev dbus-daemon libnotify-bin passwd
-                 util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static musl-tools
+                 util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static musl-tools dnsmasq-base
                  perl ruby nodejs php-cli zsh default-jdk-headless) ;;
 esac
 missing=()

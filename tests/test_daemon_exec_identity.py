@@ -69,25 +69,26 @@ def test_children_that_exec_their_parents_binary_each_keep_their_own_argv(exec_r
 
 # --- run 2: programs that hide behind ld.so, interpreters, memfd, deleted and replaced files -----
 
-# Each client connects to HOST PORT and sends SIZE bytes, in the interpreter's own words.
+# Each client waits 100 ms (the acceptance's bound for short-lived processes), connects to HOST PORT
+# and sends SIZE bytes, in the interpreter's own words.
 CLIENTS = {
-    "python": ("client.py", "import socket, sys\n"
+    "python": ("client.py", "import socket, sys, time\ntime.sleep(0.1)\n"
                             "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
                             "s.sendall(b'p' * int(sys.argv[3]))\ns.close()\n"),
-    "perl": ("client.pl", "use IO::Socket::INET;\n"
+    "perl": ("client.pl", "use IO::Socket::INET;\nselect(undef, undef, undef, 0.1);\n"
                           "my $s = IO::Socket::INET->new(PeerAddr => $ARGV[0], PeerPort => $ARGV[1], Proto => 'tcp')"
                           " or die;\nprint $s 'l' x $ARGV[2];\nclose $s;\n"),
-    "ruby": ("client.rb", "require 'socket'\ns = TCPSocket.new(ARGV[0], ARGV[1].to_i)\n"
+    "ruby": ("client.rb", "require 'socket'\nsleep 0.1\ns = TCPSocket.new(ARGV[0], ARGV[1].to_i)\n"
                           "s.write('r' * ARGV[2].to_i)\ns.close\n"),
     "node": ("client.js", "const net = require('net');\nconst [host, port, size] = process.argv.slice(2);\n"
-                          "const s = net.connect(+port, host, () => s.end('n'.repeat(+size)));\n"),
-    "php": ("client.php", "<?php $s = stream_socket_client(\"tcp://{$argv[1]}:{$argv[2]}\");\n"
+                          "setTimeout(() => { const s = net.connect(+port, host, () => s.end('n'.repeat(+size))); }, 100);\n"),
+    "php": ("client.php", "<?php usleep(100000);\n$s = stream_socket_client(\"tcp://{$argv[1]}:{$argv[2]}\");\n"
                           "fwrite($s, str_repeat('h', (int)$argv[3]));\nfclose($s);\n"),
-    "bash": ("client.bash", "sleep 0.03\nexec 3<>/dev/tcp/$1/$2\nprintf '%*s' \"$3\" '' >&3\n"),
-    "zsh": ("client.zsh", "sleep 0.03\nzmodload zsh/net/tcp\nztcp $1 $2\nprintf '%*s' $3 '' >&$REPLY\n"
+    "bash": ("client.bash", "sleep 0.1\nexec 3<>/dev/tcp/$1/$2\nprintf '%*s' \"$3\" '' >&3\n"),
+    "zsh": ("client.zsh", "sleep 0.1\nzmodload zsh/net/tcp\nztcp $1 $2\nprintf '%*s' $3 '' >&$REPLY\n"
                           "ztcp -c $REPLY\n"),
 }
-LIFETIME_MS = "30"  # how long the short-lived programs wait before they send (well within 100 ms)
+LIFETIME_MS = "100"  # how long the short-lived programs wait before they send: the acceptance's bound
 JAVA_CLIENT = """import java.net.Socket;
 public class Client {
     public static void main(String[] a) throws Exception {

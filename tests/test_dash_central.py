@@ -83,6 +83,9 @@ def traffic(host_number: int) -> list:
     return found
 
 
+TS = ROW_COLUMNS.index("ts")
+
+
 def write_traffic(server) -> None:
     """alpha's rows as the daemon sends them: a batch per hour, each closing the hours before
     it in the rollup (all but the last hour are marked); beta's in one batch, no rollup."""

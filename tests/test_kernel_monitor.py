@@ -331,6 +331,23 @@ def test_what_a_process_receives_from_port_53_reaches_user_space_as_received(rec
     assert answer.comm == "python3" or answer.comm.startswith("python")
 
 
+def test_with_names_from_traffic_off_nothing_a_process_sends_or_receives_is_read(port53, lab):
+    monitor = KernelMonitor(names_from_traffic=False)
+    try:
+        monitor.start()
+        rec = Recorder(monitor)
+        peer = TcpPeer(PEER4)
+        thread = serve(lab, peer, True)
+        asked, _ = generate(sys.executable, GEN, "dns-ask", PEER4, "53", "recvfrom")
+        sent, _ = generate(sys.executable, GEN, "first-send", PEER4, str(peer.port), "http")
+        thread.join(5)
+        rec.settle()
+        assert rec.of("payload", asked) == [] and rec.of("payload", sent) == []
+        assert rec.totals(asked) and rec.totals(sent)  # the bytes are still counted
+    finally:
+        rec.close()
+
+
 @pytest.mark.parametrize("how,starts", [("tls", b"\x16\x03"), ("http", b"GET / HTTP/1.1\r\nHost: http.")])
 def test_a_tcp_connections_first_send_reaches_user_space_if_it_may_name_the_server(recorder, lab, how, starts):
     peer = TcpPeer(PEER4)

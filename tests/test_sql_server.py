@@ -4,6 +4,7 @@ The remote SQL worker runs in its own process with real pipes, next to the real 
 process; the test plays the identity worker and sends both the same lists of Connections.
 """
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ from picosnitch import config
 from picosnitch.central import worker as sql_worker
 from picosnitch.central.backlog import Backlog
 from picosnitch.central.settings import load_driver, parse
-from picosnitch.central.writer import ServerWriter, is_local, make_row
+from picosnitch.central.writer import ServerWriter, complete_rows, is_local, make_row
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.identity.worker import window_start
 from picosnitch.installed import install_extra
@@ -297,6 +298,26 @@ def test_a_batch_sent_again_is_stored_once(server, prefix, table):
     assert writer.write(batch) is False  # e.g. the commit's acknowledgement was lost
     writer.close()
     assert server.query("SELECT count(*) FROM %s" % table)[0][0] == 2
+
+
+def test_tables_of_an_older_picosnitch_get_the_new_columns_and_its_queued_rows_are_stored(server, prefix, table):
+    setting = cfg(server.params(table_name=table))
+    ServerWriter(parse(setting), load_driver(parse(setting), setting), print)._connect()
+    quote = '"' if server.dialect == "postgres" else "`"
+    for name in (table, table + "_hourly"):  # as an older picosnitch made them: no domain_source
+        server.query(f"ALTER TABLE {quote}{name}{quote} DROP COLUMN domain_source")
+    backlog = Backlog(prefix, 1_000_000)
+    old_rows = [make_row(connection(n, 1000, 5), "h", "m" * 32)[:-1] for n in (1, 2)]  # queued by it
+    backlog.append("from-before", old_rows)
+    backlog.append("from-now", [make_row(connection(3, 1000, 5), "h", "m" * 32)])
+    writer = ServerWriter(parse(setting), load_driver(parse(setting), setting), print)
+    for _ in range(2):
+        batch = backlog.peek()
+        assert writer.write(dataclasses.replace(batch, rows=complete_rows(batch.rows))) is True
+        backlog.consume(batch)
+    writer.close()
+    stored = server.query(f"SELECT rport, domain_source FROM {table}")
+    assert sorted(stored) == [(443, ""), (443, ""), (443, "")]
 
 
 def test_a_user_with_insert_privilege_only_works(server, prefix, table):

@@ -18,6 +18,7 @@ Each batch also says which hours the worker has every row of (`closes`): the sen
 them in the server's hourly rollup (central.rollup).
 """
 
+import dataclasses
 import os
 import pwd
 import signal
@@ -31,7 +32,15 @@ from typing import Optional
 from picosnitch.central.backlog import Backlog
 from picosnitch.central.rollup import Horizon, HourlyRollup, hour_of
 from picosnitch.central.settings import load_driver, parse
-from picosnitch.central.writer import BatchRejected, ServerError, ServerWriter, hostname, machine_id, make_row
+from picosnitch.central.writer import (
+    BatchRejected,
+    ServerError,
+    ServerWriter,
+    complete_rows,
+    hostname,
+    machine_id,
+    make_row,
+)
 from picosnitch.config import ConfigError
 from picosnitch.messages import ErrorReport, Stop
 
@@ -137,6 +146,7 @@ class Sender(threading.Thread):
                 self.wake.wait(TICK)
                 self.wake.clear()
                 continue
+            batch = dataclasses.replace(batch, rows=complete_rows(batch.rows))
             try:
                 markable = self.writer.open()
                 if not markable:

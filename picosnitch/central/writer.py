@@ -74,6 +74,13 @@ def machine_id(fallback: Callable[[], str]) -> str:
     return fallback()
 
 
+def complete_rows(rows: list) -> list:
+    """Rows an older picosnitch queued in the backlog, with the columns added since (always at
+    the end of VIEW_COLUMNS) set to their empty values."""
+    missing = [0 if name in INTEGER_COLUMNS else "" for name in ROW_COLUMNS]
+    return [row + missing[len(row):] if len(row) < len(ROW_COLUMNS) else row for row in rows]
+
+
 def make_row(connection: Connection, host: str, machine: str) -> list:
     """A Connection as the server row's values, batch_id left out (see COLUMNS)."""
     row = connection.as_row()
@@ -92,9 +99,9 @@ def _quote(dialect: str, name: str) -> str:
     return ".".join(mark + part + mark for part in name.split("."))
 
 
-def _column_types(dialect: str) -> str:
-    """The columns of `<table>` (and `<table>_hourly`) with their types."""
-    column_types = []
+def _column_type_pairs(dialect: str) -> list:
+    """(column, SQL type) of each column of `<table>` (and `<table>_hourly`)."""
+    pairs = []
     for name in COLUMNS:
         if name in INTEGER_COLUMNS:
             kind = "BIGINT"
@@ -102,8 +109,13 @@ def _column_types(dialect: str) -> str:
             kind = "VARCHAR(%d)" % _SHORT_TEXT[name]
         else:
             kind = "TEXT" if dialect == "postgres" else "MEDIUMTEXT"
-        column_types.append("%s %s NOT NULL" % (_quote(dialect, name), kind))
-    return ", ".join(column_types)
+        pairs.append((name, kind))
+    return pairs
+
+
+def _column_types(dialect: str) -> str:
+    """The columns of `<table>` (and `<table>_hourly`) with their types."""
+    return ", ".join("%s %s NOT NULL" % (_quote(dialect, name), kind) for name, kind in _column_type_pairs(dialect))
 
 
 def _rows_table(dialect: str, table: str, base: str) -> list:
@@ -129,6 +141,15 @@ def create_statements(dialect: str, table: str) -> list:
         written_at = "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP) CHARACTER SET utf8mb4"
     return _rows_table(dialect, table, table.split(".")[-1]) + [
         "CREATE TABLE IF NOT EXISTS %s (%swritten_at %s" % (batches, batch_columns, written_at)]
+
+
+def add_column_statements(dialect: str, table: str, present: set) -> list:
+    """ALTER TABLE statements that give `table` the columns of COLUMNS it lacks."""
+    types = dict(_column_type_pairs(dialect))
+    empty = "''" if dialect == "postgres" else "('')"  # MySQL takes a text default only as an expression
+    return ["ALTER TABLE %s ADD COLUMN %s %s NOT NULL DEFAULT %s" % (
+        _quote(dialect, table), _quote(dialect, name), types[name], "0" if name in INTEGER_COLUMNS else empty)
+        for name in COLUMNS if name.lower() not in present and name != "batch_id"]
 
 
 def rollup_statements(dialect: str, table: str) -> list:
@@ -251,6 +272,39 @@ class ServerWriter:
         self.create_problem = self._run_each(
             create_statements(self.server.dialect, self.server.table))
         self._run_each(rollup_statements(self.server.dialect, self.server.table))
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Tables an older picosnitch created lack the columns added since: add them (empty for
+        the rows already there). A user who may not alter the tables is told what an
+        administrator must run; rows then fail until it is done, and wait in the backlog."""
+        for name in (self.server.table, self.server.table + "_hourly"):
+            present = self._columns_of(name)
+            if not present:
+                continue  # not there, or not visible to this user: the inserts will tell
+            for statement in add_column_statements(self.server.dialect, name, present):
+                problem = self._run_each([statement])
+                if problem:
+                    self.report(ErrorReport(
+                        "the SQL server %s refused to add a column picosnitch needs (%s): an administrator must "
+                        "run: %s" % (self.where, problem, statement), "sql-server:alter"))
+
+    def _columns_of(self, table: str) -> set:
+        query = ("SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+                 % ("%s" if getattr(self.driver, "paramstyle", "format") != "qmark" else "?"))
+        if self.server.dialect == "mysql":
+            query += " AND table_schema = DATABASE()"
+        else:
+            query += " AND table_schema = current_schema()"
+        try:
+            cursor = self.conn.cursor()
+            cursor.execute(query, (table,))
+            found = {str(row[0]).lower() for row in cursor.fetchall()}
+            self.conn.rollback()
+            return found
+        except self.driver.Error:
+            self.conn.rollback()
+            return set()
 
     def _probe_rollup(self) -> None:
         self.rollup_problem = self._run_each(self._rollup_probes)

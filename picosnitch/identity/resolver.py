@@ -73,6 +73,8 @@ class IdentityResolver:
                 return self._exec_row(event, ts)
         elif kind == "dns":
             self.dns.add(record)
+        elif kind == "payload":
+            self.dns.add_payload(record)
         elif kind == "flow":
             conn = self.connection(record, ts)
             return [conn] if conn else []
@@ -89,7 +91,8 @@ class IdentityResolver:
     def connection(self, flow: Flow, ts: int) -> Optional[Connection]:
         identity = self.identity(flow.tgid, flow.ppid, flow.exec_id, flow.comm, flow.exe_dev, flow.exe_ino, flow.uid,
                                  flow.netns)
-        domain = self.dns.domain(flow.tgid, flow.raddr)
+        domain, source = self.dns.domain(flow.tgid, flow.raddr, None, flow.ppid, flow.netns,
+                                         flow.laddr, flow.lport, flow.rport)
         # As in the original, "Log addresses" false hides where the traffic went: the remote
         # address and the domain it was looked up as. The local address is still recorded.
         # "Log ignore" rules are matched against the real values, whatever is recorded.
@@ -97,7 +100,7 @@ class IdentityResolver:
             flow.family, flow.protocol,
             flow.laddr, flow.lport if self.log_ports else -1,
             flow.raddr if self.log_addresses else "", flow.rport if self.log_ports else -1,
-            domain if self.log_addresses else "")
+            domain if self.log_addresses else "", source if self.log_addresses and domain else "")
         if self.ignore and self.ignore.ignores(identity.process.sha256, domain, flow.laddr, flow.raddr,
                                                flow.lport, flow.rport, identity.process.script_sha256):
             return None

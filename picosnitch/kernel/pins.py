@@ -140,17 +140,12 @@ class ExecPinner:
             return self._open(path, role)
         raise OSError(errno.ESRCH, "the process exited before its cwd could be read")
 
-    def send(self, sock: socket.socket) -> None:
-        """Sends the queued descriptors (key list as the payload), then closes them here."""
+    def take(self) -> List[Tuple[FileKey, int]]:
+        """The descriptors queued since the last call, for send(); they are the caller's now."""
         queued = list(self._queued.items())
         self._queued.clear()
-        for start in range(0, len(queued), FDS_PER_MESSAGE):
-            part = queued[start:start + FDS_PER_MESSAGE]
-            try:
-                socket.send_fds(sock, [pickle.dumps([key for key, _ in part])], [fd for _, fd in part])
-            finally:
-                for _, fd in part:
-                    os.close(fd)
+        return queued
+
 
     def close(self) -> None:
         for fd in self._queued.values():
@@ -208,6 +203,17 @@ class ExecPinner:
         while len(self._sent) > self.memory:
             self._sent.popitem(last=False)
         return pinned
+
+
+def send(sock: socket.socket, queued: List[Tuple[FileKey, int]]) -> None:
+    """Sends descriptors (their keys as the payload) to the identity worker, then closes them here."""
+    for start in range(0, len(queued), FDS_PER_MESSAGE):
+        part = queued[start:start + FDS_PER_MESSAGE]
+        try:
+            socket.send_fds(sock, [pickle.dumps([key for key, _ in part])], [fd for _, fd in part])
+        finally:
+            for _, fd in part:
+                os.close(fd)
 
 
 def receive(sock: socket.socket) -> List[Tuple[FileKey, int]]:

@@ -42,7 +42,7 @@ class FlowValue(ctypes.Structure):
 
 
 class MonitorConfig(ctypes.Structure):
-    _fields_ = [("tcp_rx_by_seq", u32), ("cells", u32)]
+    _fields_ = [("tcp_rx_by_seq", u32), ("cells", u32), ("read_payloads", u32), ("_pad", u32)]
 
 
 class DrainState(ctypes.Structure):

@@ -1,15 +1,49 @@
-"""The privileged monitor process: runs the kernel monitor and passes its records on in batches."""
+"""The privileged monitor process: runs the kernel monitor and passes its records on in batches.
 
+With pins (kernel.pins), batches leave through a thread of their own (Sender): the monitor goes on
+reading the ring buffer, and so pinning what each exec ran, while the identity worker is slow to
+read, instead of waiting on a full pipe while short-lived processes exit unpinned.
+"""
+
+import os
+import queue
 import signal
 import threading
 
 from picosnitch import parent_death
+from picosnitch.kernel import pins
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
 from picosnitch.kernel.pins import ExecPinner, pin_capacity
 from picosnitch.messages import ErrorReport, Stop
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
+PIN_NICE = -10  # pins race the processes they pin: a busy machine must not keep the monitor waiting
+SEND_QUEUE = 8  # batches waiting for the identity worker before the monitor waits too
+
+
+class Sender:
+    """Sends each batch, after the descriptors pinned for it, from a thread; in order."""
+
+    def __init__(self, to_identity, pin_socket, pinner: ExecPinner):
+        self.to_identity, self.pin_socket, self.pinner = to_identity, pin_socket, pinner
+        self.queue: "queue.Queue" = queue.Queue(SEND_QUEUE)
+        self.thread = threading.Thread(target=self._loop, name="sender", daemon=True)
+        self.thread.start()
+
+    def __call__(self, batch) -> None:
+        self.queue.put((self.pinner.take(), batch))
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            queued, batch = item
+            pins.send(self.pin_socket, queued)
+            self.to_identity.send(batch)
+
+    def close(self) -> None:
+        """Returns once every batch has been sent."""
+        self.queue.put(None)
+        self.thread.join()
 
 
 def run(config, to_identity, ready, supervisor_pid: int, pin_socket=None, classify=None) -> int:
@@ -21,7 +55,8 @@ def run(config, to_identity, ready, supervisor_pid: int, pin_socket=None, classi
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_death.signal_when_parent_dies(supervisor_pid, signal.SIGTERM)
-    monitor = KernelMonitor(ring_pages=config["Perf ring buffer (pages)"],
+    monitor = KernelMonitor(names_from_traffic=config["Names from traffic"],
+                            ring_pages=config["Perf ring buffer (pages)"],
                             flow_entries=config["Flow map entries"])
     try:
         degraded = monitor.start()
@@ -32,16 +67,19 @@ def run(config, to_identity, ready, supervisor_pid: int, pin_socket=None, classi
     if degraded:
         to_identity.send(degraded)
     ready.set()
-    deliver = to_identity.send
+    sender = None
     if pin_socket is not None:
-        monitor.pinner = pinner = ExecPinner(classify, memory=min(128, pin_capacity() // 4))
-
-        def deliver(batch) -> None:
-            pinner.send(pin_socket)
-            to_identity.send(batch)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, PIN_NICE)  # it only ever reacts to events: costs little
+        except OSError:
+            pass
+        monitor.pinner = ExecPinner(classify, memory=min(128, pin_capacity() // 4))
+        sender = Sender(to_identity, pin_socket, monitor.pinner)
     try:
-        monitor.run(deliver, stop.is_set)
+        monitor.run(sender or to_identity.send, stop.is_set)
     finally:
+        if sender is not None:
+            sender.close()
         monitor.close()
         if monitor.pinner:
             monitor.pinner.close()

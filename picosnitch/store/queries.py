@@ -79,6 +79,7 @@ DIMENSIONS: tuple[Dimension, ...] = tuple(
        Dimension("laddr", "local address", "endpoint", "e.laddr"),
        Dimension("raddr", "remote address", "endpoint", "e.raddr"),
        Dimension("domain", "domain", "endpoint", "e.domain"),
+       Dimension("domain_source", "domain source", "endpoint", "e.domain_source"),
        Dimension("container", "container", "identity", "i.container"),
        Dimension("script", "script", "identity", "p.script"),
        Dimension("script_sha256", "script sha256", "identity", "p.script_sha256"),

@@ -28,7 +28,7 @@ CAST(column AS BLOB) when that matters.
 import sqlite3
 from typing import Optional
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # (column, meaning) in the order the `connections` view exposes them. The README quotes this.
 VIEW_COLUMNS = (
@@ -60,6 +60,8 @@ VIEW_COLUMNS = (
     ("netns", "network namespace inode number (0 unknown)"),
     ("container", "container id or systemd unit from the cgroup path ('' none)"),
     ("ts", "unix time (seconds, UTC) of the start of the write window"),
+    ("domain_source", "how the domain was learned: getaddrinfo, dns, sni or http; with ':parent' when the "
+                      "parent looked it up, 'dns:resolver' from the namespace's resolver daemon ('' no domain)"),
     ("script", "the script an interpreter ran (python3 evil.py: evil.py), as the process named it, made "
                "absolute; '' for none"),
     ("script_sha256", "sha256 of that script, of the file that ran ('' for no script)"),
@@ -100,10 +102,11 @@ CREATE TABLE endpoints (
     lport INTEGER NOT NULL,
     raddr TEXT NOT NULL,
     rport INTEGER NOT NULL,
-    domain TEXT NOT NULL
+    domain TEXT NOT NULL,
+    domain_source TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX endpoints_key
-    ON endpoints (family, protocol, laddr, lport, raddr, rport, domain);
+    ON endpoints (family, protocol, laddr, lport, raddr, rport, domain, domain_source);
 -- "who talked to this address / domain" without scanning every endpoint
 CREATE INDEX endpoints_raddr ON endpoints (raddr);
 CREATE INDEX endpoints_domain ON endpoints (domain);
@@ -173,6 +176,31 @@ CREATE TABLE totals_by_lport (
 ) WITHOUT ROWID;
 """
 
+# Guard mode's verdicts, one row per connection it decided (see picosnitch/guard/store.py).
+# Created in every database at open (IF NOT EXISTS): it needs no schema version of its own.
+GUARD_TABLES = """
+CREATE TABLE IF NOT EXISTS guard_verdicts (
+    ts REAL NOT NULL,
+    direction TEXT NOT NULL,
+    family INTEGER NOT NULL,
+    protocol INTEGER NOT NULL,
+    laddr TEXT NOT NULL,
+    lport INTEGER NOT NULL,
+    raddr TEXT NOT NULL,
+    rport INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    exe TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    pexe TEXT NOT NULL,
+    cmdline TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    verdict TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rule TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS guard_verdicts_ts ON guard_verdicts (ts);
+"""
+
 # Where each view column comes from; `t` is the traffic table (or its hourly rollup).
 _SOURCES = {
     "contime": "datetime(t.{ts}, 'unixepoch', 'localtime')",
@@ -181,7 +209,7 @@ _SOURCES = {
     "pexe": "pp.exe", "pname": "pp.name", "pcmdline": "pp.cmdline", "psha256": "pp.sha256",
     "uid": "i.uid",
     "lport": "e.lport", "rport": "e.rport", "laddr": "e.laddr", "raddr": "e.raddr",
-    "domain": "e.domain",
+    "domain": "e.domain", "domain_source": "e.domain_source",
     "gpexe": "gp.exe", "gpname": "gp.name", "gpcmdline": "gp.cmdline", "gpsha256": "gp.sha256",
     "family": "e.family", "protocol": "e.protocol",
     "packets_sent": "t.packets_sent", "packets_recv": "t.packets_recv",
@@ -264,26 +292,55 @@ def _add_rollups(conn: sqlite3.Connection) -> None:
     fill_rollups(conn)
 
 
-# Added in version 3: what identifies a process besides its executable (connection.ProcessInfo).
-_PROCESS_IDENTITY_COLUMNS = """
-ALTER TABLE processes ADD COLUMN script TEXT NOT NULL DEFAULT '';
-ALTER TABLE processes ADD COLUMN script_sha256 TEXT NOT NULL DEFAULT '';
-ALTER TABLE processes ADD COLUMN exe_state TEXT NOT NULL DEFAULT '';
-DROP INDEX processes_key;
-CREATE UNIQUE INDEX processes_key ON processes (exe, name, cmdline, sha256, script, script_sha256, exe_state);
-DROP VIEW connections;
-DROP VIEW connections_hourly;
-"""
+def _recreate_views(conn: sqlite3.Connection) -> None:
+    conn.execute("DROP VIEW IF EXISTS connections")
+    conn.execute("DROP VIEW IF EXISTS connections_hourly")
+    _run_script(conn, _VIEWS)
+
+
+def _add_domain_source(conn: sqlite3.Connection) -> None:
+    """Version 2 -> 3: endpoints say how their domain was learned ('' for rows written before)."""
+    conn.execute("ALTER TABLE endpoints ADD COLUMN domain_source TEXT NOT NULL DEFAULT ''")
+    conn.execute("DROP INDEX endpoints_key")
+    conn.execute("CREATE UNIQUE INDEX endpoints_key "
+                 "ON endpoints (family, protocol, laddr, lport, raddr, rport, domain, domain_source)")
+    _recreate_views(conn)
+
+
+# Added in version 4: what identifies a process besides its executable (connection.ProcessInfo).
+SCRIPT_COLUMNS = {"script": "''", "script_sha256": "''", "exe_state": "''"}
 
 
 def _add_script_columns(conn: sqlite3.Connection) -> None:
-    """Version 2 -> 3: scripts and exe_state; the views gain their columns (rows so far have none)."""
-    _run_script(conn, _PROCESS_IDENTITY_COLUMNS + _VIEWS)
+    """Version 3 -> 4: the script an interpreter ran and exe_state ('' for rows written before)."""
+    for name in SCRIPT_COLUMNS:
+        conn.execute(f"ALTER TABLE processes ADD COLUMN {name} TEXT NOT NULL DEFAULT ''")
+    conn.execute("DROP INDEX processes_key")
+    conn.execute("CREATE UNIQUE INDEX processes_key "
+                 "ON processes (exe, name, cmdline, sha256, script, script_sha256, exe_state)")
+    _recreate_views(conn)
 
 
 # MIGRATIONS[n] upgrades a version-n database to version n + 1, inside the caller's
 # transaction. Add an entry here (and bump SCHEMA_VERSION) whenever the schema changes.
-MIGRATIONS: dict = {1: _add_rollups, 2: _add_script_columns}
+MIGRATIONS: dict = {1: _add_rollups, 2: _add_domain_source, 3: _add_script_columns}
+
+
+# Columns added to tables since version 1, with the value rows written before hold. A reader of a
+# database the daemon has not migrated yet (it is read-only to readers) sees them with that value.
+ADDED_COLUMNS = {"endpoints": {"domain_source": "''"}, "processes": SCRIPT_COLUMNS}
+
+
+def add_missing_columns_for_reading(conn: sqlite3.Connection) -> None:
+    """Give a read-only connection to an older database the columns added since, as TEMP views
+    named like the tables they stand for (SQLite looks names up in temp before main). Readers keep
+    temp objects in memory; temp_store is set first, because changing it drops every temp object."""
+    conn.execute("PRAGMA temp_store = MEMORY")
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA main.table_info({table})")}
+        missing = [f"{value} AS {name}" for name, value in columns.items() if name not in present]
+        if present and missing:
+            conn.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM main.{table}")
 
 
 class SchemaError(Exception):
@@ -315,6 +372,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")  # no other writer may create the schema meanwhile
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            _run_script(conn, GUARD_TABLES)
             return
         if version > SCHEMA_VERSION:
             raise NewerSchemaError(
@@ -322,9 +380,10 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if version == 0:
             if not _is_empty(conn):
                 raise SchemaError("the database holds tables picosnitch did not create")
-            _run_script(conn, _TABLES + _ROLLUP_TABLES + _VIEWS)
+            _run_script(conn, _TABLES + _ROLLUP_TABLES + _VIEWS + GUARD_TABLES)
         else:
             for step in range(version, SCHEMA_VERSION):
                 MIGRATIONS[step](conn)
+            _run_script(conn, GUARD_TABLES)
         # PRAGMA cannot take parameters; SCHEMA_VERSION is our own integer.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")

@@ -171,19 +171,8 @@ def open_readonly(path: str) -> sqlite3.Connection:
         raise PermissionError(
             f"cannot read {path} ({exc}): it needs read permission on the file and on its -wal "
             f"and -shm files if they exist, and search permission on its directory") from exc
-    _columns_added_since(conn)
+    db_schema.add_missing_columns_for_reading(conn)
     return conn
-
-
-def _columns_added_since(conn: sqlite3.Connection) -> None:
-    """A database the daemon has not migrated yet (it has not restarted since an upgrade) reads as
-    if it had: a temporary view, which SQLite finds before the table of the same name, gives its
-    processes the columns added since, empty."""
-    have = {row[1] for row in conn.execute("PRAGMA main.table_info(processes)")}
-    if have and "script" not in have:
-        conn.execute("PRAGMA temp_store = MEMORY")  # (setting it later would drop temporary objects)
-        conn.execute("""CREATE TEMP VIEW processes AS SELECT id, exe, name, cmdline, sha256,
-            '' AS script, '' AS script_sha256, '' AS exe_state FROM main.processes""")
 
 
 class RecentIds:
@@ -320,7 +309,7 @@ class SqliteWriter:
         return self._lookup(
             self._endpoints, fresh, e, _SELECT_ENDPOINT, _INSERT_ENDPOINT,
             lambda: (e.family, e.protocol, to_bytes(e.laddr), e.lport, to_bytes(e.raddr),
-                     e.rport, to_bytes(e.domain)))
+                     e.rport, to_bytes(e.domain), to_bytes(e.domain_source)))
 
 
 _T = "CAST(? AS TEXT)"
@@ -336,9 +325,9 @@ _INSERT_IDENTITY = ("INSERT INTO identities (process_id, parent_id, grandparent_
                     f"container) VALUES (?, ?, ?, ?, ?, {_T})")
 _SELECT_ENDPOINT = ("SELECT id FROM endpoints WHERE family = ? AND protocol = ? "
                     f"AND laddr = {_T} AND lport = ? AND raddr = {_T} AND rport = ? "
-                    f"AND domain = {_T}")
-_INSERT_ENDPOINT = ("INSERT INTO endpoints (family, protocol, laddr, lport, raddr, rport, domain) "
-                    f"VALUES (?, ?, {_T}, ?, {_T}, ?, {_T})")
+                    f"AND domain = {_T} AND domain_source = {_T}")
+_INSERT_ENDPOINT = ("INSERT INTO endpoints (family, protocol, laddr, lport, raddr, rport, domain, domain_source) "
+                    f"VALUES (?, ?, {_T}, ?, {_T}, ?, {_T}, {_T})")
 
 
 # One write's rows, merged per (ts, identity, endpoint); `hour` computed in Python (floor).

@@ -80,6 +80,7 @@ picosnitch view: the traffic in snitch.db, by executable, address, user, ...
   u / U             next / previous byte unit
   / then n          search the values of this tab; n finds the next match
   r                 refresh (re-read snitch.db, move "now")
+  g                 guard mode's latest verdicts (allowed/denied, by rule, user, timeout)
   ?                 this help                     q  quit
 
 conns counts distinct connections (process x local and remote address and port).
@@ -98,6 +99,7 @@ class ViewUI:
         self.annotations = annotations
         self.state = State(dimensions=history.dimensions)
         self.showing_help = False
+        self.showing_guard = False  # guard mode's verdicts (picosnitch/ui/verdicts.py)
         self.keys: dict[object, Callable[[], None]] = {
             curses.KEY_LEFT: lambda: self.switch_tab(-1),
             curses.KEY_RIGHT: lambda: self.switch_tab(1),
@@ -115,6 +117,7 @@ class ViewUI:
             "u": lambda: self.cycle_unit(1), "U": lambda: self.cycle_unit(-1),
             "r": self.refresh, "/": self.ask_search, "n": self.next_match,
             "?": self.show_help, curses.KEY_RESIZE: self.screen.clear,
+            "g": self.show_guard,
         }
 
     # -- data --
@@ -239,6 +242,9 @@ class ViewUI:
     def show_help(self) -> None:
         self.showing_help = True
 
+    def show_guard(self) -> None:
+        self.showing_guard = True
+
     def describe(self, row: Row) -> str:
         s = self.state
         width = bucket_width(*s.window()) if s.column == "contime" else 0
@@ -256,8 +262,11 @@ class ViewUI:
             put(self.screen, 0, 0, fit("window too small", max(width - 1, 0)))
             self.screen.refresh()
             return
-        if self.showing_help:
-            for y, line in enumerate(HELP.splitlines()[: height - 1]):
+        if self.showing_help or self.showing_guard:
+            from picosnitch.ui import verdicts
+            text = HELP.splitlines() if self.showing_help else verdicts.lines(
+                getattr(self.history, "conn", None) if not self.history.label else None, height - 3)
+            for y, line in enumerate(text[: height - 1]):
                 put(self.screen, y, 0, fit(line, width - 1))
             self.screen.refresh()
             return
@@ -366,8 +375,8 @@ class ViewUI:
             self.draw()
             key = self.screen.get_wch()
             self.state.message = ""
-            if self.showing_help:
-                self.showing_help = False
+            if self.showing_help or self.showing_guard:
+                self.showing_help = self.showing_guard = False
                 continue
             if key == "q":
                 return

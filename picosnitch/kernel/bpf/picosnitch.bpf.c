@@ -650,7 +650,7 @@ static __always_inline void on_send(struct sock *sk, int ret)
 	if (ret <= 0)
 		return;
 	account(task, sk, st, has_peer ? &peer : NULL, ret, true);
-	if (st && !(st->flags & FIRST_SEEN) && is_tcp(sk))
+	if (cfg.read_payloads && st && !(st->flags & FIRST_SEEN) && is_tcp(sk))
 		look_at_first_send(task, sk, st, ret);
 }
 
@@ -686,7 +686,7 @@ static __always_inline void tcp_count_consumed(struct sock *sk, struct tcp_sock 
 	st->counted_seq = seq;
 	task = bpf_get_current_task_btf();
 	account(task, sk, st, NULL, delta, false);
-	if (remote_port(sk, NULL) == 53)
+	if (cfg.read_payloads && remote_port(sk, NULL) == 53)
 		look_at_dns_answer(task, sk, st, NULL, delta);
 }
 
@@ -709,7 +709,7 @@ static __always_inline void on_recv(struct sock *sk, int ret, int flags)
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return;
 	account(task, sk, st, has_peer ? &peer : NULL, ret, false);
-	if (remote_port(sk, has_peer ? &peer : NULL) == 53 && is_udp(sk))
+	if (cfg.read_payloads && remote_port(sk, has_peer ? &peer : NULL) == 53 && is_udp(sk))
 		look_at_dns_answer(task, sk, st, has_peer ? &peer : NULL, ret);
 }
 

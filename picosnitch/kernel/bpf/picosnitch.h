@@ -55,6 +55,8 @@ enum loss_kind {
 struct monitor_config {
 	__u32 tcp_rx_by_seq;  /* TCP receive bytes from copied_seq (catches splice) instead of recvmsg */
 	__u32 cells;          /* counter cells (entries of cell_keys, cells_0 and cells_1), a multiple of 64 */
+	__u32 read_payloads;  /* read names from DNS answers and TCP connections' first sends */
+	__u32 _pad;
 };
 
 /* The drain's state, shared with user space (section .data.drain). The kernel adds to the counter

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from picosnitch.kernel.wire_names import (
+from picosnitch.identity.names import (
     Malformed,
     parse_dns_payload,
     parse_dns_response,
