@@ -27,11 +27,12 @@ programs are small C programs compiled at run time (Python would be the bottlene
    each run connects to the loopback server, writes a few bytes and exits at once. Every run has
    its own tag in argv, so its row is found by cmdline; a run counts as attributed with a verified
    sha256 when a row has that cmdline, exe = the path, sha256 = the file's hash, and the bytes it
-   sent. Then --distinct copies of the program, each with a byte of its own (so each is a file of
-   its own, with its own sha256 and its own pin), run once each the same way, and are deleted
-   as soon as they have run: each must have its own row with its own file's hash. Meanwhile the
-   open descriptors of the monitor and the identity worker (which hold the pinned executables)
-   and their PSS are sampled every 50 ms.
+   sent. Then --distinct copies of the program, each with bytes of its own (so each is a file of
+   its own, with its own sha256 and its own pin), run once each the same way: each must have its
+   own row with its own file's hash. This daemon runs with "Set RLIMIT_NOFILE" --nofile (512), so
+   its identity worker holds at most 256 pinned executables, fewer than --distinct: the oldest are
+   hashed and closed. Meanwhile the open descriptors of the monitor and the identity worker and
+   their PSS are sampled every 50 ms.
 
 Daemon CPU = utime+stime of every process in the daemon's process group (/proc/PID/stat) over the
 interval, divided by wall time (100 % = one core); PSS = sum of Pss from /proc/PID/smaps_rollup.
@@ -716,15 +717,10 @@ class FdSampler:
         return {role: (self.before.get(role, 0), self.fds[role]) for role in self.fds}
 
 
-def run_tagged(programs: List[Path], port: int, size: int, tags: List[str], parallel: int,
-               delete: bool = False) -> List[int]:
-    """Runs programs[i] with tags[i] (--parallel at a time); with `delete`, each file is deleted
-    as soon as its run is over."""
+def run_tagged(programs: List[Path], port: int, size: int, tags: List[str], parallel: int) -> List[int]:
+    """Runs programs[i] with tags[i], --parallel at a time."""
     def one(i: int) -> int:
-        code = subprocess.run([str(programs[i]), str(port), str(size), tags[i]]).returncode
-        if delete:
-            programs[i].unlink()
-        return code
+        return subprocess.run([str(programs[i]), str(port), str(size), tags[i]]).returncode
     with ThreadPoolExecutor(parallel) as pool:
         return list(pool.map(one, range(len(tags))))
 
@@ -752,7 +748,8 @@ def short_lived_phase(args, storm: Path, once: Path, work: Path, r: Results) -> 
         path.write_bytes(once.read_bytes() + i.to_bytes(4, "little"))
         path.chmod(0o755)
         distinct_sha[str(path)] = sha256_file(path)
-    daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit}).start()
+    daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit,
+                               "Set RLIMIT_NOFILE": args.nofile}).start()
     try:
         time.sleep(SETTLE_SECONDS)
         server = Server(storm, 1)
@@ -764,10 +761,9 @@ def short_lived_phase(args, storm: Path, once: Path, work: Path, r: Results) -> 
         r.short_seconds = time.monotonic() - begin
         r.short_runs = len(tags)
         r.short_ok_runs = codes.count(0)
-        print(f"distinct executables: {args.distinct}, each run once and deleted ...", flush=True)
+        print(f"distinct executables: {args.distinct}, each run once ...", flush=True)
         begin = time.monotonic()
-        run_tagged(distinct, server.port, size, [f"distinct-{i:05d}" for i in range(args.distinct)], args.parallel,
-                   delete=True)
+        run_tagged(distinct, server.port, size, [f"distinct-{i:05d}" for i in range(args.distinct)], args.parallel)
         r.distinct_seconds = time.monotonic() - begin
         r.distinct_runs = len(distinct)
         time.sleep(args.write_limit + 3)  # written in the ordinary way, not by the final drain
@@ -839,7 +835,7 @@ def report(args, r: Results) -> None:
          f"{r.short_ok_runs} runs succeeded, {r.short_runs / r.short_seconds:,.0f} runs/s)", "100 %"),
         ("Short-lived: any row / exact bytes", f"{pct(r.short_attributed, r.short_runs)} / "
                                                f"{pct(r.short_bytes_ok, r.short_runs)}", "100 %"),
-        ("Distinct executables, each run once and deleted: own row with its file's sha256",
+        ("Distinct executables, each run once: own row with its file's sha256",
          f"{pct(r.distinct_verified, r.distinct_runs)} ({r.distinct_verified} of {r.distinct_runs}, "
          f"{r.distinct_runs / max(r.distinct_seconds, 1e-9):,.0f} runs/s)", "100 %"),
         ("Open descriptors, identity (before / max during the runs)",
@@ -889,6 +885,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--processes", type=int, help="short-lived runs")
     p.add_argument("--parallel", type=int, default=4, help="short-lived runs at a time")
     p.add_argument("--distinct", type=int, help="distinct executables run once each")
+    p.add_argument("--nofile", type=int, default=512,
+                   help='"Set RLIMIT_NOFILE" of the short-lived daemon (it holds half as many pins)')
     p.add_argument("--clients", type=int, default=os.cpu_count(), help="storm client processes")
     p.add_argument("--servers", type=int, default=os.cpu_count(), help="storm server processes")
     p.add_argument("--bytes", type=int, default=100, help="bytes each storm connection writes")
