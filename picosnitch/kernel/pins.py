@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from picosnitch.kernel.records import Exec, FileKey, Pinned, PinnedFile
 
 FDS_PER_MESSAGE = 250  # SCM_RIGHTS carries at most 253 descriptors per message (SCM_MAX_FD)
+FLUSH_AT = 64  # descriptors the monitor holds before it sends them, batch or not
 MESSAGE_BYTES = 1 << 16
 FD_SIZE = array.array("i").itemsize
 OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -72,10 +73,15 @@ def _strip_deleted(path: str) -> str:
 class ExecPinner:
     """Opens what each exec ran and queues the new descriptors until send() passes them on."""
 
-    def __init__(self, classify: Optional[Classifier] = None, memory: int = 128, proc: str = "/proc"):
+    def __init__(self, classify: Optional[Classifier] = None, memory: int = 128, proc: str = "/proc",
+                 sock: Optional[socket.socket] = None, flush_at: int = FLUSH_AT):
+        """With `sock`, descriptors are sent as soon as `flush_at` are queued, and by flush()."""
         self.classify = classify
         self.memory = memory
         self.proc = proc
+        self.sock = sock
+        self.flush_at = flush_at
+        self.dropped = 0  # descriptors closed unsent: the identity worker was too far behind
         self._sent: "OrderedDict[FileKey, None]" = OrderedDict()
         self._queued: Dict[FileKey, int] = {}  # key -> descriptor, not yet sent
 
@@ -146,6 +152,13 @@ class ExecPinner:
         self._queued.clear()
         return queued
 
+    def flush(self) -> None:
+        """Sends what is queued to the identity worker now, without waiting for it: a burst of new
+        executables holds at most `flush_at` descriptors here. Those its socket has no room for
+        are closed (the identity worker then hashes by path, verified: hashing.hash_if_same)."""
+        if self.sock is not None and self._queued:
+            self.dropped += send(self.sock, self.take(), socket.MSG_DONTWAIT)
+
 
     def close(self) -> None:
         for fd in self._queued.values():
@@ -198,6 +211,8 @@ class ExecPinner:
             os.close(fd)
         else:
             self._queued[key] = fd
+            if len(self._queued) >= self.flush_at:
+                self.flush()
         self._sent[key] = None
         self._sent.move_to_end(key)
         while len(self._sent) > self.memory:
@@ -205,15 +220,24 @@ class ExecPinner:
         return pinned
 
 
-def send(sock: socket.socket, queued: List[Tuple[FileKey, int]]) -> None:
-    """Sends descriptors (their keys as the payload) to the identity worker, then closes them here."""
+def send(sock: socket.socket, queued: List[Tuple[FileKey, int]], flags: int = 0) -> int:
+    """Sends descriptors (their keys as the payload) to the identity worker, then closes them here;
+    returns how many could not be sent (no room, with MSG_DONTWAIT; too many in flight)."""
+    unsent = 0
     for start in range(0, len(queued), FDS_PER_MESSAGE):
         part = queued[start:start + FDS_PER_MESSAGE]
         try:
-            socket.send_fds(sock, [pickle.dumps([key for key, _ in part])], [fd for _, fd in part])
+            socket.send_fds(sock, [pickle.dumps([key for key, _ in part])], [fd for _, fd in part], flags)
+        except (BlockingIOError, InterruptedError):
+            unsent += len(part)
+        except OSError as e:
+            if e.errno != errno.ETOOMANYREFS:
+                raise
+            unsent += len(part)
         finally:
             for _, fd in part:
                 os.close(fd)
+    return unsent
 
 
 def receive(sock: socket.socket) -> List[Tuple[FileKey, int]]:

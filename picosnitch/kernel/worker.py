@@ -11,7 +11,6 @@ import signal
 import threading
 
 from picosnitch import parent_death
-from picosnitch.kernel import pins
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
 from picosnitch.kernel.pins import ExecPinner, pin_capacity
@@ -23,21 +22,21 @@ SEND_QUEUE = 8  # batches waiting for the identity worker before the monitor wai
 
 
 class Sender:
-    """Sends each batch, after the descriptors pinned for it, from a thread; in order."""
+    """Sends each batch from a thread, in order; the descriptors pinned for it go first, from the
+    monitor's thread (ExecPinner.flush), so they are on their socket before the batch is queued."""
 
-    def __init__(self, to_identity, pin_socket, pinner: ExecPinner):
-        self.to_identity, self.pin_socket, self.pinner = to_identity, pin_socket, pinner
+    def __init__(self, to_identity, pinner: ExecPinner):
+        self.to_identity, self.pinner = to_identity, pinner
         self.queue: "queue.Queue" = queue.Queue(SEND_QUEUE)
         self.thread = threading.Thread(target=self._loop, name="sender", daemon=True)
         self.thread.start()
 
     def __call__(self, batch) -> None:
-        self.queue.put((self.pinner.take(), batch))
+        self.pinner.flush()
+        self.queue.put(batch)
 
     def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            queued, batch = item
-            pins.send(self.pin_socket, queued)
+        while (batch := self.queue.get()) is not None:
             self.to_identity.send(batch)
 
     def close(self) -> None:
@@ -73,8 +72,8 @@ def run(config, to_identity, ready, supervisor_pid: int, pin_socket=None, classi
             os.setpriority(os.PRIO_PROCESS, 0, PIN_NICE)  # it only ever reacts to events: costs little
         except OSError:
             pass
-        monitor.pinner = ExecPinner(classify, memory=min(128, pin_capacity() // 4))
-        sender = Sender(to_identity, pin_socket, monitor.pinner)
+        monitor.pinner = ExecPinner(classify, memory=min(128, pin_capacity() // 4), sock=pin_socket)
+        sender = Sender(to_identity, monitor.pinner)
     try:
         monitor.run(sender or to_identity.send, stop.is_set)
     finally:
