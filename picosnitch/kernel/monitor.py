@@ -10,7 +10,6 @@ import ctypes
 import mmap
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -18,10 +17,9 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
-from picosnitch.kernel.pins import ExecPinner, Grab
+from picosnitch.kernel.pins import ExecPinner
 from picosnitch.kernel.records import (
     CELL_DIRTY_BITS,
-    EVENT_EXEC,
     LOSS_KINDS,
     MIRRORS,
     Degraded,
@@ -359,29 +357,19 @@ class KernelMonitor:
     # --- records ---
 
     def _on_event(self, data: bytes) -> None:
-        grab = self._grab_exec(data)
         record = parse_event(data)
         if record is not None:
             self._pending.append(record)
             if isinstance(record, Exec):
-                self._pin_exec(record, grab)
+                self._pin_exec(record)
                 if self.libcs:
                     self.libcs.notice(record.tgid)
-        elif grab is not None:
-            grab.close()
 
-    def _grab_exec(self, data: bytes) -> Optional[Grab]:
-        """An exec's executable, cwd and root are opened first, before the event is even parsed:
-        a short-lived process may be gone a millisecond later (kernel.pins)."""
-        if self.pinner is None:
-            return None
-        kind, tgid = struct.unpack_from("=II", data)
-        return self.pinner.grab(tgid) if kind == EVENT_EXEC else None
-
-    def _pin_exec(self, record: Exec, grab: Optional[Grab]) -> None:
-        """The Pinned record follows its Exec."""
+    def _pin_exec(self, record: Exec) -> None:
+        """Now, within microseconds of the exec, while what it ran is still there (a short-lived
+        process may be gone a millisecond later): the Pinned record follows its Exec."""
         if self.pinner is not None:
-            self._pending.append(self.pinner.pin(record, grab))
+            self._pending.append(self.pinner.pin(record))
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""

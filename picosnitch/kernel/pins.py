@@ -50,7 +50,7 @@ def key_of(st: os.stat_result) -> FileKey:
 
 
 class Grab:
-    """What grab() could open of a process that just exec'd (None: it was gone)."""
+    """What could be opened of a process that just exec'd (None: it was gone)."""
 
     def __init__(self) -> None:
         self.exe_fd: Optional[int] = None
@@ -85,30 +85,30 @@ class ExecPinner:
         self._sent: "OrderedDict[FileKey, None]" = OrderedDict()
         self._queued: Dict[FileKey, int] = {}  # key -> descriptor, not yet sent
 
-    def grab(self, tgid: int) -> "Grab":
-        """The first moments after an exec, before its record is even parsed: opens the executable
-        and takes handles on the process's cwd and root (O_PATH), which stay usable after it exits,
-        so that a script named relative to them can still be found."""
-        base = f"{self.proc}/{tgid}"
+    def pin(self, record: Exec) -> Pinned:
+        """The Pinned record for an exec: its executable, and the script or program the classifier
+        names, opened through O_PATH handles on the process's cwd and root (taken only then)."""
         grab = Grab()
+        base = f"{self.proc}/{record.tgid}"
         try:
             grab.exe_fd = os.open(f"{base}/exe", OPEN_FLAGS)
             grab.exe_path = os.readlink(f"{base}/exe")
-            grab.root_fd = os.open(f"{base}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            grab.cwd_fd = os.open(f"{base}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            grab.shares_our_root = os.readlink(f"{base}/root") == "/"
         except OSError:
-            pass  # gone already: what was opened is used, the rest is found by path (pin)
-        return grab
-
-    def pin(self, record: Exec, grab: Optional["Grab"] = None) -> Pinned:
-        """The Pinned record for an exec: what grab() opened, and the script or program the
-        classifier names, opened through the process's cwd or root."""
-        grab = grab or self.grab(record.tgid)
+            pass  # gone already: found by path, verified (_open_verified)
         try:
             return self._pin(record, grab)
         finally:
             grab.close()
+
+    def _handles(self, tgid: int, grab: "Grab") -> None:
+        """O_PATH handles on the cwd and root of a process, usable after it has exited."""
+        base = f"{self.proc}/{tgid}"
+        try:
+            grab.root_fd = os.open(f"{base}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            grab.shares_our_root = grab.shares_our_root or os.readlink(f"{base}/root") == "/"
+            grab.cwd_fd = os.open(f"{base}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            pass  # gone: _open_run_file says what could not be found
 
     def _pin(self, record: Exec, grab: "Grab") -> Pinned:
         files: List[PinnedFile] = []
@@ -124,7 +124,10 @@ class ExecPinner:
                 missed.append(("exe", record.filename, "the process was gone before it could be pinned"))
         if exe is not None:
             files.append(exe)
-        for role, path in (self.classify(record, exe.path if exe else record.filename) if self.classify else ()):
+        targets = self.classify(record, exe.path if exe else record.filename) if self.classify else ()
+        if targets:
+            self._handles(record.tgid, grab)
+        for role, path in targets:
             try:
                 pinned = self._open_run_file(grab, role, path)
             except OSError as e:
@@ -202,7 +205,11 @@ class ExecPinner:
         if st.st_ino != record.exe_ino or not same_device or not stat.S_ISREG(st.st_mode):
             os.close(fd)
             return None
-        return self._keep(fd, PinnedFile("exe", os.path.realpath(record.filename), key_of(st), st.st_nlink))
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")  # its real path, as /proc/PID/exe would have said
+        except OSError:
+            path = record.filename
+        return self._keep(fd, PinnedFile("exe", _strip_deleted(path), key_of(st), st.st_nlink))
 
     def _keep(self, fd: int, pinned: PinnedFile) -> PinnedFile:
         """Queues fd to be sent, unless its file was sent recently (then the key is enough)."""
