@@ -23,11 +23,11 @@ import resource
 import socket
 import stat
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from picosnitch.kernel.records import Exec, FileKey, Pinned, PinnedFile
 
-FDS_PER_MESSAGE = 250  # SCM_RIGHTS carries at most 253 descriptors per message (SCM_MAX_FD)
+FDS_PER_MESSAGE = 64  # at most SCM_MAX_FD (253); few, so the receiver holds few beyond its own store
 FLUSH_AT = 64  # descriptors the monitor holds before it sends them, batch or not
 MESSAGE_BYTES = 1 << 16
 FD_SIZE = array.array("i").itemsize
@@ -247,19 +247,19 @@ def send(sock: socket.socket, queued: List[Tuple[FileKey, int]], flags: int = 0)
     return unsent
 
 
-def receive(sock: socket.socket) -> List[Tuple[FileKey, int]]:
-    """Every (key, descriptor) waiting on the identity worker's end of the socket (non-blocking)."""
-    received: List[Tuple[FileKey, int]] = []
+def receive(sock: socket.socket) -> Iterator[Tuple[FileKey, int]]:
+    """Every (key, descriptor) waiting on the identity worker's end of the socket (non-blocking),
+    one message at a time: a consumer that keeps few open never holds a whole burst at once."""
     room = socket.CMSG_LEN(FDS_PER_MESSAGE * FD_SIZE)
     while True:
         try:  # (socket.recv_fds would drop MSG_DONTWAIT)
             data, ancillary, _, _ = sock.recvmsg(MESSAGE_BYTES, room, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            return received
+            return
         fds = array.array("i")
         for level, kind, payload in ancillary:
             if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
                 fds.frombytes(payload[: len(payload) - len(payload) % FD_SIZE])
         if not data and not fds:
-            return received
-        received += list(zip(pickle.loads(data), fds))
+            return
+        yield from zip(pickle.loads(data), fds)
