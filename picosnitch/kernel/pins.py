@@ -53,6 +53,7 @@ class Grab:
     """What could be opened of a process that just exec'd (None: it was gone)."""
 
     def __init__(self) -> None:
+        self.known: Optional[PinnedFile] = None  # the executable, sent recently
         self.exe_fd: Optional[int] = None
         self.exe_path: Optional[str] = None
         self.root_fd: Optional[int] = None
@@ -82,7 +83,7 @@ class ExecPinner:
         self.sock = sock
         self.flush_at = flush_at
         self.dropped = 0  # descriptors closed unsent: the identity worker was too far behind
-        self._sent: "OrderedDict[FileKey, None]" = OrderedDict()
+        self._sent: "OrderedDict[FileKey, str]" = OrderedDict()  # key -> path, recently sent
         self._queued: Dict[FileKey, int] = {}  # key -> descriptor, not yet sent
 
     def pin(self, record: Exec) -> Pinned:
@@ -91,14 +92,25 @@ class ExecPinner:
         grab = Grab()
         base = f"{self.proc}/{record.tgid}"
         try:
-            grab.exe_fd = os.open(f"{base}/exe", OPEN_FLAGS)
-            grab.exe_path = os.readlink(f"{base}/exe")
+            grab.known = self._recent(os.stat(f"{base}/exe"))  # an exec storm of one binary: one stat each
+            if grab.known is None:
+                grab.exe_fd = os.open(f"{base}/exe", OPEN_FLAGS)
+                grab.exe_path = os.readlink(f"{base}/exe")
         except OSError:
             pass  # gone already: found by path, verified (_open_verified)
         try:
             return self._pin(record, grab)
         finally:
             grab.close()
+
+    def _recent(self, st: os.stat_result) -> Optional[PinnedFile]:
+        """The pin of a file sent recently, refreshed as used, or None."""
+        key = key_of(st)
+        path = self._sent.get(key)
+        if path is None or not stat.S_ISREG(st.st_mode):
+            return None
+        self._sent.move_to_end(key)
+        return PinnedFile("exe", path, key, st.st_nlink)
 
     def _handles(self, tgid: int, grab: "Grab") -> None:
         """O_PATH handles on the cwd and root of a process, usable after it has exited."""
@@ -113,8 +125,8 @@ class ExecPinner:
     def _pin(self, record: Exec, grab: "Grab") -> Pinned:
         files: List[PinnedFile] = []
         missed: List[Tuple[str, str, str]] = []
-        exe: Optional[PinnedFile] = None
-        if grab.exe_fd is not None and grab.exe_path is not None:
+        exe: Optional[PinnedFile] = grab.known
+        if exe is None and grab.exe_fd is not None and grab.exe_path is not None:
             exe = self._pinned(grab.exe_fd, "exe", grab.exe_path)
             grab.exe_fd = None  # kept (or closed) by _pinned
         if exe is None:
@@ -220,7 +232,7 @@ class ExecPinner:
             self._queued[key] = fd
             if len(self._queued) >= self.flush_at:
                 self.flush()
-        self._sent[key] = None
+        self._sent[key] = pinned.path
         self._sent.move_to_end(key)
         while len(self._sent) > self.memory:
             self._sent.popitem(last=False)
