@@ -18,7 +18,7 @@ from picosnitch.messages import ErrorReport, Stop
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
 PIN_NICE = -10  # pins race the processes they pin: a busy machine must not keep the monitor waiting
-SEND_QUEUE = 8  # batches waiting for the identity worker before the monitor waits too
+SEND_QUEUE = 16  # batches waiting for the identity worker before the monitor waits too
 
 
 class Sender:
