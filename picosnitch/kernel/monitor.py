@@ -17,12 +17,14 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional,
 
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
+from picosnitch.kernel.pins import ExecPinner
 from picosnitch.kernel.records import (
     CELL_DIRTY_BITS,
     LOSS_KINDS,
     MIRRORS,
     Degraded,
     DrainState,
+    Exec,
     Flow,
     FlowKey,
     FlowValue,
@@ -229,6 +231,7 @@ class KernelMonitor:
         self.libcs: Optional[LibcProbes] = None
         self._pending: List[Record] = []
         self._losses_seen = [0] * len(LOSS_KINDS)
+        self.pinner: Optional[ExecPinner] = None  # pins what each exec ran (kernel.pins), when set
 
     # --- loading ---
 
@@ -386,8 +389,16 @@ class KernelMonitor:
         record = parse_event(data)
         if record is not None:
             self._pending.append(record)
-            if record.kind == "exec" and self.libcs:
-                self.libcs.notice(record.tgid)
+            if isinstance(record, Exec):
+                self._pin_exec(record)
+                if self.libcs:
+                    self.libcs.notice(record.tgid)
+
+    def _pin_exec(self, record: Exec) -> None:
+        """Now, within microseconds of the exec, while what it ran is still there (a short-lived
+        process may be gone a millisecond later): the Pinned record follows its Exec."""
+        if self.pinner is not None:
+            self._pending.append(self.pinner.pin(record))
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""
@@ -438,7 +449,10 @@ class KernelMonitor:
             batch = self.poll(max(next_drain - time.monotonic(), 0))
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
-                batch += [*self.drain(), *self.losses()]
+                flows = self.drain()
+                # The exec that made a drained flow's sender was in the ring before the flow was
+                # sent: read it now, so it precedes its flows in the batch.
+                batch += [*self.poll(0), *flows, *self.losses()]
             _deliver_in_parts(deliver, batch)
         _deliver_in_parts(deliver, [*self.poll(0), *self.drain_all(), *self.losses()])
 
