@@ -188,6 +188,7 @@ RULES: dict[str, Rule] = {
     "Dash token": Rule("", _secret),
     "Desktop notification users": Rule([], _user_list),
     "Desktop notifications": Rule(True, _boolean),
+    "Dpkg database": Rule("/var/lib/dpkg", _string),
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1, MAX_FLOW_ENTRIES)),
     "GeoIP database": Rule("", _string),
@@ -477,6 +478,9 @@ _EXAMPLE = """\
   "Desktop notification users": [],
   # Tell the desktop about new executables, new names and changed executables (new sha256).
   "Desktop notifications": true,
+  # dpkg's database, to tell a changed executable the package manager installed from one modified
+  # outside any package (rpm's is asked too, where rpm is installed).
+  "Dpkg database": "/var/lib/dpkg",
   # Record every executable that runs, not only those that use the network.
   "Every exe (not just conns)": false,
   # Flows the kernel tracks between two reads; flows beyond this are counted and reported.

@@ -430,6 +430,47 @@ def test_the_plan_leaves_out_what_each_kernel_lacks_and_says_why(kernel, feature
     assert all(reason for reason in disabled.values())
 
 
+def object_programs() -> dict:
+    obj = libbpf.BpfObject(default_object_path())
+    try:
+        return {prog.name: prog.section for prog in obj.programs()}
+    finally:
+        obj.close()
+
+
+KERNEL_6_1 = KernelFeatures(frozenset({"tcp_rcv_space_adjust", "inet_sock_set_state", "sched_process_exec",
+                                       "sched_process_fork", "sched_process_exit"}), frozenset(), True,
+                            frozenset({"inet_sendmsg", "inet6_sendmsg", "inet_recvmsg", "inet6_recvmsg",
+                                       "inet_sendpage", "packet_sendmsg", "packet_recvmsg"}))
+
+
+def reported(disabled: dict) -> list:
+    monitor = KernelMonitor()
+    monitor._report_disabled(disabled)
+    return [(d.consequence, d.reason) for d in monitor.degraded]
+
+
+def test_on_6_1_a_refused_fallback_is_said_once_with_the_kernels_reason():
+    disabled = plan(object_programs(), KERNEL_6_1)
+    for prog in ("inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit"):
+        disabled[prog] = "the kernel refused inet_sendmsg_exit: R2 unbounded memory access"
+    assert reported(disabled) == [("no traffic will be counted",
+                                   "the kernel refused inet_sendmsg_exit: R2 unbounded memory access")]
+
+
+def test_on_6_1_a_refused_stand_in_is_said_with_its_reason():
+    disabled = plan(object_programs(), KERNEL_6_1)
+    assert "not needed" in disabled["tcp_rcv_space_adjust"]  # no bpf_rdonly_cast before 6.2
+    disabled["tcp_rcv_space_adjust_compat"] = "the kernel refused tcp_rcv_space_adjust_compat: -22"
+    disabled["inet_sock_set_state"] = "the kernel refused tcp_rcv_space_adjust_compat: -22"
+    assert reported(disabled) == [("TCP data received with splice() will not be counted",
+                                   "the kernel refused tcp_rcv_space_adjust_compat: -22")]
+
+
+def test_on_6_1_nothing_is_left_out():
+    assert reported(plan(object_programs(), KERNEL_6_1)) == []
+
+
 def test_the_ctypes_mirrors_match_the_objects_btf():
     obj = libbpf.BpfObject(default_object_path())
     try:
@@ -561,8 +602,11 @@ def test_counter_cells_are_reused_once_user_space_has_read_them():
     assert any(len(ports) > 1 for ports in cells_of.values())  # a cell carried two of our sockets in turn
 
 
-def test_a_hook_the_kernel_refuses_leaves_the_rest_working():
-    # This kernel has no BPF trampolines, so the fexit fallback for byte counting is refused.
+def test_a_hook_the_kernel_refuses_leaves_the_rest_working(monkeypatch):
+    # A kernel without BPF trampolines (this machine's) refuses the fexit fallback for byte counting
+    # by itself; a stock kernel would load it, so there it is refused as such a kernel would.
+    if libbpf.loads_fexit("inet_sendmsg"):
+        refuse(monkeypatch, "inet_sendmsg_exit")
     monitor = KernelMonitor(byte_hooks="fallback")
     try:
         degraded = monitor.start()

@@ -36,6 +36,7 @@ from picosnitch.alerts import keeper_worker, notifier_worker, vt_worker
 from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.guard import worker as guard_worker
+from picosnitch.identity import interpreters
 from picosnitch.identity import worker as identity_worker
 from picosnitch.kernel import handover
 from picosnitch.kernel import worker as monitor_worker
@@ -107,16 +108,19 @@ class Supervisor:
         self.kept: Dict[str, int] = {}  # descriptors by name; a restarted monitor inherits them
         self.shared = handover.shared_block()
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
+        # The files each exec ran, pinned by the monitor, go to the identity worker on their own socket.
+        pins_out, pins_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         targets = {
             "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid(),
-                                             self.to_supervisor, kept_w, self.kept, self.shared)),
+                                             self.to_supervisor, kept_w, self.kept, self.shared, pins_out,
+                                             interpreters.classify)),
             "identity": (identity_worker.run, (config, inbox["identity"][0], {c: inbox[c][1] for c in consumers},
                                                to_keeper["identity"][1], inbox["guard"][1] if guard else None,
-                                               handover.shared_block())),
+                                               handover.shared_block(), pins_in)),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
             "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
-                                           to_helper["notifier"], to_helper["vt"])),
+                                           to_helper["notifier"], to_helper["vt"], config["Dpkg database"])),
         }
         if guard:
             targets["guard"] = (guard_worker.run, (config, paths, inbox["guard"][0], to_keeper["guard"][1],

@@ -272,6 +272,9 @@ def run(config, paths, inbox, to_keeper, supervisor_pid: int = 0) -> int:
     guard = None
     if missing:
         report("guard mode is off: %s not installed" % " and ".join(missing))
+    elif not firewall.may_change_netfilter():
+        report("guard mode is off: it needs the capability CAP_NET_ADMIN, which picosnitch.service does not "
+               "grant; to add it: systemctl edit picosnitch, then [Service] and CapabilityBoundingSet=CAP_NET_ADMIN")
     else:
         try:
             guard = Guard(config, paths, report)

@@ -14,8 +14,11 @@ from typing import Dict, List, Optional
 from picosnitch import channels, heap
 from picosnitch.connection import Tally
 from picosnitch.identity.fanotify import ExecutableWatcher, FanotifyUnavailable
+from picosnitch.identity.pin_store import PinStore
 from picosnitch.identity.resolver import IdentityResolver
+from picosnitch.kernel import pins
 from picosnitch.kernel.handover import Held, Shared
+from picosnitch.kernel.pins import pin_capacity
 from picosnitch.messages import ErrorReport, Observed, Resend, Stop
 
 EXPIRE_EVERY = 30.0
@@ -119,9 +122,10 @@ class InHand:
 
 
 def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper, to_guard=None,
-        shared_block=None) -> int:
+        shared_block=None, pin_socket=None) -> int:
     """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server),
-    and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given."""
+    and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given.
+    `pin_socket` brings the files the monitor pinned at exec (kernel.pins)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
     reports = Reports(to_keeper)
@@ -134,9 +138,11 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper,
         reports.send(ErrorReport(f"changes to executables will not be noticed: {e}"))
     resolver = IdentityResolver(config, reports.send, watcher.watch if watcher else None)
     resolver.table.scan()
+    if pin_socket is not None:
+        resolver.pins = PinStore(pin_capacity(), resolver.hash_before_closing)
     limit = config["DB write limit (seconds)"]
     next_expiry = time.monotonic() + EXPIRE_EVERY
-    sources = [from_monitor] + ([watcher] if watcher else [])
+    sources = [from_monitor] + ([watcher] if watcher else []) + ([pin_socket] if pin_socket else [])
     senders = [*consumers.values(), to_keeper] + ([to_guard] if to_guard is not None else [])
     try:
         while True:
@@ -145,6 +151,10 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper,
                 if watcher is not None and source is watcher:
                     for path in watcher.read_changes():
                         resolver.rehash(path)
+                    continue
+                if resolver.pins is not None:  # sent before the batch that names them
+                    resolver.pins.add(pins.receive(pin_socket))
+                if source is pin_socket:
                     continue
                 batch = from_monitor.recv()
                 if isinstance(batch, Stop):
@@ -170,6 +180,8 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper,
     finally:
         if watcher:
             watcher.close()
+        if resolver.pins is not None:
+            resolver.pins.close()
 
 
 def _finish(consumers: Dict[str, channels.Channel], reports: Reports, losses: Losses, to_guard) -> None:

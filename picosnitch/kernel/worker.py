@@ -1,14 +1,17 @@
 """The privileged monitor process: runs the kernel monitor and passes its records on in batches.
 
 It never waits for the identity worker (channels): the kernel's ring buffer and maps are read on
-time whatever happens downstream. Records the identity worker does not take in time, beyond the
-channel's bound, are dropped and said exactly in the next batch it takes.
+time whatever happens downstream, and so what each exec ran is pinned (kernel.pins) while the
+identity worker is slow to read, instead of short-lived processes exiting unpinned. Records the
+identity worker does not take in time, beyond the channel's bound, are dropped and said exactly
+in the next batch it takes.
 
 A monitor restarted after a crash or a kill takes over the maps and attached programs of the one
 before it (handover), so what the kernel counted meanwhile is not lost; what that one had read
 from the kernel and not yet handed on is said, exactly, at the head of the first batch.
 """
 
+import os
 import signal
 import threading
 from typing import List, Optional
@@ -18,21 +21,25 @@ from picosnitch.kernel import handover
 from picosnitch.kernel.handover import Held
 from picosnitch.kernel.libbpf import LibbpfError
 from picosnitch.kernel.monitor import KernelMonitor, MonitorError
+from picosnitch.kernel.pins import ExecPinner, pin_capacity
 from picosnitch.messages import ErrorReport, Stop, WorkerEnded
 from picosnitch.sanitize import printable
 
 EXIT_FATAL = 3  # the monitor cannot run here: the supervisor must not restart it
 EXIT_NOT_TAKEN_OVER = 4  # what the last monitor left cannot be taken over: start afresh
 FINISH_TIMEOUT = 20.0  # seconds to hand over what is still queued at exit
+PIN_NICE = -10  # pins race the processes they pin: a busy machine must not keep the monitor waiting
 
 
 def run(config, to_identity, ready, supervisor_pid: int, to_supervisor, keeper=None, left=None,
-        shared_block=None) -> int:
+        shared_block=None, pin_socket=None, classify=None) -> int:
     """Loads the BPF programs, or takes over those `left` by the monitor before (descriptors the
     supervisor kept, see handover), sets `ready`, and sends record batches until SIGTERM (also
     sent when the supervisor dies). `keeper`: the socket that hands the supervisor descriptors
-    to keep. When the programs cannot be loaded at all, the supervisor is told why (WorkerEnded)
-    and the daemon stops."""
+    to keep. With `pin_socket`, what each exec ran is pinned (kernel.pins, with the daemon's
+    `classify` naming scripts and programs) and its descriptors are sent there, each batch's
+    before the batch. When the programs cannot be loaded at all, the supervisor is told why
+    (WorkerEnded) and the daemon stops."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -60,10 +67,19 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor, keeper=N
     if degraded:
         to_identity.send(degraded)
     ready.set()
+    if pin_socket is not None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, PIN_NICE)  # it only ever reacts to events: costs little
+        except OSError:
+            pass
+        monitor.pinner = ExecPinner(classify, memory=min(128, pin_capacity() // 4), sock=pin_socket)
+        delivery.pinner = monitor.pinner
     try:
         monitor.run(delivery, stop.is_set)
     finally:
         monitor.close()
+        if monitor.pinner:
+            monitor.pinner.close()
     to_identity.send(Stop("monitor"))
     to_identity.finish(FINISH_TIMEOUT)
     return 0
@@ -79,6 +95,7 @@ class Delivery:
 
     def __init__(self, to_identity: channels.Channel, shared: Optional[handover.Shared] = None):
         self.to_identity, self.shared = to_identity, shared
+        self.pinner: Optional[ExecPinner] = None  # its descriptors go to their socket before each batch
         self.lost = Held()
         self.left = Held.kept_in(shared) if shared else Held()  # what the last monitor held when it ended
         if shared:
@@ -92,6 +109,8 @@ class Delivery:
             held.keep_in(self.shared)
 
     def __call__(self, batch: List) -> None:
+        if self.pinner is not None:
+            self.pinner.flush()
         for held in self.to_identity.take_dropped():
             self.lost.add(held)
         if self.left:

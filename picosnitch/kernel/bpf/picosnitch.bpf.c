@@ -576,11 +576,12 @@ static __always_inline void send_payload(struct task_struct *task, struct sock *
 	e->kind = kind;
 	fill_key(&e->key, task, sk, st, peer);
 	/* Up to PS_PAYLOAD_MAX - 1 bytes: a mask on the register passed is a bound every verifier keeps
-	 * (6.1's loses a comparison's bound when the value is spilled to the stack and read back). */
+	 * (6.1's loses a comparison's bound when the value is spilled to the stack and read back). The
+	 * barrier keeps clang from dropping the mask as redundant after the comparison. */
 	if (len >= PS_PAYLOAD_MAX)
 		len = PS_PAYLOAD_MAX - 1;
-	len &= PS_PAYLOAD_MAX - 1;
 	barrier_var(len);
+	len &= PS_PAYLOAD_MAX - 1;
 	if (bpf_probe_read_user(e->data, len, (void *)buf)) {
 		bpf_ringbuf_discard(e, 0);
 		return;
