@@ -338,6 +338,22 @@ def test_changes_not_yet_saved_survive_a_killed_keeper_through_the_journal(tmp_p
     assert record.save() and not (tmp_path / "record.journal").exists()
 
 
+def test_a_hash_and_its_package_survive_a_killed_keeper_through_the_journal(tmp_path):
+    paths = (tmp_path / "record.json", tmp_path / "exe.log", tmp_path / "record.journal")
+    installed = {SHA_A: Origin("curl", "8.5.0", True), SHA_B: Origin("curl", "8.6.0", True)}
+
+    def observe():
+        record = RecordKeeper(*paths[:2], lambda path, sha: installed.get(sha), journal_path=paths[2])
+        record.observe("/usr/bin/curl", "curl", SHA_A)
+
+    killed_after(observe)
+    record = RecordKeeper(*paths[:2], lambda path, sha: installed.get(sha), journal_path=paths[2])
+    assert record.replayed == 1
+    assert record.as_dict()[PACKAGE_BY_SHA256] == {"/usr/bin/curl": {SHA_A: "curl 8.5.0"}}
+    upgraded, = record.observe("/usr/bin/curl", "curl", SHA_B)  # the label before the update was kept
+    assert upgraded.note == "updated by the package manager: curl 8.5.0 → 8.6.0"
+
+
 def test_lines_a_log_refuses_are_held_and_appended_in_order_later(tmp_path):
     log = tmp_path / "exe.log"
     log.mkdir()  # cannot be opened for appending, as a full or failing disk refuses it
