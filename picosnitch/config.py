@@ -355,7 +355,7 @@ def parse(text: str, path: str | os.PathLike = "config.json") -> Config:
     return Config(values, path, tuple(warnings), lines)
 
 
-def read_regular_file(path: str | os.PathLike, limit: int = MAX_SIZE) -> bytes:
+def read_regular_file(path: str | os.PathLike, limit: int = MAX_SIZE, what: str = "a config file") -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes; OSError or
     ValueError (one sentence) otherwise.
 
@@ -367,7 +367,7 @@ def read_regular_file(path: str | os.PathLike, limit: int = MAX_SIZE) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise ValueError("is not a regular file (it is %s)" % _file_type(st.st_mode))
         if st.st_size > limit:
-            raise ValueError("is %d bytes, more than the %d a config file may have" % (st.st_size, limit))
+            raise ValueError("is %d bytes, more than the %d %s may have" % (st.st_size, limit, what))
         with os.fdopen(descriptor, "rb", closefd=False) as file:
             return file.read(limit + 1)
     finally:
