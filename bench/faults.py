@@ -39,6 +39,7 @@ from test_faults import (  # noqa: E402
     fill,
     read_only,
     recorded_executables,
+    said_times,
     sent_by,
     sent_to,
     small_filesystem,
@@ -72,8 +73,14 @@ def killed_worker(prefix, sink, netops, work, worker, pattern, times=3):
         time.sleep(2)
         lost = sent - sent_to(daemon, sink.port)
         daemon.stop()
+    lines = restart_lines(daemon, worker)
     return (f"{worker} killed {times}× under churn ({kb(sent)} sent)", kb(max(lost, 0)),
-            f"{times} restart lines; {kb(said)} said lost", f"{max(restarts):.2f} s (slowest restart)")
+            f"{lines} restart lines; {kb(said)} said lost", f"{max(restarts):.2f} s (slowest restart)")
+
+
+def restart_lines(daemon, worker):
+    return said_times(daemon.error_log(), f"the {worker} worker stopped unexpectedly (killed by signal 9); "
+                                          "restarting it")
 
 
 def keeper(prefix, sink, netops, work):
@@ -95,7 +102,7 @@ def keeper(prefix, sink, netops, work):
     twice = [p for p in programs if news.count(str(p)) != 1]
     return ("keeper killed 3× just after a new executable's first connection",
             f"{len(missing)} executables (record.json), {len(twice)} exe.log lines missing or doubled",
-            "3 restart lines", f"{slowest:.2f} s (until record.json has it)")
+            f"{restart_lines(daemon, 'keeper')} restart lines", f"{slowest:.2f} s (until record.json has it)")
 
 
 def daemon_killed(prefix, sink, netops, work):
@@ -194,8 +201,12 @@ def read_only_data(prefix, sink, netops, work):
     wait_for(lambda: sent_by(daemon, netops, sink.port) == 2345, timeout=30)
     recovered = time.monotonic() - writable
     daemon.stop()
+    said = [what for what, line in (("the directory", "cannot be prepared (Read-only file system)"),
+                                    ("snitch.db cannot be written", "snitch.db cannot be written ("),
+                                    ("written again", "snitch.db can be written again"))
+            if line in daemon.error_log() + daemon.stderr()]
     return ("data directory read-only at start", kb(2345 - sent_by(daemon, netops, sink.port)),
-            "the directory, and snitch.db cannot be written", f"{recovered:.2f} s (writable until written)")
+            "; ".join(said) or "nothing", f"{recovered:.2f} s (writable until written)")
 
 
 def planted_link(prefix, sink, netops, work):
@@ -210,8 +221,10 @@ def planted_link(prefix, sink, netops, work):
         wait_for(lambda: sent_by(daemon, netops, sink.port) == 1234)
         recovered = time.monotonic() - begun
     untouched = outside.read_bytes() == b"" and not Path(f"{outside}-wal").exists()
+    said = f"{daemon.paths.db} was a symbolic link to {outside}: root does not write through links; moved it to"
     return ("snitch.db a symbolic link to a file outside", "nothing" + ("" if untouched else "; TARGET WRITTEN"),
-            "the link, moved aside", f"{recovered:.2f} s (start until first row)")
+            "the link, and where it was moved" if said in daemon.error_log() else "nothing",
+            f"{recovered:.2f} s (start until first row)")
 
 
 def damaged_wal(prefix, sink, netops, work):
