@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import sql_servers  # noqa: E402
 
-from picosnitch import config  # noqa: E402
+from picosnitch import channels, config  # noqa: E402
 from picosnitch.central import worker as sql_worker  # noqa: E402
 from picosnitch.central.backlog import Batch  # noqa: E402
 from picosnitch.central.queries import ServerHistory, ServerSQL  # noqa: E402
@@ -89,8 +89,8 @@ class Worker:
         paths.ensure_dirs()
         cfg = config.parse(json.dumps({"DB write limit (seconds)": 1,
                                        "DB sql server": server.params(table_name=table)}))
-        inbox_r, self.inbox = ctx.Pipe(duplex=False)
-        keeper_r, keeper_w = ctx.Pipe(duplex=False)
+        inbox_r, self.inbox = channels.pair(sender_waits=True)
+        keeper_r, keeper_w = channels.pair()
         self.process = ctx.Process(target=sql_worker.run, args=(cfg, paths, inbox_r, keeper_w))
         self.process.start()
         keeper_w.close()

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -76,33 +77,37 @@ def _object(value: Any) -> Optional[str]:
     return "must be an object ({} for none), not %s" % _shown(value)
 
 
-def _integer(minimum: int, note: str = "") -> Check:
+def _integer(minimum: int, maximum: int, note: str = "") -> Check:
     def check(value: Any) -> Optional[str]:
-        if _is_int(value) and value >= minimum:
+        if _is_int(value) and minimum <= value <= maximum:
             return None
-        return "must be an integer >= %d%s, not %s" % (minimum, note, _shown(value))
+        return "must be an integer from %d to %d%s, not %s" % (minimum, maximum, note, _shown(value))
     return check
 
 
-def _null_or_integer(minimum: int) -> Check:
+def _null_or_integer(minimum: int, maximum: int) -> Check:
     def check(value: Any) -> Optional[str]:
-        if value is None or (_is_int(value) and value >= minimum):
+        if value is None or (_is_int(value) and minimum <= value <= maximum):
             return None
-        return "must be null or an integer >= %d, not %s" % (minimum, _shown(value))
+        return "must be null or an integer from %d to %d, not %s" % (minimum, maximum, _shown(value))
     return check
 
 
-def _power_of_two(value: Any) -> Optional[str]:
-    if _is_int(value) and value >= 1 and value & (value - 1) == 0:
-        return None
-    return "must be a power of two (1, 2, 4, ... 256, ...), not %s" % _shown(value)
+def _power_of_two(maximum: int) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if _is_int(value) and 1 <= value <= maximum and value & (value - 1) == 0:
+            return None
+        return "must be a power of two from 1 to %d (1, 2, 4, ... 256, ...), not %s" % (maximum, _shown(value))
+    return check
 
 
-def _seconds(value: Any) -> Optional[str]:
-    number = _is_int(value) or isinstance(value, float)
-    if number and math.isfinite(value) and value >= 0:
-        return None
-    return "must be a number of seconds >= 0, not %s" % _shown(value)
+def _seconds(maximum: int) -> Check:
+    def check(value: Any) -> Optional[str]:
+        number = _is_int(value) or isinstance(value, float)
+        if number and math.isfinite(value) and 0 <= value <= maximum:
+            return None
+        return "must be a number of seconds from 0 to %d, not %s" % (maximum, _shown(value))
+    return check
 
 
 def _ignore_list(value: Any) -> Optional[str]:
@@ -120,7 +125,7 @@ def _user_list(value: Any) -> Optional[str]:
         return "must be a list of user names or uids ([] for the logged-in users), not %s" % (
             _shown(value))
     for index, item in enumerate(value, 1):
-        if not ((isinstance(item, str) and item) or (_is_int(item) and item >= 0)):
+        if not ((isinstance(item, str) and item) or (_is_int(item) and 0 <= item <= MAX_UID)):
             return "must list only user names and uids, but item %d is %s" % (index, _shown(item))
     return None
 
@@ -158,13 +163,26 @@ def _http_url(value: Any) -> Optional[str]:
     return "must be an http:// or https:// URL, not %s" % _shown(value)
 
 
+# Upper bounds: each far above any sensible setting, and low enough that the value fits what it is
+# given to (a timeout in milliseconds, a u32 map size, memory the kernel must lock).
+MAX_DAYS = 36500  # a century of history
+MAX_SECONDS = 86400  # a day between writes or VirusTotal requests
+MAX_BACKLOG_MB = 1_000_000  # a terabyte
+MAX_FLOW_ENTRIES = 1 << 22  # about 1 GiB of kernel memory for the flow maps and counter cells
+MAX_RING_PAGES = (1 << 30) // os.sysconf("SC_PAGE_SIZE")  # 1 GiB
+MAX_OPEN_FILES = (1 << 31) - 1  # the kernel's own ceiling (fs.nr_open is checked when it is set)
+MAX_UID = (1 << 32) - 2  # (uid_t) -1 means "no user"
+MAX_DEV_MASK = (1 << 64) - 1
+MAX_NESTING = 100  # arrays and objects within each other: config.json needs 3
+MAX_SIZE = 1 << 20  # bytes: config.json is a few kilobytes
+
 RULES: dict[str, Rule] = {
-    "DB retention (days)": Rule(30, _integer(0, " (0 keeps everything)")),
-    "DB sql backlog (MB)": Rule(100, _integer(1)),
+    "DB retention (days)": Rule(30, _integer(0, MAX_DAYS, " (0 keeps everything)")),
+    "DB sql backlog (MB)": Rule(100, _integer(1, MAX_BACKLOG_MB)),
     "DB sql log": Rule(True, _boolean),
     "DB sql server": Rule({}, _object),
     "DB text log": Rule(False, _boolean),
-    "DB write limit (seconds)": Rule(10, _integer(1)),
+    "DB write limit (seconds)": Rule(10, _integer(1, MAX_SECONDS)),
     "Dash scroll zoom": Rule(True, _boolean),
     "Dash theme": Rule("", _string),
     "Dash token": Rule("", _secret),
@@ -172,15 +190,15 @@ RULES: dict[str, Rule] = {
     "Desktop notifications": Rule(True, _boolean),
     "Dpkg database": Rule("/var/lib/dpkg", _string),
     "Every exe (not just conns)": Rule(False, _boolean),
-    "Flow map entries": Rule(65536, _integer(1)),
+    "Flow map entries": Rule(65536, _integer(1, MAX_FLOW_ENTRIES)),
     "GeoIP database": Rule("", _string),
     # Guard mode (picosnitch/guard): an opt-in firewall; see the README's "Guard mode".
     "Guard fail open": Rule(True, _boolean),
     "Guard interfaces": Rule([], _name_list),
     "Guard mode": Rule("off", _one_of("off", "ask", "deny unknown")),
     "Guard prompt group": Rule("", _string),
-    "Guard queue number": Rule(7455, _integer(0)),
-    "Guard timeout (seconds)": Rule(60, _seconds),
+    "Guard queue number": Rule(7455, _integer(0, 65535)),  # an NFQUEUE number is 16 bits
+    "Guard timeout (seconds)": Rule(60, _seconds(MAX_SECONDS)),
     "Guard timeout action": Rule("deny", _one_of("deny", "allow")),
     "GeoIP lookup": Rule(True, _boolean),
     "Log addresses": Rule(True, _boolean),
@@ -189,13 +207,13 @@ RULES: dict[str, Rule] = {
     "Live feed group": Rule("", _string),
     "Log ports": Rule(True, _boolean),
     "Names from traffic": Rule(True, _boolean),
-    "Perf ring buffer (pages)": Rule(256, _power_of_two),
-    "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1)),
-    "Set st_dev mask": Rule(None, _null_or_integer(0)),
+    "Perf ring buffer (pages)": Rule(256, _power_of_two(MAX_RING_PAGES)),
+    "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1, MAX_OPEN_FILES)),
+    "Set st_dev mask": Rule(None, _null_or_integer(0, MAX_DEV_MASK)),
     "VT API URL": Rule("https://www.virustotal.com/api/v3", _http_url),
     "VT API key": Rule("", _string),
     "VT file upload": Rule(False, _boolean),
-    "VT request limit (seconds)": Rule(15, _seconds),
+    "VT request limit (seconds)": Rule(15, _seconds(MAX_SECONDS)),
 }
 
 
@@ -284,10 +302,30 @@ def _members(text: str) -> list[tuple[str, Any, int]]:
             position += 1
 
 
+_STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"?')
+_BRACKET = re.compile(r"[][{}]")
+
+
+def _too_deep(stripped: str) -> Optional[int]:
+    """The line where arrays and objects first nest deeper than MAX_NESTING, else None.
+
+    Checked before parsing: json would otherwise recurse once per level until Python's
+    recursion limit, and a file of nested brackets would end in a RecursionError."""
+    depth = 0
+    for match in _BRACKET.finditer(_STRING.sub(lambda m: " " * len(m.group()), stripped)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_NESTING:
+            return stripped.count("\n", 0, match.start()) + 1
+    return None
+
+
 def parse(text: str, path: str | os.PathLike = "config.json") -> Config:
     """Check config `text` (as read from `path`, which only names it in messages)."""
     path = str(path)
     stripped = strip_comments(text)
+    deep = _too_deep(stripped)
+    if deep is not None:
+        raise ConfigError(path, "arrays and objects are nested more than %d deep" % MAX_NESTING, deep)
     try:
         top = json.loads(stripped)
     except json.JSONDecodeError as error:
@@ -317,12 +355,41 @@ def parse(text: str, path: str | os.PathLike = "config.json") -> Config:
     return Config(values, path, tuple(warnings), lines)
 
 
+def read_regular_file(path: str | os.PathLike, limit: int = MAX_SIZE, what: str = "a config file") -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes; OSError or
+    ValueError (one sentence) otherwise.
+
+    Opened without blocking and checked before reading: a FIFO, a device or a socket planted as
+    config.json would otherwise hang the start, or feed it without end."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(descriptor)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("is not a regular file (it is %s)" % _file_type(st.st_mode))
+        if st.st_size > limit:
+            raise ValueError("is %d bytes, more than the %d %s may have" % (st.st_size, limit, what))
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            return file.read(limit + 1)
+    finally:
+        os.close(descriptor)
+
+
+def _file_type(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
 def load(path: str | os.PathLike) -> Config:
     """Read and check the config file at `path`; raises ConfigError when it cannot be used."""
     try:
-        raw = Path(path).read_bytes()
+        raw = read_regular_file(path)
     except OSError as error:
         raise ConfigError(path, "cannot be read (%s)" % (error.strerror or error)) from None
+    except ValueError as error:
+        raise ConfigError(path, str(error)) from None
+    if len(raw) > MAX_SIZE:  # grew while it was read
+        raise ConfigError(path, "is more than the %d bytes a config file may have" % MAX_SIZE)
     try:
         text = raw.decode("utf-8-sig")  # tolerate the byte order mark some editors add
     except UnicodeDecodeError as error:

@@ -6,6 +6,9 @@ names of the `connections` view in snitch.db.
 """
 
 from dataclasses import dataclass, field, fields
+from typing import Iterable, Optional
+
+from picosnitch.timestamps import local_time
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,46 @@ def from_row(row: dict) -> Connection:
     return Connection(identity, endpoint, row["ts"], row["send"], row["recv"],
                       row["packets_sent"], row["packets_recv"])
 
+
+
+def widen(span, other) -> None:
+    """Makes `span`'s first and last (None: unknown) take in `other`'s."""
+    for edge, pick in (("first", min), ("last", max)):
+        mine, theirs = getattr(span, edge), getattr(other, edge)
+        setattr(span, edge, theirs if mine is None else mine if theirs is None else pick(mine, theirs))
+
+
+@dataclass
+class Tally:
+    """How much traffic some Connections hold: rows, bytes both ways, and the span of their
+    windows. What cannot be stored is told the user as a tally, exactly (lost_sentence())."""
+
+    rows: int = 0
+    traffic: int = 0  # bytes sent and received
+    first: Optional[int] = None  # the earliest window start
+    last: Optional[int] = None  # the latest window start
+
+    @classmethod
+    def of(cls, connections: Iterable[Connection]) -> "Tally":
+        tally = cls()
+        for c in connections:
+            tally.rows += 1
+            tally.traffic += c.send + c.recv
+            tally.first = c.ts if tally.first is None else min(tally.first, c.ts)
+            tally.last = c.ts if tally.last is None else max(tally.last, c.ts)
+        return tally
+
+    def add(self, other: "Tally") -> None:
+        self.rows += other.rows
+        self.traffic += other.traffic
+        widen(self, other)
+
+    def __bool__(self) -> bool:
+        return self.rows > 0
+
+    def sentence(self) -> str:
+        """"N rows, M bytes of traffic between T1 and T2": what a report of lost rows begins with."""
+        span = ""
+        if self.first is not None and self.last is not None:
+            span = f" between {local_time(self.first)} and {local_time(self.last)}"
+        return f"{self.rows} row{'' if self.rows == 1 else 's'}, {self.traffic} bytes of traffic{span}"

@@ -12,6 +12,12 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Resend:
+    """To the identity worker: the record keeper was restarted; send it again every identity
+    observed, so nothing the old keeper had not recorded is lost (it ignores what it knows)."""
+
+
+@dataclass(frozen=True)
 class ErrorReport:
     """One line for error.log; reports with the same key are counted rather than repeated."""
 
@@ -49,3 +55,13 @@ class VtResult:
     name: str
     sha256: str
     status: str
+
+
+@dataclass(frozen=True)
+class WorkerEnded:
+    """A worker's last words to the supervisor: why it is about to exit. `fatal`: restarting it
+    cannot help (the kernel monitor cannot run here), so the daemon stops."""
+
+    name: str
+    reason: str
+    fatal: bool = False

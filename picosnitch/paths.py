@@ -31,6 +31,7 @@ class Paths:
     data_dir: Path
     db: Path
     record: Path
+    record_journal: Path  # changes to record.json since it was last saved
     # Reserved for the remote SQL writer's disk backlog. Not made by ensure_dirs(): that writer
     # runs unprivileged, so whoever starts it creates this directory owned by its user.
     sql_backlog: Path
@@ -41,6 +42,8 @@ class Paths:
     run_dir: Path
     pid_file: Path
     live_socket: Path
+    error_counts: Path  # error.log's repeat counts not yet written
+    writer_spill: Path  # what the writer received and its destinations lack (store.spill)
     rules: Path  # guard mode's rules file
     guard_socket: Path  # guard mode's prompts
 
@@ -59,6 +62,7 @@ class Paths:
             data_dir=data_dir,
             db=data_dir / "snitch.db",
             record=data_dir / "record.json",
+            record_journal=data_dir / "record.journal",
             sql_backlog=data_dir / "sql-backlog",
             log_dir=log_dir,
             exe_log=log_dir / "exe.log",
@@ -67,6 +71,8 @@ class Paths:
             run_dir=run_dir,
             pid_file=run_dir / "picosnitch.pid",
             live_socket=run_dir / "live.sock",
+            error_counts=run_dir / "error-counts.json",
+            writer_spill=run_dir / "writer.spill",
             rules=config_dir / "rules",
             guard_socket=run_dir / "guard.sock",
         )
@@ -80,17 +86,32 @@ class Paths:
         """The directories ensure_dirs() creates."""
         return (self.config_dir, self.data_dir, self.log_dir, self.run_dir)
 
-    def ensure_dirs(self) -> None:
+    def ensure_dirs(self) -> list[str]:
         """Create the directories (mode 0o755; owned by root when running as root).
 
         An existing directory is brought back to that mode and owner too, so a directory left
         group- or world-writable by hand cannot be used to plant files that root then writes.
+        Returns a sentence for each directory that cannot be made or fixed (a read-only
+        filesystem): what would be written there waits, or is said lost, where it is used.
         """
+        problems = []
         for directory in self.directories():
-            directory.mkdir(parents=True, exist_ok=True)
-            if os.geteuid() == 0:
-                os.chown(directory, 0, 0)
-            os.chmod(directory, DIRECTORY_MODE)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                if os.geteuid() == 0:
+                    os.chown(directory, 0, 0)
+                os.chmod(directory, DIRECTORY_MODE)
+            except OSError as error:
+                problems.append(f"{directory} cannot be prepared ({error.strerror}): nothing is written there "
+                                "until it can be")
+        return problems
+
+    def root_writes(self) -> tuple[Path, ...]:
+        """The files the daemon writes as root."""
+        db = str(self.db)
+        return (self.db, Path(db + "-wal"), Path(db + "-shm"), Path(db + "-journal"), self.record,
+                self.record_journal, self.exe_log, self.error_log, self.conn_log, self.error_counts,
+                self.writer_spill)
 
     def as_dict(self) -> dict[str, str]:
         """Every path by field name, as strings (what `picosnitch version` prints)."""

@@ -28,9 +28,10 @@ class Daemon:
         self.settings = {"DB write limit (seconds)": 1, **settings}
         self.proc = None
         self.notify = None  # the $NOTIFY_SOCKET the daemon reports READY=1 and STOPPING=1 on
+        self.package_root = REPO  # where `picosnitch` is imported from
 
     def env(self) -> dict:
-        return dict(os.environ, PICOSNITCH_PREFIX=str(self.prefix), PYTHONPATH=str(REPO))
+        return dict(os.environ, PICOSNITCH_PREFIX=str(self.prefix), PYTHONPATH=str(self.package_root))
 
     def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         """Runs `picosnitch ARGS` against this prefix."""
@@ -57,12 +58,16 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "picosnitch", "start-no-daemon"],
                                      env=dict(self.env(), NOTIFY_SOCKET="@" + address),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+                                     errors="surrogateescape", start_new_session=True)
         timeout *= SLOWDOWN
+        # stderr is read as it comes: a daemon that says much there (a full disk) never waits on it
+        self._stderr = []
+        self._stderr_reader = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
+        self._stderr_reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.stderr()}")
             try:
                 if b"READY=1" in notify.recv(4096).split(b"\n"):
                     return self
@@ -72,6 +77,22 @@ class Daemon:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         raise RuntimeError(f"daemon did not become ready in {timeout:g} s")
+
+    def stderr(self) -> str:
+        """What the daemon wrote on stderr so far (all of it, once it has exited)."""
+        if self.proc.poll() is not None:
+            self._stderr_reader.join(10)
+        return "".join(self._stderr)
+
+    def worker(self, name: str):
+        """The pid of the worker called `name` (monitor, identity, writer, keeper, ...), if it runs."""
+        for pid in self.workers():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == f"snitch-{name}"[:15]:
+                    return pid
+            except FileNotFoundError:
+                continue
+        return None
 
     def workers(self) -> list:
         """Pids of the daemon's processes other than the supervisor."""

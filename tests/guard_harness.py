@@ -20,6 +20,7 @@ from typing import List
 
 from netlab import NetLab, family_of, listen
 
+from picosnitch import channels
 from picosnitch import config as config_module
 from picosnitch.guard import firewall
 from picosnitch.guard import worker as guard_worker
@@ -156,8 +157,8 @@ class GuardRun:
         values = {"Guard mode": "ask", "Guard interfaces": [lab.host_if], "Guard queue number": self.queue,
                   "Desktop notifications": False, "Guard timeout (seconds)": 30, **settings}
         self.config = config_module.parse(json.dumps(values))
-        self.inbox_r, self.inbox_w = _ctx.Pipe(duplex=False)
-        self.keeper_r, self.keeper_w = _ctx.Pipe(duplex=False)
+        self.inbox_r, self.inbox_w = channels.pair(sender_waits=True)
+        self.keeper_r, self.keeper_w = channels.pair()
         self.reports: List[str] = []
         self.process = _ctx.Process(target=guard_worker.run,
                                     args=(self.config, self.paths, self.inbox_r, self.keeper_w))

@@ -1,8 +1,8 @@
 """What keeps the daemon's memory bounded under a connection storm, and gives it back afterwards.
 
 A storm (thousands of short TCP connections a second) makes one endpoint per ephemeral port.
-The identity worker sends its Connections in parts of identity_worker.CHUNK, pickled once for
-all consumers; the writer writes a window in parts once it holds writer_worker.MAX_PENDING rows
+The identity worker sends its Connections in messages of at most channels.MAX_PACKET bytes,
+pickled once for all consumers; the writer writes a window in parts once it holds writer_worker.MAX_PENDING rows
 (snitch.db still has one row per key and window), and after a burst, at the first quiet window,
 it forgets cached ids and SQLite's page cache and returns free heap pages (heap.trim).
 bench/daemon_load.py measures the memory this saves; these tests check that nothing is lost.
@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from picosnitch import config, heap
+from picosnitch import channels, config, heap
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.identity import worker as identity_worker
 from picosnitch.identity.resolver import IdentityResolver
@@ -52,8 +52,8 @@ class Writer:
         context = multiprocessing.get_context(start_method)
         self.paths = Paths.under(tmp_path)
         self.paths.ensure_dirs()
-        inbox, self.inbox = ctx.Pipe(duplex=False)
-        self.keeper, to_keeper = ctx.Pipe(duplex=False)
+        inbox, self.inbox = channels.pair(sender_waits=True)
+        self.keeper, to_keeper = channels.pair()
         self.process = context.Process(target=writer_worker.run, args=(cfg(), self.paths, inbox, to_keeper))
         self.process.start()
         to_keeper.close()  # the writer's is the only one left: its exit ends the pipe
@@ -125,37 +125,44 @@ def test_after_a_storm_the_writer_gives_its_memory_back(tmp_path):
     assert len(rows) == 28001 and sum(send for _, send, _ in rows) == 200001 * 100
 
 
-def test_a_storm_batch_reaches_every_consumer_in_parts_pickled_once(monkeypatch):
-    monkeypatch.setattr(identity_worker, "CHUNK", 1000)
+def test_a_storm_batch_reaches_every_consumer_in_messages_pickled_once():
     resolver = IdentityResolver(config.defaults(), lambda message: None)
     me = Path("/proc/self/exe").stat()
     flows = [Flow(os.getpid(), os.getppid(), 1000, 4026531840, me.st_dev, me.st_ino, 2, 6, "127.0.0.1", port, "127.0.0.1",
-                  4000, 100, 0, 3, 2) for port in range(32768, 35268)]
-    pipes = [ctx.Pipe(duplex=False) for _ in range(2)]
+                  4000, 100, 0, 3, 2, time=TS) for port in range(32768, 35268)]
+    links = [channels.pair() for _ in range(2)]
     sent = []
 
     class Counting:
-        """One consumer's pipe, noting every message it is given."""
+        """One consumer's channel, noting every message it is given."""
 
         def __init__(self, end):
             self.end = end
 
-        def send_bytes(self, data):
-            sent.append(data)
-            self.end.send_bytes(data)
+        def send_bytes(self, data, tally=None):
+            sent.append((data, tally))
+            self.end.send_bytes(data, tally)
 
     received = [[], []]
-    readers = [threading.Thread(target=lambda r=reader, into=into: into.extend(r.recv() for _ in range(3)))
-               for (reader, _), into in zip(pipes, received)]  # a pipe holds less than one part
+
+    def read(reader, into):
+        while sum(len(part) for part in into) < len(flows):
+            into.append(reader.recv())
+
+    readers = [threading.Thread(target=read, args=(reader, into)) for (reader, _), into in zip(links, received)]
     for thread in readers:
         thread.start()
-    identity_worker.resolve(resolver, flows, TS, [Counting(end) for _, end in pipes])
+    identity_worker.resolve(resolver, flows, 1, {"one": Counting(links[0][1]), "two": Counting(links[1][1])})
     for thread in readers:
         thread.join(30)
-    assert [len(part) for part in received[0]] == [1000, 1000, 500]
-    assert received[0] == received[1]
+    assert len(received[0]) > 1 and received[0] == received[1]
     assert [c.endpoint.lport for part in received[0] for c in part] == list(range(32768, 35268))
-    assert sent[0] is sent[1] and len({id(data) for data in sent}) == 3  # one pickle per part
+    assert {c.ts for part in received[0] for c in part} == {TS}  # the window it was drained in
+    assert all(len(data) <= channels.MAX_PACKET for data, _ in sent)
+    assert [data for data, _ in sent[::2]] == [data for data, _ in sent[1::2]]  # one pickle per message, for both
+    assert len({id(data) for data, _ in sent}) == len(received[0])
+    assert sum(tally.rows for _, tally in sent[::2]) == len(flows)
+    assert sum(tally.traffic for _, tally in sent[::2]) == 100 * len(flows)
 
 
 def test_trim_returns_the_free_pages_of_the_heap():

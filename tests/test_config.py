@@ -9,6 +9,8 @@ import pytest
 from picosnitch import config
 from picosnitch.config import ConfigError
 
+PAGES = (1 << 30) // os.sysconf("SC_PAGE_SIZE")  # the largest ring buffer: 1 GiB
+
 ORIGINAL_DEFAULTS = {
     "DB retention (days)": 30,
     "DB sql log": True,
@@ -121,26 +123,26 @@ def test_invalid_json_names_file_line_and_column(tmp_path):
 def test_a_wrong_type_names_file_line_and_key(tmp_path):
     error = error_for(tmp_path, '{\n  "DB sql log": true,\n  # how often\n'
                                 '  "DB write limit (seconds)": "ten"\n}')
-    assert str(error) == ('%s line 4: "DB write limit (seconds)" must be an integer >= 1, '
-                          'not "ten"' % (tmp_path / "config.json"))
+    assert str(error) == ('%s line 4: "DB write limit (seconds)" must be an integer from 1 to '
+                          '86400, not "ten"' % (tmp_path / "config.json"))
     assert (error.line, error.key) == (4, "DB write limit (seconds)")
 
 
 @pytest.mark.parametrize("key, value, complaint", [
-    ("DB write limit (seconds)", 0, "must be an integer >= 1, not 0"),
-    ("DB write limit (seconds)", 1.5, "must be an integer >= 1, not 1.5"),
-    ("DB retention (days)", -1, "must be an integer >= 0 (0 keeps everything), not -1"),
+    ("DB write limit (seconds)", 0, "must be an integer from 1 to 86400, not 0"),
+    ("DB write limit (seconds)", 1.5, "must be an integer from 1 to 86400, not 1.5"),
+    ("DB retention (days)", -1, "must be an integer from 0 to 36500 (0 keeps everything), not -1"),
     ("DB sql log", 1, "must be true or false, not 1"),
     ("DB sql server", [], "must be an object ({} for none), not []"),
     ("Dash theme", None, "must be a string, not null"),
-    ("Perf ring buffer (pages)", 100, "must be a power of two (1, 2, 4, ... 256, ...), not 100"),
-    ("Perf ring buffer (pages)", 0, "must be a power of two (1, 2, 4, ... 256, ...), not 0"),
-    ("Set RLIMIT_NOFILE", 0, "must be null or an integer >= 1, not 0"),
-    ("Set st_dev mask", -1, "must be null or an integer >= 0, not -1"),
-    ("Set st_dev mask", True, "must be null or an integer >= 0, not true"),
-    ("Flow map entries", 0, "must be an integer >= 1, not 0"),
-    ("DB sql backlog (MB)", 0, "must be an integer >= 1, not 0"),
-    ("VT request limit (seconds)", -5, "must be a number of seconds >= 0, not -5"),
+    ("Perf ring buffer (pages)", 100, f"must be a power of two from 1 to {PAGES} (1, 2, 4, ... 256, ...), not 100"),
+    ("Perf ring buffer (pages)", 0, f"must be a power of two from 1 to {PAGES} (1, 2, 4, ... 256, ...), not 0"),
+    ("Set RLIMIT_NOFILE", 0, "must be null or an integer from 1 to 2147483647, not 0"),
+    ("Set st_dev mask", -1, "must be null or an integer from 0 to 18446744073709551615, not -1"),
+    ("Set st_dev mask", True, "must be null or an integer from 0 to 18446744073709551615, not true"),
+    ("Flow map entries", 0, "must be an integer from 1 to 4194304, not 0"),
+    ("DB sql backlog (MB)", 0, "must be an integer from 1 to 1000000, not 0"),
+    ("VT request limit (seconds)", -5, "must be a number of seconds from 0 to 86400, not -5"),
     ("Log ignore", "443", 'must be a list ([] for none), not "443"'),
     ("Log ignore", ["a", 70000], "must list only strings and port numbers (0-65535), "
                                  "but item 2 is 70000"),
@@ -156,6 +158,55 @@ def test_a_wrong_type_names_file_line_and_key(tmp_path):
 def test_out_of_range_values_are_refused(tmp_path, key, value, complaint):
     error = error_for(tmp_path, '{\n  %s: %s\n}' % (json.dumps(key), json.dumps(value)))
     assert str(error) == '%s line 2: "%s" %s' % (tmp_path / "config.json", key, complaint)
+
+
+@pytest.mark.parametrize("key, value, complaint", [
+    ("DB write limit (seconds)", 10**12, "must be an integer from 1 to 86400, not 1000000000000"),
+    ("DB retention (days)", 10**20, "must be an integer from 0 to 36500 (0 keeps everything), not "
+                                    "100000000000000000000"),
+    ("Set RLIMIT_NOFILE", 10**20, "must be null or an integer from 1 to 2147483647, not 100000000000000000000"),
+    ("Flow map entries", 4294967296, "must be an integer from 1 to 4194304, not 4294967296"),
+    ("Perf ring buffer (pages)", 2147483648, f"must be a power of two from 1 to {PAGES} (1, 2, 4, ... 256, ...), "
+                                             "not 2147483648"),
+    ("VT request limit (seconds)", 1e300, "must be a number of seconds from 0 to 86400, not 1e+300"),
+    ("Desktop notification users", [2**40], "must list only user names and uids, but item 1 is 1099511627776"),
+])
+def test_magnitudes_beyond_what_the_value_is_given_to_are_refused(tmp_path, key, value, complaint):
+    error = error_for(tmp_path, '{\n  %s: %s\n}' % (json.dumps(key), json.dumps(value)))
+    assert str(error) == '%s line 2: "%s" %s' % (tmp_path / "config.json", key, complaint)
+
+
+def test_deeply_nested_arrays_are_refused_with_their_line_not_a_recursion_error(tmp_path):
+    path = write(tmp_path, '{\n  "Log ignore": ' + "[" * 200_000 + "]" * 200_000 + "\n}")
+    with pytest.raises(ConfigError, match=r"line 2: arrays and objects are nested more than 100 deep$"):
+        config.load(path)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
+    cfg = config.load(write(tmp_path, '{"Dash theme": "%s"}' % ("[" * 500)))
+    assert cfg["Dash theme"] == "[" * 500
+
+
+def test_a_file_larger_than_a_config_file_is_refused(tmp_path):
+    path = write(tmp_path, '{"Dash theme": "%s"}' % ("x" * config.MAX_SIZE))
+    with pytest.raises(ConfigError, match=r"config.json: is \d+ bytes, more than the 1048576 a config file may have$"):
+        config.load(path)
+
+
+def test_a_fifo_is_refused_at_once_instead_of_waiting_for_a_writer(tmp_path):
+    path = tmp_path / "config.json"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError, match=r"config.json: is not a regular file \(it is a FIFO\)$"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("kind, made", [("a directory", lambda p: p.mkdir()),
+                                        ("a character device", lambda p: p.symlink_to("/dev/zero"))])
+def test_other_files_that_are_not_regular_are_refused(tmp_path, kind, made):
+    path = tmp_path / "config.json"
+    made(path)
+    with pytest.raises(ConfigError, match=r"config.json: is not a regular file \(it is %s\)$" % kind):
+        config.load(path)
 
 
 @pytest.mark.parametrize("key, value", [

@@ -195,8 +195,8 @@ def stopped(daemon: Daemon) -> SimpleNamespace:
         status = daemon.stop(timeout=45)
     except subprocess.TimeoutExpired:
         daemon.kill_group()
-        raise AssertionError("the daemon did not stop: " + daemon.proc.stderr.read()[-5000:]) from None
-    assert status == 0, daemon.proc.stderr.read()[-5000:]
+        raise AssertionError("the daemon did not stop: " + daemon.stderr()[-5000:]) from None
+    assert status == 0, daemon.stderr()[-5000:]
 
     def read(path):
         return path.read_bytes() if path.exists() else b""

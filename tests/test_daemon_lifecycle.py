@@ -169,6 +169,14 @@ BAD_CONFIGS = {
     "out of range": ('{\n  "DB write limit (seconds)": 0\n}\n', 2, "DB write limit (seconds)"),
     "not a power of two": ('{"Log ports": true,\n\n "Perf ring buffer (pages)": 100}', 3,
                            "Perf ring buffer (pages)"),
+    "a write limit of 1e12 s": ('{\n"DB write limit (seconds)": 1000000000000}', 2, "DB write limit (seconds)"),
+    "RLIMIT_NOFILE 1e20": ('{\n"Set RLIMIT_NOFILE": 100000000000000000000}', 2, "Set RLIMIT_NOFILE"),
+    "RLIMIT_NOFILE above fs.nr_open": ('{\n"Set RLIMIT_NOFILE": %d}' % (int(Path("/proc/sys/fs/nr_open").read_text()) + 1),
+                                       2, "Set RLIMIT_NOFILE"),
+    "a flow map of 2^32 entries": ('{\n"Flow map entries": 4294967296}', 2, "Flow map entries"),
+    "a ring buffer of 2^31 pages": ('{\n\n"Perf ring buffer (pages)": 2147483648}', 3, "Perf ring buffer (pages)"),
+    "nested arrays": ('{\n"Log ignore": ' + "[" * 500_000 + "]" * 500_000 + "}", 2, None),
+    "an invalid subnet to ignore": ('{"DB sql log": true,\n "Log ignore": [443, "999.1.1.1/77"]}', 2, "Log ignore"),
 }
 
 
@@ -188,6 +196,16 @@ def test_bad_config_refuses_to_start(prefix, case, command):
         assert f'"{key}"' in result.stderr
     assert daemon.paths.config.read_text() == text  # left as the user wrote it
     assert daemon.cli("status").returncode == 3
+
+
+def test_config_json_as_a_fifo_refuses_to_start_at_once(prefix):
+    daemon = Daemon(prefix)
+    daemon.paths.config_dir.mkdir(parents=True)
+    os.mkfifo(daemon.paths.config)
+    result = daemon.cli("start-no-daemon", timeout=30)
+    assert result.returncode == 78
+    assert result.stderr == (f"picosnitch: {daemon.paths.config}: is not a regular file (it is a FIFO); "
+                             "picosnitch will not start until it is fixed\n")
 
 
 def test_unknown_key_warns_and_is_kept(prefix):
@@ -255,7 +273,8 @@ def test_kill_9_during_busy_writes_keeps_committed_rows(prefix, sink):
     try:
         for cycle in range(20):
             daemon.start()
-            time.sleep(1.6 + random.random())  # a window or more committed, then any moment of the next
+            wait_for(lambda: committed(daemon.paths.db, sink.port), what=f"cycle {cycle}: a window committed")
+            time.sleep(random.random())  # then any moment of the next
             before = committed(daemon.paths.db, sink.port)
             daemon.kill_group()
             after = committed(daemon.paths.db, sink.port, check=True)

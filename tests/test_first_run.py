@@ -10,7 +10,7 @@ import sys
 import pytest
 from daemon_harness import REPO
 
-from picosnitch import config, installed
+from picosnitch import channels, config, installed
 from picosnitch.alerts import vt_worker
 from picosnitch.daemon.live_feed import LiveFeedServer
 from picosnitch.installed import EXTRAS, install_command, install_extra, method
@@ -108,8 +108,8 @@ def test_each_installation_gets_its_own_command(monkeypatch):
 def test_virustotal_without_requests_says_what_to_install_once_and_waits_for_stop(monkeypatch):
     monkeypatch.setitem(sys.modules, "requests", None)  # import now raises ImportError
     ctx = multiprocessing.get_context("fork")
-    inbox, to_worker = ctx.Pipe(duplex=False)
-    from_worker, outbox = ctx.Pipe(duplex=False)
+    inbox, to_worker = channels.pair(sender_waits=True)
+    from_worker, outbox = channels.pair()
     cfg = dict(config.defaults(), **{"VT API key": "k" * 64})
     worker = ctx.Process(target=vt_worker.run, args=(cfg, inbox, outbox))
     worker.start()

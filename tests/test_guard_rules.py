@@ -114,6 +114,8 @@ def test_durations(text, duration):
     ("allow forever port 2", "after its duration"),
     ("allow exe '/usr/bin/x", "split into words"),
     ("allow user no-such-user-psn", "no user"),
+    ("allow port 22 52560001m", "at most 52560000 (100 years; use forever)"),
+    ("allow port 22 " + "9" * 5000 + "m", "at most 52560000 (100 years; use forever)"),
 ])
 def test_an_invalid_line_is_one_sentence_naming_the_line(text, complaint):
     with pytest.raises(rules.RuleError) as e:
@@ -176,3 +178,20 @@ def test_append_rule_keeps_mode_and_refuses_bad_lines(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     with pytest.raises(ValueError):
         rules.append_rule(str(path), "deny porty 2")
+
+
+def test_a_rules_file_that_is_not_a_regular_file_or_too_large_is_one_sentence_and_never_hangs(tmp_path):
+    path = tmp_path / "rules"
+    f = RulesFile(str(path))
+    path.write_text("allow port 443\n")
+    assert f.reload() and len(f.ruleset) == 1
+    path.unlink()
+    os.mkfifo(path)  # open() would wait for a writer forever
+    assert not f.reload()
+    assert f.problem == f"{path} is not a regular file (it is a FIFO); the previous rules stay in force"
+    path.unlink()
+    path.write_bytes(b"# " + b"x" * rules.MAX_RULES_FILE + b"\n")
+    assert not f.reload()
+    assert f.problem == (f"{path} is {rules.MAX_RULES_FILE + 3} bytes, more than the {rules.MAX_RULES_FILE} a rules "
+                         "file may have; the previous rules stay in force")
+    assert len(f.ruleset) == 1

@@ -549,6 +549,25 @@ def test_when_cells_and_the_flow_map_are_full_the_dropped_flows_and_bytes_are_re
     assert sum(f.bytes_sent for f in ours) == 100 * len(ours)
 
 
+def test_more_flows_than_one_batch_of_the_flow_map_each_keep_their_own_key():
+    # With 64 cells, these 3,000 flows go to the flow map, read 1,024 entries a syscall: each
+    # flow must come out with its own key (once, the keys of an earlier batch were overwritten by
+    # the next one's, and their bytes went to other flows: 20 % of a connection storm).
+    monitor = KernelMonitor(cells=64)
+    try:
+        monitor.start()
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3000)]
+        for size, s in enumerate(senders, 1):
+            s.sendto(b"z" * size, receiver.getsockname())
+        flows = monitor.drain() + monitor.drain()
+    finally:
+        monitor.close()
+    ours = {f.lport: f.bytes_sent for f in flows if f.tgid == os.getpid() and f.bytes_sent}
+    assert ours == {s.getsockname()[1]: size for size, s in enumerate(senders, 1)}
+
+
 def test_counter_cells_are_reused_once_user_space_has_read_them():
     # 1,000 short-lived sockets and 511 cells: once the cells never used run out, retired ones are
     # handed out again. Other processes' traffic takes cells too, so which cells our sockets get is

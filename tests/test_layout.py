@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "picosnitch"
 
 # Modules every stage may use: the vocabulary they share. They import only each other.
-SHARED = {"picosnitch", "picosnitch.config", "picosnitch.connection", "picosnitch.heap",
+SHARED = {"picosnitch", "picosnitch.channels", "picosnitch.config", "picosnitch.files", "picosnitch.connection", "picosnitch.heap",
           "picosnitch.installed", "picosnitch.messages", "picosnitch.parent_death",
           "picosnitch.paths", "picosnitch.sanitize", "picosnitch.timestamps"}
 

@@ -30,6 +30,7 @@ from jeepney import (
 from jeepney.io.blocking import open_dbus_connection  # noqa: E402
 from jeepney.wrappers import unwrap_msg  # noqa: E402
 
+from picosnitch import channels  # noqa: E402
 from picosnitch import config as config_module  # noqa: E402
 from picosnitch.alerts import desktop_sessions, notification_text, notifier_worker  # noqa: E402
 from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, NewThing, RecordKeeper  # noqa: E402
@@ -280,8 +281,8 @@ class Notifier:
         self.paths = Paths.under(tmp_path)
         self.paths.ensure_dirs()
         self.keeper = RecordKeeper(self.paths.record, self.paths.exe_log)
-        inbox, self.to_notifier = _ctx.Pipe(duplex=False)
-        self.from_notifier, report = _ctx.Pipe(duplex=False)
+        inbox, self.to_notifier = channels.pair(sender_waits=True)
+        self.from_notifier, report = channels.pair()
         self.process = _ctx.Process(target=notifier_worker.run, args=(
             cfg, self.paths, inbox, report, method, SETTLE, WINDOW, ERROR_WINDOW))
         self.process.start()

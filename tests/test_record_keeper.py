@@ -1,9 +1,13 @@
 """record.json, exe.log and error.log: what users read about the executables picosnitch saw."""
 
+import errno
 import json
+import multiprocessing
 import os
 import re
+import signal
 import stat
+import time
 
 from picosnitch.alerts.packages import Origin
 from picosnitch.alerts.record_keeper import (
@@ -19,6 +23,7 @@ from picosnitch.alerts.record_keeper import (
     SHA256_BY_EXE,
     VT_NOT_CHECKED,
     ErrorLog,
+    HeldLines,
     NewThing,
     RecordKeeper,
     load_record,
@@ -285,3 +290,85 @@ def test_error_log_accounts_for_every_error_across_many_keys(tmp_path):
         match = re.search(r"\(repeated (\d+) times?\)$", line)
         total += int(match.group(1)) if match else 1
     assert total == 75
+
+
+# --- nothing lost when a file cannot be written, or the keeper is killed -------------------------
+
+def killed_after(work):
+    """Runs `work` in a child process, then kills it with SIGKILL: no cleanup, no flush."""
+    done = multiprocessing.get_context("fork").Event()
+    child = multiprocessing.get_context("fork").Process(target=lambda: (work(), done.set(), time.sleep(60)))
+    child.start()
+    assert done.wait(30)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+
+
+def test_repeat_counts_not_yet_written_survive_a_killed_keeper(tmp_path):
+    paths = {"path": tmp_path / "error.log", "counts_path": tmp_path / "error-counts.json"}
+
+    def repeat():
+        log = ErrorLog(**paths)
+        for n in range(7):
+            log.error("the kernel dropped %d events" % n, key="loss")
+
+    killed_after(repeat)
+    assert [line[20:] for line in (tmp_path / "error.log").read_text().splitlines()] == [
+        "the kernel dropped 0 events"]
+    ErrorLog(**paths)  # the next keeper
+    assert [line[20:] for line in (tmp_path / "error.log").read_text().splitlines()] == [
+        "the kernel dropped 0 events", "the kernel dropped 6 events (repeated 6 times)"]
+    assert not (tmp_path / "error-counts.json").exists()
+
+
+def test_changes_not_yet_saved_survive_a_killed_keeper_through_the_journal(tmp_path):
+    paths = (tmp_path / "record.json", tmp_path / "exe.log", tmp_path / "record.journal")
+
+    def observe():
+        record = RecordKeeper(*paths[:2], journal_path=paths[2])
+        record.observe("/usr/bin/curl", "curl", SHA_A, "/usr/bin/bash", "bash")
+        record.set_vt_status("/usr/bin/curl", SHA_A, "clean")
+
+    killed_after(observe)
+    assert not (tmp_path / "record.json").exists()  # never saved
+    record = RecordKeeper(*paths[:2], journal_path=paths[2])
+    assert record.replayed == 2
+    assert record.observe("/usr/bin/curl", "curl", SHA_A, "/usr/bin/bash", "bash") == []  # not new twice
+    assert record.as_dict()[SHA256_BY_EXE] == {"/usr/bin/curl": {SHA_A: "clean"}}
+    assert record.save() and not (tmp_path / "record.journal").exists()
+
+
+def test_a_hash_and_its_package_survive_a_killed_keeper_through_the_journal(tmp_path):
+    paths = (tmp_path / "record.json", tmp_path / "exe.log", tmp_path / "record.journal")
+    installed = {SHA_A: Origin("curl", "8.5.0", True), SHA_B: Origin("curl", "8.6.0", True)}
+
+    def observe():
+        record = RecordKeeper(*paths[:2], lambda path, sha: installed.get(sha), journal_path=paths[2])
+        record.observe("/usr/bin/curl", "curl", SHA_A)
+
+    killed_after(observe)
+    record = RecordKeeper(*paths[:2], lambda path, sha: installed.get(sha), journal_path=paths[2])
+    assert record.replayed == 1
+    assert record.as_dict()[PACKAGE_BY_SHA256] == {"/usr/bin/curl": {SHA_A: "curl 8.5.0"}}
+    upgraded, = record.observe("/usr/bin/curl", "curl", SHA_B)  # the label before the update was kept
+    assert upgraded.note == "updated by the package manager: curl 8.5.0 → 8.6.0"
+
+
+def test_lines_a_log_refuses_are_held_and_appended_in_order_later(tmp_path):
+    log = tmp_path / "exe.log"
+    log.mkdir()  # cannot be opened for appending, as a full or failing disk refuses it
+    held = HeldLines(log, limit=3)
+    assert not held.append(["one", "two"]) and not held.append(["three", "four"])
+    assert held.held == ["two", "three", "four"] and held.dropped == 1 and held.error.errno == errno.EISDIR
+    log.rmdir()
+    assert held.append(["five"])
+    assert log.read_text() == "two\nthree\nfour\nfive\n"
+
+
+def test_a_planted_link_is_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_text("precious\n")
+    (tmp_path / "exe.log").symlink_to(outside)
+    held = HeldLines(tmp_path / "exe.log")
+    assert not held.append(["line"])
+    assert outside.read_text() == "precious\n"

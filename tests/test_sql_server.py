@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from picosnitch import config
+from picosnitch import channels, config
 from picosnitch.central import worker as sql_worker
 from picosnitch.central.backlog import Backlog
 from picosnitch.central.settings import load_driver, parse
@@ -171,8 +171,8 @@ class Rig:
         self.sent = 0  # bytes sent by all Connections fed in
         self.inboxes, self.processes = [], []
         for target in (writer_worker.run, sql_worker.run):
-            inbox_r, inbox_w = ctx.Pipe(duplex=False)
-            keeper_r, keeper_w = ctx.Pipe(duplex=False)
+            inbox_r, inbox_w = channels.pair(sender_waits=True)
+            keeper_r, keeper_w = channels.pair()
             process = ctx.Process(target=target, args=(self.config, self.paths, inbox_r, keeper_w))
             process.start()
             keeper_w.close()

@@ -22,6 +22,7 @@ import pytest
 from daemon_harness import REPO
 from test_view_tui import Tmux, daemon_db, line_with  # noqa: F401 - daemon_db is a fixture
 
+from picosnitch import channels
 from picosnitch.connection import from_row
 from picosnitch.daemon import live_feed
 from picosnitch.messages import Stop
@@ -48,7 +49,7 @@ class Feed:
     def __init__(self, prefix, group: str = ""):
         self.paths = Paths.under(prefix)
         self.paths.ensure_dirs()
-        inbox, self.outbox = _ctx.Pipe(duplex=False)
+        inbox, self.outbox = channels.pair(sender_waits=True)
         self.process = _ctx.Process(target=live_feed.run,
                                     args=({"Live feed group": group}, self.paths, inbox))
         self.process.start()

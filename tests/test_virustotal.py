@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 pytest.importorskip("requests")
+from picosnitch import channels  # noqa: E402
 from picosnitch import config as config_module  # noqa: E402
 from picosnitch.alerts import virustotal, vt_worker  # noqa: E402
 from picosnitch.alerts.record_keeper import SHA256_BY_EXE, RecordKeeper, record_result  # noqa: E402
@@ -127,8 +128,8 @@ class Worker:
             "VT API key": "test-key", "VT API URL": url, "VT file upload": upload,
             "VT request limit (seconds)": LIMIT}))
         self.keeper = RecordKeeper(tmp_path / "record.json", tmp_path / "exe.log")
-        inbox, self.to_worker = _ctx.Pipe(duplex=False)
-        self.from_worker, outbox = _ctx.Pipe(duplex=False)
+        inbox, self.to_worker = channels.pair(sender_waits=True)
+        self.from_worker, outbox = channels.pair()
         self.process = _ctx.Process(target=vt_worker.run, args=(cfg, inbox, outbox), kwargs={
             "timeout": (2.0, 0.5), "retry_base": 0.5, "analysis_wait": 0.3})
         self.process.start()
@@ -290,8 +291,8 @@ def test_a_checker_that_keeps_failing_turns_lookups_off_but_the_worker_stays(tmp
     """Exiting would make the supervisor restart the worker into the same crash loop (and, after
     a few, stop the whole daemon): it reports once and keeps draining its inbox until Stop."""
     cfg = config_module.parse(json.dumps({"VT API key": "k", "VT API URL": fake_vt.url}))
-    inbox, to_worker = _ctx.Pipe(duplex=False)
-    from_worker, outbox = _ctx.Pipe(duplex=False)
+    inbox, to_worker = channels.pair(sender_waits=True)
+    from_worker, outbox = channels.pair()
     process = _ctx.Process(target=vt_worker.run, args=(cfg, inbox, outbox),
                            kwargs={"user": "no-such-user-psn"})  # every checker fails at once
     process.start()

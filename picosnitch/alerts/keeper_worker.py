@@ -6,9 +6,9 @@ to the VirusTotal worker, whose verdicts come back here to be recorded.
 
 import signal
 import time
-from multiprocessing.connection import Connection, wait
-from typing import cast
+from typing import Optional
 
+from picosnitch import channels
 from picosnitch.alerts.packages import DPKG_ADMINDIR, Packages
 from picosnitch.alerts.record_keeper import (
     NAMES_BY_EXE,
@@ -24,6 +24,7 @@ from picosnitch.alerts.record_keeper import (
 from picosnitch.messages import ErrorReport, Observed, Stop, VtRequest, VtResult
 
 SAVE_EVERY = 5.0
+FINISH_TIMEOUT = 20.0  # seconds at exit to hand the helpers what is still queued
 
 
 def unchecked_hashes(keeper: RecordKeeper):
@@ -41,42 +42,93 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, dpkg_admindir: s
     A changed hash is checked against the package managers' records (dpkg's in `dpkg_admindir`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    errors = ErrorLog(paths.error_log)
-    keeper = RecordKeeper(paths.record, paths.exe_log, Packages(dpkg_admindir).origin)
+    errors = ErrorLog(paths.error_log, counts_path=paths.error_counts)
+    keeper = RecordKeeper(paths.record, paths.exe_log, Packages(dpkg_admindir).origin, paths.record_journal)
     if keeper.load_problem:
         errors.error(keeper.load_problem)
+    if keeper.replayed:
+        errors.error(f"{keeper.replayed} changes to {paths.record} were not saved when the record keeper last "
+                     f"stopped; recovered them from {paths.record_journal}")
+    upkeep = Upkeep(keeper, errors)
     if to_vt:
         for request in unchecked_hashes(keeper):
             to_vt.send(request)
     stopped: set[str] = set()
+    helpers = [h for h in (to_notifier, to_vt) if h]
     next_save = time.monotonic() + SAVE_EVERY
+
+    def handle(message) -> None:
+        if isinstance(message, Stop):
+            stopped.add(message.sender)
+        elif isinstance(message, ErrorReport):
+            errors.error(message.message, message.key)
+            if to_notifier:
+                to_notifier.send(message)
+        elif isinstance(message, Observed):
+            observe(keeper, message, to_notifier, to_vt)
+        elif isinstance(message, VtResult):
+            record_result(keeper, message)
+            if to_notifier:
+                to_notifier.send(message)
+
     try:
         while not set(wait_for) <= stopped:
-            for inbox in wait(inboxes, timeout=SAVE_EVERY):
-                message = cast(Connection, inbox).recv()
-                if isinstance(message, Stop):
-                    stopped.add(message.sender)
-                elif isinstance(message, ErrorReport):
-                    errors.error(message.message, message.key)
-                    if to_notifier:
-                        to_notifier.send(message)
-                elif isinstance(message, Observed):
-                    observe(keeper, message, to_notifier, to_vt)
-                elif isinstance(message, VtResult):
-                    record_result(keeper, message)
-                    if to_notifier:
-                        to_notifier.send(message)
+            for inbox in channels.wait(inboxes, SAVE_EVERY, helpers):
+                handle(inbox.recv())
             if time.monotonic() >= next_save:
                 next_save = time.monotonic() + SAVE_EVERY
-                keeper.save()
-                errors.flush()
+                upkeep.save()
+        for inbox in inboxes:  # what the others said last, e.g. the supervisor's reason for stopping
+            while inbox.poll():
+                handle(inbox.recv())
     finally:
-        keeper.save()
-        errors.flush()
-        for helper in (to_notifier, to_vt):
-            if helper:
-                helper.send(Stop("keeper"))
+        upkeep.save()
+        for helper in helpers:
+            helper.send(Stop("keeper"))
+            helper.finish(FINISH_TIMEOUT)
     return 0
+
+
+class Upkeep:
+    """Saves record.json and appends what exe.log holds back, every SAVE_EVERY seconds. Neither
+    stops the keeper when it fails (a full disk): error.log says so once, and again when the file
+    can be written, with what waited meanwhile; nothing the keeper was told is lost."""
+
+    def __init__(self, keeper: RecordKeeper, errors: ErrorLog):
+        self.keeper, self.errors = keeper, errors
+        self.record_failing: Optional[float] = None
+        self.exe_log_failing: Optional[float] = None
+
+    def save(self) -> None:
+        try:
+            self.keeper.save()
+        except OSError as e:
+            self._failed("record", str(self.keeper.record_path), e)
+        else:
+            self._recovered("record", str(self.keeper.record_path), "its changes were kept and are saved now")
+        exe_log = self.keeper.exe_log
+        held = len(exe_log.held)
+        if exe_log.retry():
+            self._recovered("exe_log", str(exe_log.path), f"the {held} lines it held back are written now")
+        elif exe_log.error:
+            self._failed("exe_log", str(exe_log.path), exe_log.error)
+        if exe_log.dropped:
+            self.errors.error(f"{exe_log.dropped} lines for {exe_log.path} were dropped: more were held back "
+                              f"than the {exe_log.limit} kept while it cannot be written")
+            exe_log.dropped = 0
+        self.errors.flush()
+
+    def _failed(self, which: str, path: str, error: OSError) -> None:
+        if getattr(self, which + "_failing") is None:
+            setattr(self, which + "_failing", time.monotonic())
+            self.errors.error(f"{path} cannot be written ({error.strerror or error}); what it would hold is kept "
+                              "and written as soon as it can be", "files:" + path)
+
+    def _recovered(self, which: str, path: str, what: str) -> None:
+        since = getattr(self, which + "_failing")
+        if since is not None:
+            setattr(self, which + "_failing", None)
+            self.errors.error(f"{path} can be written again after {time.monotonic() - since:.0f} s; {what}")
 
 
 def observe(keeper: RecordKeeper, message: Observed, to_notifier, to_vt) -> None:

@@ -23,9 +23,10 @@ import shutil
 import signal
 import subprocess
 import time
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Callable, Optional, Sequence, cast
 
+from picosnitch import channels
 from picosnitch.alerts import desktop_sessions, notification_text
 from picosnitch.alerts.desktop_sessions import DesktopUser
 from picosnitch.alerts.notification_text import Notice
@@ -364,8 +365,8 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
         while True:
             deadlines = [d for d in (bursts.deadline, errors.deadline) if d is not None]
             timeout = max(min(deadlines) - time.monotonic(), 0) if deadlines else None
-            for source in wait([inbox] + [c.answers for c in desktops.children.values()],
-                               timeout):
+            for source in channels.wait([inbox] + [c.answers for c in desktops.children.values()],
+                                        timeout, [report]):
                 if source is not inbox:
                     desktops.read_answer(cast(Connection, source))
                     continue

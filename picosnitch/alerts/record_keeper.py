@@ -10,6 +10,14 @@ kept losslessly: the file is UTF-8 JSON in which undecodable bytes are written a
 surrogate escape (`\\udcff` for the byte 0xff), and control characters, DEL and C1 controls are
 escaped as JSON allows, so reading it back with `json.load` gives the exact original strings and
 `cat record.json` cannot drive the terminal. The logs show values through sanitize instead.
+
+None of these files may stop the keeper, nor lose what it was told (a full disk, EIO, a
+read-only directory): record.json is rewritten as a whole, so its changes simply wait for the
+next save that succeeds; log lines that could not be appended are held (HeldLines, bounded:
+beyond its bound the oldest are dropped and counted) and appended, in order, once they can be.
+Between saves every change to the record is appended to a journal beside it, which a restarted
+keeper replays, so a keeper killed at any moment has recorded all it announced. error.log's
+repeat counts not yet written are kept in a small file too, for the same reason.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from picosnitch import files
 from picosnitch.alerts.packages import Origin, change_note
 from picosnitch.messages import VtResult
 from picosnitch.sanitize import log_field, printable
@@ -57,17 +66,51 @@ def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
     """
     if not lines:
         return
-    data = "".join(line + "\n" for line in lines).encode("utf-8")
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         LOG_FILE_MODE)
-    try:
-        os.write(descriptor, data)
-    finally:
-        os.close(descriptor)
+    files.append(path, "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"), LOG_FILE_MODE)
 
 
-def write_atomically(path: str | os.PathLike, data: bytes, mode: int = RECORD_FILE_MODE) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file whole."""
+class HeldLines:
+    """Lines for one log file, appended in order; those that cannot be appended yet (a full disk)
+    are held, at most `limit` of them (beyond, the oldest are dropped and counted in `dropped`),
+    and go first at the next append() or retry() that succeeds."""
+
+    def __init__(self, path: str | os.PathLike, limit: int = 100_000) -> None:
+        self.path = Path(path)
+        self.limit = limit
+        self.held: list[str] = []
+        self.dropped = 0
+        self.failing_since: Optional[float] = None  # when appending first failed, until it succeeds
+        self.error: Optional[OSError] = None  # why, the last time it failed
+
+    def append(self, lines: list[str]) -> bool:
+        """Appends what is held, then `lines`; False (they are held) when the file refuses."""
+        self.held += lines
+        if self.retry():
+            return True
+        if len(self.held) > self.limit:
+            self.dropped += len(self.held) - self.limit
+            del self.held[:len(self.held) - self.limit]
+        return False
+
+    def retry(self) -> bool:
+        if not self.held:
+            return True
+        try:
+            append_lines(self.path, self.held)
+        except OSError as error:
+            self.error = error
+            if self.failing_since is None:
+                self.failing_since = time.time()
+            return False
+        self.held = []
+        self.failing_since = None
+        return True
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, mode: int = RECORD_FILE_MODE,
+                     sync: bool = True) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file whole
+    (`sync`: a power loss too)."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
     try:
@@ -75,11 +118,14 @@ def write_atomically(path: str | os.PathLike, data: bytes, mode: int = RECORD_FI
             os.fchmod(file.fileno(), mode)
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            if sync:
+                os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+    if not sync:
+        return
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -177,15 +223,19 @@ class RecordKeeper:
     """Keeps record.json and exe.log up to date with every executable seen.
 
     `load_problem` is None, or a sentence for error.log when record.json was unusable and has
-    been moved aside (see load_record).
+    been moved aside (see load_record). `journal_path` (record.json's journal) holds the changes
+    since the last save, replayed here when a keeper was stopped before it could save them.
     """
 
     def __init__(self, record_path: str | os.PathLike, exe_log_path: str | os.PathLike,
-                 origin: Optional[Callable[[str, str], Optional[Origin]]] = None) -> None:
+                 origin: Optional[Callable[[str, str], Optional[Origin]]] = None,
+                 journal_path: Optional[str | os.PathLike] = None) -> None:
         """`origin(path, sha256)` says which package installed a file (alerts.packages), if any."""
         self.record_path = Path(record_path)
         self.exe_log_path = Path(exe_log_path)
         self.origin = origin
+        self.journal_path = Path(journal_path) if journal_path else None
+        self.exe_log = HeldLines(self.exe_log_path)
         record, self.load_problem = load_record(self.record_path)
         self._sets = {section: {key: set(values) for key, values in record.get(section, {}).items()}
                       for section in LIST_SECTIONS}
@@ -194,6 +244,7 @@ class RecordKeeper:
         self._packages: dict[str, dict[str, str]] = {
             exe: dict(labels) for exe, labels in record.get(PACKAGE_BY_SHA256, {}).items()}
         self._changed = False
+        self.replayed = self._replay()  # changes the journal held: record.json lacked them
 
     def observe(self, exe: str, name: str, sha256: str = "", parent_exe: str = "",
                 parent_name: str = "", role: str = "executable") -> list[NewThing]:
@@ -205,8 +256,8 @@ class RecordKeeper:
         that could not be hashed earlier is recorded quietly. A script (`role` SCRIPT, `exe` its
         path, the interpreter as its parent) is recorded the same way, but its names are those of
         interpreters and never news. Empty `sha256` or parents mean unknown and are not recorded.
-        exe.log is written before the record changes, so if that write fails the same things are
-        new on the next call.
+        The record (and its journal) changes before exe.log is written, so nothing is new twice;
+        exe.log lines that cannot be written yet are held (self.exe_log).
         """
         names = self._sets[NAMES_BY_EXE]
         hashes = self._hashes.get(exe, {})
@@ -224,30 +275,39 @@ class RecordKeeper:
         if sha256 and hashes and sha256 not in hashes:
             note = change_note(origin, self._packages.get(exe, {}).values()) if verifiable and self.origin else ""
             new.append(NewThing(NEW_SHA256, exe, name, sha256, role, note))
-
+        if self._apply(exe, name, sha256, parent_exe, parent_name, label):
+            self._journal({"observe": [exe, name, sha256, parent_exe, parent_name, label]})
         now = time.time()
-        append_lines(self.exe_log_path, [", ".join(
+        self.exe_log.append([", ".join(
             [local_time(now), thing.logged_kind(), log_field(name), log_field(exe), log_field(sha256)]
             + ([log_field(thing.note)] if thing.note else [])) for thing in new])
-        if label:
-            self._packages.setdefault(exe, {})[sha256] = label
-
-        self._add(NAMES_BY_EXE, exe, name)
-        self._add(EXES_BY_NAME, name, exe)
-        if parent_exe:
-            self._add(PARENT_EXES_BY_EXE, exe, parent_exe)
-        if parent_name:
-            self._add(PARENT_NAMES_BY_NAME, name, parent_name)
-        if sha256 and sha256 not in hashes:
-            self._hashes.setdefault(exe, {})[sha256] = VT_NOT_CHECKED
-            self._changed = True
         return new
 
-    def _add(self, section: str, key: str, value: str) -> None:
+    def _apply(self, exe: str, name: str, sha256: str, parent_exe: str, parent_name: str,
+               label: str = "") -> bool:
+        """Adds what is not yet in the record (`label`: the package that installed this hash);
+        whether anything was."""
+        changed = self._add(NAMES_BY_EXE, exe, name)
+        changed = self._add(EXES_BY_NAME, name, exe) or changed
+        if parent_exe:
+            changed = self._add(PARENT_EXES_BY_EXE, exe, parent_exe) or changed
+        if parent_name:
+            changed = self._add(PARENT_NAMES_BY_NAME, name, parent_name) or changed
+        if sha256 and sha256 not in self._hashes.get(exe, {}):
+            self._hashes.setdefault(exe, {})[sha256] = VT_NOT_CHECKED
+            self._changed = changed = True
+        if label and self._packages.get(exe, {}).get(sha256) != label:
+            self._packages.setdefault(exe, {})[sha256] = label
+            self._changed = changed = True
+        return changed
+
+    def _add(self, section: str, key: str, value: str) -> bool:
         values = self._sets[section].setdefault(key, set())
-        if value not in values:
-            values.add(value)
-            self._changed = True
+        if value in values:
+            return False
+        values.add(value)
+        self._changed = True
+        return True
 
     def set_vt_status(self, exe: str, sha256: str, status: str) -> None:
         """Store the VirusTotal verdict for one hash of `exe` (recording the hash if unknown)."""
@@ -255,6 +315,7 @@ class RecordKeeper:
         if hashes.get(sha256) != status:
             hashes[sha256] = status
             self._changed = True
+            self._journal({"vt": [exe, sha256, status]})
 
     def as_dict(self) -> dict:
         """The record as written to record.json: every list sorted."""
@@ -266,12 +327,52 @@ class RecordKeeper:
         return record
 
     def save(self) -> bool:
-        """Write record.json atomically if anything changed since the last save; return whether."""
+        """Write record.json atomically if anything changed since the last save; return whether.
+        OSError when it cannot be written: the changes are kept for the next try."""
         if not self._changed:
             return False
         write_atomically(self.record_path, record_to_json(self.as_dict()))
         self._changed = False
+        if self.journal_path:
+            try:
+                self.journal_path.unlink()
+            except FileNotFoundError:
+                pass
         return True
+
+    # --- the journal: what changed since the last save ---
+
+    def _journal(self, change: dict) -> None:
+        """Appends one change; a journal that cannot be written (a full disk) only means the change
+        waits in memory for the next save, as it did before journals."""
+        if self.journal_path:
+            try:
+                append_lines(self.journal_path, [json.dumps(change)])
+            except OSError:
+                pass
+
+    def _replay(self) -> int:
+        if not self.journal_path:
+            return 0
+        try:
+            lines = self.journal_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return 0
+        replayed = 0
+        for line in lines:
+            try:
+                change = json.loads(line)
+                if "observe" in change:
+                    replayed += self._apply(*map(str, change["observe"][:6]))
+                elif "vt" in change:
+                    exe, sha256, status = map(str, change["vt"][:3])
+                    if self._hashes.setdefault(exe, {}).get(sha256) != status:
+                        self._hashes[exe][sha256] = status
+                        self._changed = True
+                        replayed += 1
+            except (ValueError, TypeError, AttributeError):
+                continue  # a line cut short by a kill: the change it held is lost
+        return replayed
 
 
 @dataclasses.dataclass
@@ -293,18 +394,28 @@ class ErrorLog:
     ends. So every error is accounted for, and a flood costs one line per key per window plus
     one per flush. Call flush() periodically and before exiting. Lines are cut to `line_limit`
     characters. Safe to share between threads.
+
+    Counts not yet written are also kept in `counts_path` (a small file, rewritten as they
+    change), which the next ErrorLog on that path writes out first: a keeper killed between two
+    flushes loses none. Lines error.log refuses (a full disk) are held and written later
+    (HeldLines), and meanwhile shown on stderr, which the service manager's journal keeps.
     """
 
     max_keys = 1000  # beyond this many distinct keys in one window, counts are flushed early
 
     def __init__(self, path: str | os.PathLike, window: float = 60.0,
-                 clock: Callable[[], float] = time.time, line_limit: int = 4096) -> None:
+                 clock: Callable[[], float] = time.time, line_limit: int = 4096,
+                 counts_path: Optional[str | os.PathLike] = None) -> None:
         self.path = Path(path)
         self.window = window
         self.clock = clock
         self.line_limit = line_limit
+        self.counts_path = Path(counts_path) if counts_path else None
+        self.lines = HeldLines(self.path)
         self._bursts: dict[str, _Burst] = {}
         self._lock = threading.Lock()
+        self._saved_counts = False
+        self._write(self._recover_counts())
 
     def error(self, message: str, key: Optional[str] = None) -> None:
         """Log `message`; errors with the same `key` (default: the message itself) collapse."""
@@ -354,14 +465,45 @@ class ErrorLog:
         return "%s %s%s" % (local_time(timestamp), printable(message, limit=room), suffix)
 
     def _write(self, lines: list[str]) -> None:
+        held = len(self.lines.held)
+        if not self.lines.append(lines):
+            for line in lines:  # the journal of the service manager keeps stderr meanwhile
+                print("picosnitch: %s (cannot write %s now: %s)" % (line, printable(str(self.path)),
+                      self.lines.error and self.lines.error.strerror), file=sys.stderr)
+        elif held:
+            self.lines.append([self._line(self.clock(), "error.log could be written again; the %d lines "
+                                          "above were held meanwhile" % held)])
+        if self.lines.dropped:
+            dropped, self.lines.dropped = self.lines.dropped, 0
+            self.lines.append([self._line(self.clock(), "%d error.log lines were dropped while it could "
+                                          "not be written (they went to stderr)" % dropped)])
+        self._save_counts()
+
+    def _save_counts(self) -> None:
+        """Keeps the counts not yet written where a restarted keeper finds them."""
+        if not self.counts_path:
+            return
+        pending = {key: dataclasses.asdict(b) for key, b in self._bursts.items() if b.count}
         try:
-            append_lines(self.path, lines)
-        except OSError as error:
-            # The error log itself failed (disk full, removed directory): the service
-            # manager's journal still captures stderr, so the errors are not lost.
-            for line in lines:
-                print("picosnitch: %s (cannot write %s: %s)" % (line, printable(str(self.path)),
-                      error.strerror), file=sys.stderr)
+            if pending:
+                write_atomically(self.counts_path, json.dumps(pending).encode(), sync=False)
+            elif self._saved_counts:
+                self.counts_path.unlink(missing_ok=True)
+        except OSError:
+            return  # the counts stay in memory: only a kill now would lose them
+        self._saved_counts = bool(pending)
+
+    def _recover_counts(self) -> list[str]:
+        """The count lines a keeper that was killed had not written."""
+        if not self.counts_path:
+            return []
+        try:
+            pending = json.loads(self.counts_path.read_text())
+            bursts = [_Burst(**fields) for fields in pending.values()]
+        except (OSError, ValueError, TypeError):
+            return []
+        self._saved_counts = True
+        return self._counts(bursts)
 
 
 # ---- VirusTotal's answers, as the keeper stores them ----
@@ -374,5 +516,5 @@ def exe_log_line(result: VtResult, now: float) -> str:
 
 def record_result(keeper: RecordKeeper, result: VtResult) -> None:
     """Store a status in the record (saved with it) and log it to exe.log."""
-    append_lines(keeper.exe_log_path, [exe_log_line(result, time.time())])
     keeper.set_vt_status(result.exe, result.sha256, result.status)
+    keeper.exe_log.append([exe_log_line(result, time.time())])

@@ -28,6 +28,7 @@ import time
 from multiprocessing.connection import wait
 from typing import Optional
 
+from picosnitch import channels
 from picosnitch.alerts import desktop_sessions
 from picosnitch.alerts.virustotal import DEFAULT_TIMEOUT, PENDING, UNKNOWN, Client, VtError
 from picosnitch.installed import install_extra
@@ -319,7 +320,7 @@ def run(config, inbox, outbox, user: str = UNPRIVILEGED_USER,
     checking = True
     try:
         while True:
-            for source in wait([inbox, root.sock] if checking else [inbox]):
+            for source in channels.wait([inbox, root.sock] if checking else [inbox], None, [outbox]):
                 if source is root.sock:
                     checking = root.answer()
                     continue

@@ -25,10 +25,10 @@ import signal
 import threading
 import time
 import uuid
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Optional
 
+from picosnitch import channels
 from picosnitch.central.backlog import Backlog
 from picosnitch.central.rollup import Horizon, HourlyRollup, hour_of
 from picosnitch.central.settings import load_driver, parse
@@ -254,7 +254,7 @@ def run(config, paths, inbox, to_keeper) -> int:
         for notice in backlog.take_notices():
             report(ErrorReport(notice))
         while True:
-            if wait([inbox], timeout=TICK):
+            if channels.wait([inbox], TICK, [to_keeper]):
                 message = inbox.recv()
                 if isinstance(message, Stop):
                     store(windows.take(), windows.settled(time.time()))

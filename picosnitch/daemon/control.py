@@ -9,10 +9,13 @@ import time
 from typing import Optional
 
 from picosnitch import config as config_file
+from picosnitch import files
 from picosnitch.central import settings as sql_server_config
 from picosnitch.daemon.supervisor import Supervisor
+from picosnitch.identity.log_ignore import IgnoreRules
 from picosnitch.kernel.monitor import preflight
 from picosnitch.paths import Paths
+from picosnitch.timestamps import local_time
 
 EXIT_CONFIG = 78  # EX_CONFIG: the unit file does not restart on it (RestartPreventExitStatus)
 EXIT_NOT_RUNNING = 3  # LSB status code for "not running"
@@ -61,15 +64,51 @@ def load_config(paths: Paths):
         server = sql_server_config.parse(config)
         if server:
             sql_server_config.load_driver(server, config)  # a missing driver names the extra to install
+        _check_log_ignore(config)
+        _check_open_files(config)
     except config_file.ConfigError as e:
-        raise ControlError(f"{e}; picosnitch will not start until it is fixed", EXIT_CONFIG) from None
+        raise _refusal(e) from None
     for warning in config.warnings:
         print(f"picosnitch: {warning}", file=sys.stderr)
     return config
 
 
+def _refusal(error: config_file.ConfigError) -> ControlError:
+    return ControlError(f"{error}; picosnitch will not start until it is fixed", EXIT_CONFIG)
+
+
+def _check_log_ignore(config) -> None:
+    """Each "Log ignore" entry must be something the identity worker can match (a subnet such as
+    999.1.1.1/77 is not): refused here, with its line, rather than crash that worker."""
+    try:
+        IgnoreRules.from_config(config["Log ignore"])
+    except ValueError as e:
+        raise config_file.ConfigError(config.path, str(e), config.line_of("Log ignore"), key="Log ignore") from None
+
+
+NR_OPEN = "/proc/sys/fs/nr_open"
+
+
+def _check_open_files(config) -> None:
+    """"Set RLIMIT_NOFILE" may not exceed what the kernel allows a process (fs.nr_open)."""
+    limit = config["Set RLIMIT_NOFILE"]
+    try:
+        with open(NR_OPEN) as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        return  # not knowable here: setrlimit() will say
+    if limit is not None and limit > ceiling:
+        raise config_file.ConfigError(
+            config.path, f'"Set RLIMIT_NOFILE" must be at most {ceiling} (fs.nr_open), not {limit}',
+            config.line_of("Set RLIMIT_NOFILE"), key="Set RLIMIT_NOFILE")
+
+
 def _lock_pid_file(paths: Paths) -> int:
-    fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ControlError(f"{paths.pid_file} cannot be written ({e.strerror}); picosnitch needs it to "
+                           "start") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -84,27 +123,64 @@ def _apply_limits(config) -> None:
     limit = config["Set RLIMIT_NOFILE"]
     if limit:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+        except (OSError, ValueError) as e:
+            raise _refusal(config_file.ConfigError(
+                config.path, f'"Set RLIMIT_NOFILE" {limit} cannot be set ({e})',
+                config.line_of("Set RLIMIT_NOFILE"), key="Set RLIMIT_NOFILE")) from None
 
 
 def prepare(paths: Paths):
     """Everything that can fail with a clear message, checked before any worker starts."""
-    paths.ensure_dirs()
+    problems = paths.ensure_dirs()
     config = load_config(paths)
     preflight()
     if running_pid(paths):
         raise ControlError(f"picosnitch is already running (pid {running_pid(paths)})")
+    problems += [problem for path in paths.root_writes() if (problem := _repaired(path))]
+    for problem in problems:  # said on stderr, and in error.log with the configuration's warnings
+        print(f"picosnitch: {problem}", file=sys.stderr)
+    config.warnings[:0] = problems
     return config
+
+
+def _repaired(path) -> Optional[str]:
+    try:
+        return files.repair(path)
+    except OSError as e:
+        return f"{path} cannot be checked ({e.strerror}): it is not written until it can be"
+
+
+def unclean_end(paths: Paths) -> Optional[str]:
+    """A sentence when the last daemon ended without stopping (killed, crashed, power lost): its
+    pid is still in the pid file, which a clean stop empties, and the file's time is the last
+    time it was seen running (the supervisor touches it every few seconds)."""
+    try:
+        content = paths.pid_file.read_text(errors="replace").strip()
+        seen = paths.pid_file.stat().st_mtime
+    except OSError:
+        return None
+    if not content.isdigit() or running_pid(paths):
+        return None
+    return (f"picosnitch (pid {content}) did not stop cleanly; it was last seen running at {local_time(seen)}: "
+            "the traffic of about its last second before it ended, and from then until now, was not recorded")
 
 
 def run_foreground(paths: Paths, config, on_ready=None) -> int:
     """start-no-daemon: the supervisor in this process, holding the pid file lock."""
+    previous = unclean_end(paths)
     lock = _lock_pid_file(paths)
     try:
         _apply_limits(config)
-        return Supervisor(config, paths).run(on_ready)
+        supervisor = Supervisor(config, paths, [previous] if previous else [])
+        status = supervisor.run(on_ready)
+        os.ftruncate(lock, 0)  # stopped cleanly
     finally:
         os.close(lock)
+    if supervisor.failure:
+        raise ControlError(supervisor.failure, status)
+    return status
 
 
 def start_background(paths: Paths, config) -> int:
@@ -123,8 +199,9 @@ def start_background(paths: Paths, config) -> int:
         if answer.startswith(b"ready"):
             print(f"picosnitch started (pid {answer.split()[1].decode()})")
             return 0
-        raise ControlError(answer.decode(errors="replace").strip() or
-                           f"picosnitch did not start; see {paths.error_log}")
+        code, _, message = answer.decode(errors="replace").strip().partition(" ")
+        raise ControlError(message or f"picosnitch did not start; see {paths.error_log}",
+                           int(code) if code.isdigit() else 1)
     os.close(ready_r)
     os.setsid()
     if os.fork():
@@ -141,7 +218,10 @@ def start_background(paths: Paths, config) -> int:
     try:
         status = run_foreground(paths, config, on_ready)
     except ControlError as e:
-        os.write(ready_w, f"{e}\n".encode())
+        try:
+            os.write(ready_w, f"{e.status} {e}\n".encode())
+        except OSError:
+            pass  # it was ready, and said so: the reason is in error.log
         status = e.status
     os._exit(status)
 

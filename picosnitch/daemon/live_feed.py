@@ -26,10 +26,10 @@ import signal
 import socket
 import stat
 import time
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Optional
 
+from picosnitch import channels
 from picosnitch.messages import ErrorReport, Stop
 
 FRAME_INTERVAL = 1.0
@@ -176,7 +176,8 @@ def run(config, paths, inbox, to_keeper=None) -> int:
     try:
         while True:
             sources = [inbox] + ([server] if server else [])
-            for source in wait(sources, timeout=max(next_frame - time.monotonic(), 0)):
+            for source in channels.wait(sources, max(next_frame - time.monotonic(), 0),
+                                        [to_keeper] if to_keeper is not None else []):
                 if server is not None and source is server:
                     server.accept()
                     continue

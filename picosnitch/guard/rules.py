@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from picosnitch.config import read_regular_file
+
 ACTIONS = ("allow", "deny")
 DIRECTIONS = ("in", "out")
 PROGRAM_KEYS = ("exe", "sha256", "script", "parent", "user")
@@ -48,6 +50,8 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 
 FOREVER, ONCE, RESTART = "forever", "once", "restart"
 _MINUTES = re.compile(r"^(\d+)(m|min|mins|minute|minutes)?$")
+MAX_MINUTES = 100 * 365 * 24 * 60  # beyond, the time it ends is no longer a number (and means forever)
+MAX_RULES_FILE = 4 * 1024 * 1024  # bytes: some 40,000 rules
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -280,6 +284,8 @@ def parse_duration(tokens: Sequence[str]) -> Tuple[Optional[str], int]:
     if match and (match.group(2) or (len(tokens) > 1 and tokens[1].lower() in ("min", "mins", "minute",
                                                                                "minutes"))):
         used = 1 if match.group(2) else 2
+        if len(match.group(1)) > 9 or int(match.group(1)) > MAX_MINUTES:
+            raise ValueError("a duration in minutes must be at most %d (100 years; use forever)" % MAX_MINUTES)
         if int(match.group(1)) < 1:
             raise ValueError("a duration in minutes must be at least 1")
         return match.group(1), used
@@ -452,12 +458,14 @@ class RulesFile:
         if stamp == self.stamp:
             return False
         self.stamp = stamp
-        try:
-            with open(self.path, "rb") as f:
-                text = f.read().decode("utf-8")
+        try:  # not open(): a FIFO planted as the rules file would hang the guard
+            text = read_regular_file(self.path, MAX_RULES_FILE, "a rules file").decode("utf-8")
         except UnicodeDecodeError as e:
             self.problem = "%s line %d: is not valid UTF-8 text; the previous rules stay in force" % (
                 self.path, e.object.count(b"\n", 0, e.start) + 1)
+            return False
+        except ValueError as e:  # not a regular file, or too large
+            self.problem = "%s %s; the previous rules stay in force" % (self.path, e)
             return False
         except OSError as e:
             self.problem = "%s cannot be read (%s); the previous rules stay in force" % (self.path, e.strerror)

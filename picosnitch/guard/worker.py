@@ -14,10 +14,9 @@ import pwd
 import signal
 import threading
 import time
-from multiprocessing.connection import wait
 from typing import Any, Dict, List, Optional
 
-from picosnitch import parent_death
+from picosnitch import channels, parent_death
 from picosnitch.alerts import record_keeper
 from picosnitch.guard import firewall
 from picosnitch.guard.engine import Engine, Verdict, names_loopback
@@ -296,7 +295,7 @@ def run(config, paths, inbox, to_keeper, supervisor_pid: int = 0) -> int:
                 sources += [guard.queue, guard.server] + guard.server.clients
                 if guard.desktop:
                     sources += guard.desktop.sources()
-            ready: List[Any] = wait(sources, timeout=TICK)
+            ready: List[Any] = channels.wait(sources, TICK, [to_keeper])
             for source in ready:
                 if source is inbox:
                     try:

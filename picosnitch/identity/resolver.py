@@ -50,7 +50,11 @@ class IdentityResolver:
     # --- kernel records in, Connections out ---
 
     def handle(self, record, ts: int) -> List[Connection]:
-        """Applies one kernel record; returns the Connections it yields (window start ts)."""
+        """Applies one kernel record; returns the Connections it yields (window start ts). An
+        ErrorReport among them is the monitor's, passed on to error.log."""
+        if isinstance(record, ErrorReport):
+            self.report(record)
+            return []
         kind = record.kind
         if kind in ("exec", "fork", "exit"):
             self.table.apply(record)
@@ -264,10 +268,19 @@ class IdentityResolver:
             return
         if path in self.script_runners:  # a script: it changed, its interpreter did not
             interpreter, name = self.script_runners[path]
-            self.report(Observed(interpreter, name, "", "", "", path, result.sha256))
+            script_key = (interpreter, name, "", "", "", path, result.sha256)
+            self.observed.add(script_key)  # re-sent to a restarted keeper too
+            self.report(Observed(*script_key))
             return
         name = self.names.get(path, os.path.basename(path))
-        self.report(Observed(path, name, result.sha256, "", ""))
+        key = (path, name, result.sha256, "", "")
+        self.observed.add(key)
+        self.report(Observed(*key))
+
+    def resend_observed(self) -> None:
+        """Every identity observed so far, reported again (a restarted keeper may lack some)."""
+        for key in self.observed:
+            self.report(Observed(*key))
 
     def expire(self) -> None:
         """Forgets long-exited processes and stale DNS answers."""

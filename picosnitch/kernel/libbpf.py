@@ -82,6 +82,9 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_object__close": (None, [c_void_p]),
         "bpf_object__next_program": (c_void_p, [c_void_p, c_void_p]),
         "bpf_object__find_map_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_object__next_map": (c_void_p, [c_void_p, c_void_p]),
+        "bpf_map__name": (c_char_p, [c_void_p]),
+        "bpf_map__reuse_fd": (c_int, [c_void_p, c_int]),
         "bpf_program__name": (c_char_p, [c_void_p]),
         "bpf_program__section_name": (c_char_p, [c_void_p]),
         "bpf_program__set_autoload": (c_int, [c_void_p, ctypes.c_bool]),
@@ -223,6 +226,11 @@ def destroy_link(link: int) -> None:
     lib().bpf_link__destroy(link)
 
 
+def link_fd(link: int) -> int:
+    """The file descriptor that keeps a link (a program's attachment) in place."""
+    return lib().bpf_link__fd(link)
+
+
 class Program:
     """One BPF program of an object, before or after load."""
 
@@ -265,6 +273,10 @@ class Map:
     def fd(self) -> int:
         return lib().bpf_map__fd(self.ptr)
 
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: use the existing map `fd` refers to (another process's) instead of creating one."""
+        _call_int(f"reusing map {self.name}", lib().bpf_map__reuse_fd(self.ptr, fd))
+
     def set_max_entries(self, n: int) -> None:
         _call_int(f"resizing map {self.name}", lib().bpf_map__set_max_entries(self.ptr, n))
 
@@ -305,7 +317,8 @@ class Map:
 
     def pop_all(self, key_type: Type[ctypes.Structure], value_type: Type[ctypes.Structure],
                 batch: int = 1024) -> Iterator[Tuple]:
-        """Reads and deletes every entry (hash maps), a batch per syscall."""
+        """Reads and deletes every entry (hash maps), a batch per syscall. Each key and value is a
+        copy: the buffers are filled again by the next batch."""
         keys, values = (key_type * batch)(), (value_type * batch)()
         token = ctypes.c_uint64()
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
@@ -318,7 +331,7 @@ class Map:
             if ret < 0 and err != errno.ENOENT:
                 raise _fail(f"draining map {self.name}", ret)
             for i in range(count.value):
-                yield keys[i], values[i]
+                yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
             if err == errno.ENOENT:
                 return
             in_batch = ctypes.byref(token)
@@ -332,20 +345,27 @@ class BpfObject:
         self.ptr: Optional[int] = _call_ptr(f"opening {path}", lib().bpf_object__open_file(path.encode(), None))
         self.links: List[int] = []
 
-    def programs(self) -> List[Program]:
-        found: List[Program] = []
+    def _each(self, next_one: Callable[[Optional[int], Optional[int]], Optional[int]]) -> List[int]:
+        """Pointers to the object's programs or maps, by libbpf's iterator `next_one`."""
+        found: List[int] = []
         prev = None
         while True:
-            prev = lib().bpf_object__next_program(self.ptr, prev)
+            prev = next_one(self.ptr, prev)
             if not prev:
                 return found
-            found.append(Program(prev))
+            found.append(prev)
+
+    def programs(self) -> List[Program]:
+        return [Program(ptr) for ptr in self._each(lib().bpf_object__next_program)]
 
     def program(self, name: str) -> Program:
         for prog in self.programs():
             if prog.name == name:
                 return prog
         raise LibbpfError(f"{self.path} has no program {name}")
+
+    def maps(self) -> List[Map]:
+        return [Map(ptr, lib().bpf_map__name(ptr).decode()) for ptr in self._each(lib().bpf_object__next_map)]
 
     def map(self, name: str) -> Map:
         ptr = lib().bpf_object__find_map_by_name(self.ptr, name.encode())

@@ -13,9 +13,9 @@ import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from picosnitch.kernel import libbpf
+from picosnitch.kernel import handover, libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
 from picosnitch.kernel.pins import ExecPinner
 from picosnitch.kernel.records import (
@@ -202,10 +202,15 @@ def preflight() -> None:
 class KernelMonitor:
     def __init__(self, object_path: Optional[str] = None, ring_pages: int = 256, flow_entries: int = 65536,
                  cgroup_root: Optional[str] = None, libc: Optional[str] = None, byte_hooks: str = "auto",
-                 cells: Optional[int] = None, names_from_traffic: bool = True):
+                 cells: Optional[int] = None, names_from_traffic: bool = True,
+                 hand_over: Optional[Callable[[Dict[str, int]], None]] = None,
+                 adopt: Optional[Dict[str, int]] = None, shared: Optional[handover.Shared] = None):
         """byte_hooks: "auto" picks the sock tracepoints when the kernel has them, else the fexit
         fallback; "fallback" forces the fallback (to exercise it where it can run).
-        names_from_traffic: read DNS answers and TCP connections' first bytes (Payload records)."""
+        names_from_traffic: read DNS answers and TCP connections' first bytes (Payload records).
+        hand_over, adopt, shared: surviving a restart (see handover): hand_over(descriptors) gets
+        every map and link to keep; `adopt` are those a monitor before this one handed over, to
+        go on with instead of loading anew; `shared` outlives this monitor."""
         self.object_path = object_path or default_object_path()
         self.byte_hooks = byte_hooks
         self.ring_pages = ring_pages
@@ -226,11 +231,17 @@ class KernelMonitor:
         self.attached: List[str] = []  # the programs in place
         self.load_seconds = 0.0
         self._epoch = 0
+        self._epoch_began = time.time()  # when the kernel began counting into the current generation
         self._cells: Optional[CellViews] = None
         self._uprobes: List[libbpf.Program] = []
         self.libcs: Optional[LibcProbes] = None
         self._pending: List[Record] = []
-        self._losses_seen = [0] * len(LOSS_KINDS)
+        self.hand_over, self.adopt, self.shared = hand_over, adopt, shared or handover.Shared()
+        self._losses_seen = self.shared.losses_seen  # counts already reported, per LOSS_KINDS
+        self._libc_links: Dict[int, Tuple[int, int]] = {}  # uprobe link -> (device, inode) of its C library
+        self._handed_over = 0  # links handed over so far (their names' numbers)
+        self._leftovers = False  # the idle generation may hold what a killed monitor had begun to read
+        self.taken: Callable[[Sequence[Record]], None] = lambda records: None  # called with what is read
         self.pinner: Optional[ExecPinner] = None  # pins what each exec ran (kernel.pins), when set
 
     # --- loading ---
@@ -241,9 +252,14 @@ class KernelMonitor:
         A feature probe of the running kernel decides, before loading, which programs it can take
         (plan()), so the object is loaded once. Should the kernel still refuse a program, its hook
         group is left out and the object loaded again: correct, but slower to start, and
-        `loads` says so."""
+        `loads` says so. With `adopt`, takes over what the monitor before this one left instead."""
         _check_privileges()
         begin = time.monotonic()
+        if self.adopt:
+            self._take_over()
+            self.load_seconds = time.monotonic() - begin
+            return []
+        ctypes.memset(ctypes.addressof(self._losses_seen), 0, ctypes.sizeof(self._losses_seen))  # new counters
         self.obj = libbpf.BpfObject(self.object_path)
         programs = {prog.name: prog.section for prog in self.obj.programs()}
         self.features = probe_kernel((s.partition("/")[2] for s in programs.values() if s.startswith("tp_btf/")),
@@ -267,6 +283,7 @@ class KernelMonitor:
         self._write_drain_state()
         self.ring = libbpf.RingBuffer([self.obj.map("events"), self.obj.map("payloads")], self._on_event)
         self.watch_running_roots()
+        self._hand_over_all()
         self.load_seconds = time.monotonic() - begin
         return list(self.degraded)
 
@@ -344,6 +361,7 @@ class KernelMonitor:
     def _probe_libc(self, path: str) -> None:
         """Attaches the getaddrinfo uprobes to one C library (by any path to the file)."""
         assert self.obj is not None
+        st = os.stat(path)
         links = []
         try:
             for prog in self._uprobes:
@@ -354,6 +372,9 @@ class KernelMonitor:
             raise OSError(str(e)) from None
         for link in links:
             self.obj.keep_link(link)
+            self._libc_links[link] = (st.st_dev, st.st_ino)
+        if self._handed_over:  # after start(): the new links are kept for the next monitor too
+            self._hand_over_links(links)
 
     def _report_libc(self, message: str) -> None:
         self._pending.append(Degraded("getaddrinfo_enter, getaddrinfo_exit", message, "see the message"))
@@ -405,10 +426,12 @@ class KernelMonitor:
         assert self.ring is not None
         self.ring.poll(int(timeout * 1000))
         records, self._pending = self._pending, []
+        if records:
+            self.taken(records)
         return records
 
     def drain(self) -> List[Flow]:
-        """Flow totals of the previous epoch; then starts the next.
+        """Flow totals of the previous epoch, stamped with the moment it ended; then starts the next.
 
         The kernel adds to the counter cells and flow map of generation epoch & 1. Those read here
         are the other generation's, which stopped receiving updates when the previous call moved
@@ -417,11 +440,17 @@ class KernelMonitor:
         idle = (self._epoch + 1) & 1
         totals: Dict[bytes, Tuple[FlowKey, FlowValue]] = {}
         if self._cells:
-            _add_up(totals, self._cells.drain(idle))
+            _add_up(totals, self._cells.drain(idle, every_cell=self._leftovers))
+        self._leftovers = False
         _add_up(totals, self.obj.map(f"flows_{idle}").pop_all(FlowKey, FlowValue))
+        counted_until = self._epoch_began  # the idle generation's epoch ended when the current one began
         self._epoch += 1
         self._write_drain_state()
-        return [Flow.from_c(k, v) for k, v in totals.values()]
+        self._epoch_began = self.shared.epoch_began = time.time()
+        flows = [Flow.from_c(k, v, counted_until) for k, v in totals.values()]
+        if flows:
+            self.taken(flows)
+        return flows
 
     def drain_all(self) -> List[Flow]:
         """Everything still in the kernel (at shutdown): both maps, after a short grace period."""
@@ -456,6 +485,70 @@ class KernelMonitor:
             _deliver_in_parts(deliver, batch)
         _deliver_in_parts(deliver, [*self.poll(0), *self.drain_all(), *self.losses()])
 
+    # --- surviving a restart (see handover) ---
+
+    def _hand_over_all(self) -> None:
+        """Every map and link, to be kept for the monitor after this one."""
+        assert self.obj is not None
+        if self.hand_over:
+            self.hand_over({handover.MAP + m.name: m.fd for m in self.obj.maps()})
+            self._hand_over_links(self.obj.links)
+        self._handed_over = max(self._handed_over, 1)
+
+    def _hand_over_links(self, links: List[int]) -> None:
+        named = {}
+        for link in links:
+            self._handed_over += 1
+            where = self._libc_links.get(link)
+            name = (f"{handover.LIBC}{where[0]}:{where[1]}:{self._handed_over}" if where
+                    else f"{handover.LINK}{self._handed_over}")
+            named[name] = libbpf.link_fd(link)
+        if self.hand_over and named:
+            self.hand_over(named)
+
+    def _take_over(self) -> None:
+        """Goes on with the maps of the monitor before this one (its programs stay attached, held
+        by the supervisor): the same drain epoch, ring buffers and counts. Only the getaddrinfo
+        programs are loaded, for C libraries seen from now on; those probed already stay probed."""
+        assert self.adopt is not None
+        self.obj = self._reusing_maps(uprobes=True)
+        try:
+            self.obj.load()
+        except libbpf.LibbpfError:  # without new C libraries' probes, rather than not at all
+            self.obj.close()
+            self.obj = self._reusing_maps(uprobes=False)
+            self.obj.load()
+        state = DrainState()
+        self.obj.map(".data.drain").lookup(ctypes.c_uint32(0), state)
+        self._epoch = state.epoch
+        self._epoch_began = self.shared.epoch_began or time.time()
+        if state.cells_on:
+            self._map_cells()
+        self._leftovers = True
+        self.ring = libbpf.RingBuffer([self.obj.map("events"), self.obj.map("payloads")], self._on_event)
+        self._uprobes = [p for p in self.obj.programs() if p.autoload and p.section.startswith(("uprobe", "uretprobe"))]
+        if self._uprobes:
+            self.libcs = LibcProbes(self._probe_libc, self._report_libc)
+            self.libcs.files.update(handover.libc_files(self.adopt))
+            self.watch_running_roots()
+        self._handed_over = 1 + max((int(name.rpartition(":")[2]) for name in self.adopt
+                                     if name.startswith((handover.LINK, handover.LIBC))), default=0)
+
+    def _reusing_maps(self, uprobes: bool) -> libbpf.BpfObject:
+        """The object, every map of it the one handed over; only the uprobe programs to load, if any."""
+        assert self.adopt is not None
+        obj = libbpf.BpfObject(self.object_path)
+        check_boundary(obj)
+        for m in obj.maps():
+            fd = self.adopt.get(handover.MAP + m.name)
+            if fd is None:
+                obj.close()
+                raise MonitorError(f"the map {m.name} was not handed over by the monitor before")
+            m.reuse_fd(fd)
+        for prog in obj.programs():
+            prog.autoload = uprobes and prog.section.startswith(("uprobe", "uretprobe"))
+        return obj
+
     def _map_cells(self) -> None:
         assert self.obj is not None
         self._cells = CellViews(*(self.obj.map(name).mmap() for name in
@@ -489,11 +582,23 @@ class CellViews:
         self.counts = tuple((FlowValue * cells).from_buffer(m) for m in (counts_0, counts_1))
         self.dirty = tuple(memoryview(m).cast("Q") for m in (dirty_0, dirty_1))
 
-    def drain(self, generation: int) -> Iterable[Tuple[FlowKey, FlowValue]]:
+    def drain(self, generation: int, every_cell: bool = False) -> Iterable[Tuple[FlowKey, FlowValue]]:
         """Every cell with counts in `generation` (which the kernel must not be adding to), with
-        its key; the counts and the dirty bits are cleared."""
-        for _, key, value in self.drain_cells(generation):
+        its key; the counts and the dirty bits are cleared. `every_cell`: not only those marked
+        dirty (a monitor killed in the middle of a drain may have cleared marks it did not read)."""
+        for _, key, value in (self.counted_cells if every_cell else self.drain_cells)(generation):
             yield key, value
+
+    def counted_cells(self, generation: int) -> Iterable[Tuple[int, FlowKey, FlowValue]]:
+        """drain_cells(), of every cell that has counts, marked dirty or not."""
+        dirty, counts = self.dirty[generation], self.counts[generation]
+        for word in range(len(dirty)):
+            dirty[word] = 0
+        for cell, value in enumerate(counts):
+            if value.bytes_sent or value.bytes_recv or value.packets_sent or value.packets_recv:
+                taken = FlowValue.from_buffer_copy(value)
+                ctypes.memset(ctypes.addressof(value), 0, ctypes.sizeof(FlowValue))
+                yield cell, FlowKey.from_buffer_copy(self.keys[cell]), taken
 
     def drain_cells(self, generation: int) -> Iterable[Tuple[int, FlowKey, FlowValue]]:
         """drain(), with each cell's number."""

@@ -137,14 +137,15 @@ class Flow:
     packets_recv: int
     exec_id: int = 0  # which exec of tgid sent it (Exec.exec_id); a fork keeps its parent's
     comm: str = ""  # the process's name when it sent
+    time: float = 0.0  # unix time the kernel stopped counting it here: it happened in the drain interval before
     kind: str = field(default="flow", repr=False)
 
     @classmethod
-    def from_c(cls, key: FlowKey, value: FlowValue) -> "Flow":
+    def from_c(cls, key: FlowKey, value: FlowValue, when: float = 0.0) -> "Flow":
         return cls(key.tgid, key.ppid, key.uid, key.netns, st_dev_from_kernel(key.exe_dev), key.exe_ino,
                    key.family, key.protocol, address(key.family, bytes(key.laddr)), key.lport,
                    address(key.family, bytes(key.raddr)), key.rport, value.bytes_sent, value.bytes_recv,
-                   value.packets_sent, value.packets_recv, key.exec_id, from_bytes(key.comm))
+                   value.packets_sent, value.packets_recv, key.exec_id, from_bytes(key.comm), when)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ values so that every line splits into exactly these 17 fields; other control cha
 undecodable bytes are written as `\\xNN` so the file is safe to `cat` in a terminal.
 """
 
+import os
 import re
 
+from picosnitch import files
 from picosnitch.connection import Connection
 from picosnitch.sanitize import printable
 from picosnitch.timestamps import local_time
@@ -32,20 +34,19 @@ def format_line(connection: Connection) -> str:
 
 
 class ConnLog:
-    """conn.log opened for appending; `write` adds one batch and flushes it."""
+    """conn.log opened for appending; `write` adds one batch, whole or not at all (a full disk
+    raises OSError and leaves the file as it was, so the batch can be written again later)."""
 
     def __init__(self, path: str):
-        # Line-buffered: each write call that holds a newline is flushed, so a batch, written
-        # with one call, reaches the file at once and nothing waits in a buffer.
-        self.file = open(path, "a", encoding="utf-8", buffering=1)
+        self.descriptor = files.open_append(path)
 
     def write(self, connections: "list[Connection]") -> None:
-        """Append one line per connection, flushed before returning."""
-        self.file.write("".join(format_line(c) + "\n" for c in connections))
+        """Append one line per connection, in one write."""
+        files.append_all(self.descriptor, "".join(format_line(c) + "\n" for c in connections).encode())
 
     def close(self) -> None:
         """Close the file."""
-        self.file.close()
+        os.close(self.descriptor)
 
     def __enter__(self) -> "ConnLog":
         return self

@@ -13,6 +13,7 @@ any moment the file opens cleanly and holds every committed window.
 
 import os
 import sqlite3
+import struct
 import time
 from pathlib import Path
 
@@ -107,6 +108,59 @@ def _move_aside(path: str) -> str:
     return bad
 
 
+_WAL_MAGIC = {0x377F0682: "<", 0x377F0683: ">"}  # the byte order of the checksums
+_WAL_HEADER, _FRAME_HEADER = 32, 24
+
+
+def _wal_checksum(data: bytes, order: str, s0: int = 0, s1: int = 0) -> "tuple[int, int]":
+    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), going on from (s0, s1)."""
+    words = struct.unpack(f"{order}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_damage(path: str) -> "str | None":
+    """What SQLite's recovery of `path`-wal would drop without a word: committed transactions
+    behind a frame whose checksum fails. A sentence, or None. (A -wal cut short at a frame's end
+    leaves nothing to see here: the writer's own bookkeeping notices that, store.worker.)"""
+    try:
+        with open(path + "-wal", "rb") as f:
+            wal = f.read()
+    except FileNotFoundError:
+        return None
+    if len(wal) < _WAL_HEADER:
+        return None if not wal else f"{path}-wal was cut short in its header: the transactions in it are lost"
+    magic, _, page_size, _, salt1, salt2, c0, c1 = struct.unpack(">8I", wal[:_WAL_HEADER])
+    order = _WAL_MAGIC.get(magic)
+    if order is None or _wal_checksum(wal[:24], order) != (c0, c1):
+        return None  # not a WAL SQLite would use at all: it starts afresh, as it should
+    frame = _FRAME_HEADER + page_size
+    sums, offset, kept, dropped, broken = (c0, c1), _WAL_HEADER, _WAL_HEADER, 0, False
+    while offset + frame <= len(wal):
+        _, commit, fsalt1, fsalt2, f0, f1 = struct.unpack(">6I", wal[offset:offset + _FRAME_HEADER])
+        if (fsalt1, fsalt2) != (salt1, salt2):
+            return _wal_sentence(path, kept, len(wal), dropped)  # what follows is an earlier generation's
+        sums = _wal_checksum(wal[offset:offset + 8] + wal[offset + _FRAME_HEADER:offset + frame], order, *sums)
+        broken = broken or sums != (f0, f1)
+        if broken:
+            dropped += commit != 0
+        elif commit:
+            kept = offset + frame
+        offset += frame
+    return _wal_sentence(path, kept, len(wal), dropped)
+
+
+def _wal_sentence(path: str, kept: int, size: int, dropped: int) -> "str | None":
+    """(A frame cut short at the end is no loss: it is the transaction a crash interrupted.)"""
+    if not dropped:
+        return None
+    return (f"{path}-wal is damaged after byte {kept} (of {size}): {dropped} committed "
+            f"transaction{'' if dropped == 1 else 's'} in it could not be recovered, and what "
+            f"{'it' if dropped == 1 else 'they'} wrote is missing from snitch.db")
+
+
 def open_db(path: str) -> "tuple[sqlite3.Connection, str | None]":
     """Open (creating if needed) snitch.db for writing; return (connection, problem).
 
@@ -118,8 +172,9 @@ def open_db(path: str) -> "tuple[sqlite3.Connection, str | None]":
     errors (permission denied, locked, disk full) are raised as sqlite3 errors and leave the
     file alone. The directory must already exist.
     """
+    damage = wal_damage(path)
     try:
-        return _open_checked(path), None
+        return _open_checked(path), damage
     except db_schema.SchemaError as exc:
         if isinstance(exc, db_schema.NewerSchemaError):
             raise
@@ -223,6 +278,7 @@ class SqliteWriter:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.conn.execute(_CREATE_BATCH)
+        self.conn.execute(_CREATE_WRITER_STATE)
         # One cursor for every statement of a write. conn.execute() makes a cursor per call, and
         # the connection keeps a weak reference to each of the last 200: garbage per row, and
         # after a storm those last references would pin the memory around them.
@@ -231,8 +287,14 @@ class SqliteWriter:
         self._identities = RecentIds(self.CACHE_LIMIT)
         self._endpoints = RecentIds(self.CACHE_LIMIT)
 
-    def write(self, connections: "list[Connection]") -> None:
-        """Add the traffic of `connections` to snitch.db in one transaction.
+    def committed(self, spill: str) -> int:
+        """The last message of `spill` (store.spill) whose rows this database holds; 0 if none."""
+        row = self.conn.execute("SELECT seq FROM writer_state WHERE spill = ?", (spill,)).fetchone()
+        return row[0] if row else 0
+
+    def write(self, connections: "list[Connection]", mark: "tuple[str, int] | None" = None) -> None:
+        """Add the traffic of `connections` to snitch.db in one transaction; `mark`, (spill,
+        sequence number), records in the same transaction the last message they came from.
 
         Rows with the same (identity, endpoint, ts), in this batch or already stored, are
         summed; the hourly rollup and the others derived from it (db_schema) get the same sums.
@@ -250,11 +312,14 @@ class SqliteWriter:
                 total[1] += c.recv
                 total[2] += c.packets_sent
                 total[3] += c.packets_recv
-        if not merged:
+        if not merged and not mark:
             return
         new: tuple[dict, dict, dict] = ({}, {}, {})  # ids inserted by this transaction, never cached: see RecentIds
         with self.conn:
             self._cursor.execute("BEGIN IMMEDIATE")
+            if mark:
+                self._cursor.execute("DELETE FROM writer_state WHERE spill != ?", (mark[0],))
+                self._cursor.execute("INSERT OR REPLACE INTO writer_state (spill, seq) VALUES (?, ?)", mark)
             self._cursor.executemany(_INSERT_BATCH, [
                 (ts, ts - ts % 3600, self._identity_id(identity, new),
                  self._endpoint_id(endpoint, new[2]), *counts)
@@ -312,6 +377,8 @@ class SqliteWriter:
                      e.rport, to_bytes(e.domain), to_bytes(e.domain_source)))
 
 
+# The writer's own bookkeeping (store.spill): which of its spill's messages this file holds.
+_CREATE_WRITER_STATE = "CREATE TABLE IF NOT EXISTS writer_state (spill TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 _T = "CAST(? AS TEXT)"
 _PROCESS_COLUMNS = ("exe", "name", "cmdline", "sha256", "script", "script_sha256", "exe_state")
 _SELECT_PROCESS = (f"SELECT id FROM processes WHERE exe = {_T} AND name = {_T} "
