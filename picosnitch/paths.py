@@ -31,13 +31,20 @@ class Paths:
     data_dir: Path
     db: Path
     record: Path
+    baseline: Path
+    baseline_requests: Path
     # Reserved for the remote SQL writer's disk backlog. Not made by ensure_dirs(): that writer
     # runs unprivileged, so whoever starts it creates this directory owned by its user.
     sql_backlog: Path
+    # The events waiting for webhooks and syslog: made, like sql_backlog, by the worker that
+    # becomes the user who owns it.
+    outbox: Path
     log_dir: Path
     exe_log: Path
     error_log: Path
     conn_log: Path
+    alert_log: Path
+    event_log: Path
     run_dir: Path
     pid_file: Path
     live_socket: Path
@@ -57,11 +64,16 @@ class Paths:
             data_dir=data_dir,
             db=data_dir / "snitch.db",
             record=data_dir / "record.json",
+            baseline=data_dir / "baseline.json",
+            baseline_requests=data_dir / "baseline-requests",
             sql_backlog=data_dir / "sql-backlog",
+            outbox=data_dir / "outbox",
             log_dir=log_dir,
             exe_log=log_dir / "exe.log",
             error_log=log_dir / "error.log",
             conn_log=log_dir / "conn.log",
+            alert_log=log_dir / "alert.log",
+            event_log=log_dir / "events.log",
             run_dir=run_dir,
             pid_file=run_dir / "picosnitch.pid",
             live_socket=run_dir / "live.sock",

@@ -1,7 +1,10 @@
-"""The record keeper process: record.json, exe.log and error.log, fed by every other worker.
+"""The record keeper process: record.json, exe.log, alert.log and error.log, fed by every
+other worker.
 
 What is new (an executable, a name, a sha256) goes on to the notifier at once, and new hashes
-to the VirusTotal worker, whose verdicts come back here to be recorded.
+to the VirusTotal worker, whose verdicts come back here to be recorded. Alerts from the baseline
+worker are logged and kept in record.json, and go on to the notifier. The outlet (event stream,
+webhooks, metrics) gets all of it, every error report and the baseline's traffic totals.
 """
 
 import signal
@@ -19,7 +22,7 @@ from picosnitch.alerts.record_keeper import (
     RecordKeeper,
     record_result,
 )
-from picosnitch.messages import ErrorReport, Observed, Stop, VtRequest, VtResult
+from picosnitch.messages import Alert, ErrorReport, Observed, Stop, Traffic, VtRequest, VtResult
 
 SAVE_EVERY = 5.0
 
@@ -34,12 +37,12 @@ def unchecked_hashes(keeper: RecordKeeper):
                 yield VtRequest(exe, name, sha256)
 
 
-def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
+def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, to_outlet=None) -> int:
     """Serves until every worker named in `wait_for` has said Stop, then tells the helpers to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     errors = ErrorLog(paths.error_log)
-    keeper = RecordKeeper(paths.record, paths.exe_log)
+    keeper = RecordKeeper(paths.record, paths.exe_log, paths.alert_log)
     if keeper.load_problem:
         errors.error(keeper.load_problem)
     if to_vt:
@@ -55,10 +58,15 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
                     stopped.add(message.sender)
                 elif isinstance(message, ErrorReport):
                     errors.error(message.message, message.key)
-                    if to_notifier:
-                        to_notifier.send(message)
+                    for helper in (to_notifier, to_outlet):
+                        if helper:
+                            helper.send(message)
                 elif isinstance(message, Observed):
-                    observe(keeper, message, to_notifier, to_vt)
+                    observe(keeper, message, to_notifier, to_vt, to_outlet)
+                elif isinstance(message, Alert):
+                    alert(keeper, errors, message, to_notifier, to_outlet)
+                elif isinstance(message, Traffic) and to_outlet:
+                    to_outlet.send(message)
                 elif isinstance(message, VtResult):
                     record_result(keeper, message)
                     if to_notifier:
@@ -70,16 +78,29 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None) -> int:
     finally:
         keeper.save()
         errors.flush()
-        for helper in (to_notifier, to_vt):
+        for helper in (to_notifier, to_vt, to_outlet):
             if helper:
                 helper.send(Stop("keeper"))
     return 0
 
 
-def observe(keeper: RecordKeeper, message: Observed, to_notifier, to_vt) -> None:
+def alert(keeper: RecordKeeper, errors: ErrorLog, message: Alert, to_notifier, to_outlet) -> None:
+    """Log and keep an alert, and pass it on; one that cannot be logged is still passed on."""
+    try:
+        keeper.alert(message)
+    except OSError as error:
+        errors.error(f"cannot write {keeper.alert_log_path} ({error.strerror or error}): {message.kind} "
+                     f"of {message.exe}: {' '.join(message.values)}", "alert.log")
+    for helper in (to_notifier, to_outlet):
+        if helper:
+            helper.send(message)
+
+
+def observe(keeper: RecordKeeper, message: Observed, to_notifier, to_vt, to_outlet=None) -> None:
     new = keeper.observe(message.exe, message.name, message.sha256, message.parent_exe, message.parent_name)
-    if new and to_notifier:
-        to_notifier.send(new)  # now, not at the next write window
+    for helper in (to_notifier, to_outlet):
+        if new and helper:
+            helper.send(new)  # now, not at the next write window
     verifiable = message.sha256 and not message.sha256.startswith("!")
     if to_vt and verifiable and any(thing.kind in (NEW_EXE, NEW_SHA256) for thing in new):
         to_vt.send(VtRequest(message.exe, message.name, message.sha256))

@@ -3,8 +3,11 @@
     monitor ──► identity ──► writer (snitch.db, conn.log) ──┐
                    ├──────► live (picosnitch top's feed) ────┤
                    ├──────► sql (remote server; optional) ───┤
+                   ├──────► baseline (alerts; optional) ─────┤
                    └────────────────────────────────────────► keeper ──► notifier (optional)
-                                        supervisor's errors ──┘    └───► vt (optional) ──┘
+                                        supervisor's errors ──┘    ├───► vt (optional) ──┘
+                                                                   └───► outlet (events, webhooks,
+                                                                         metrics; optional) ──┘
 
 Every worker also reports errors to the keeper, which owns record.json, exe.log and error.log.
 Stopping: SIGTERM to the monitor, which drains the kernel and sends Stop down the pipeline; each
@@ -21,7 +24,7 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Callable, Dict, Optional, cast
 
-from picosnitch.alerts import keeper_worker, notifier_worker, vt_worker
+from picosnitch.alerts import baseline_worker, keeper_worker, notifier_worker, outlet_worker, vt_worker
 from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.identity import worker as identity_worker
@@ -55,8 +58,13 @@ class Supervisor:
     def __init__(self, config, paths):
         self.config, self.paths = config, paths
         self.ready = _ctx.Event()
-        consumers = ["writer", "live"] + (["sql"] if config["DB sql server"] else [])
-        helpers = (["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
+        metrics = bool(config["Metrics address"] or config["Metrics textfile"])
+        consumers = (["writer", "live"] + (["sql"] if config["DB sql server"] else [])
+                     + (["baseline"] if config["Alert kinds"] or metrics else []))
+        outlet = bool(config["Event log"] or config["Syslog socket"] or metrics
+                      or any(config[f"{key} URL"] for key in ("Webhook", "ntfy", "Gotify")))
+        helpers = ((["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
+                   + (["outlet"] if outlet else []))
         self.order = (*helpers, "keeper", *consumers, "identity", "monitor")  # start order; stop: reversed
         # Each worker's inbox, and who speaks for its upstream when that died without saying Stop.
         inbox = {name: _ctx.Pipe(duplex=False) for name in ("identity", *consumers, *helpers)}
@@ -64,8 +72,8 @@ class Supervisor:
         self.upstream = {"identity": "monitor", **{c: "identity" for c in consumers}, **{h: "keeper" for h in helpers}}
         to_keeper = {name: _ctx.Pipe(duplex=False) for name in ("supervisor", "identity", *consumers, *helpers)}
         self.to_keeper = to_keeper["supervisor"][1]
-        self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
-        to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
+        self.keeper_waits_for = {"identity", "writer"} | ({"sql", "baseline"} & set(consumers))  # those that say Stop
+        to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt", "outlet")}
         targets = {
             "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid())),
             "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
@@ -73,8 +81,12 @@ class Supervisor:
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
             "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
-                                           to_helper["notifier"], to_helper["vt"])),
+                                           to_helper["notifier"], to_helper["vt"], to_helper["outlet"])),
         }
+        if "baseline" in inbox:
+            targets["baseline"] = (baseline_worker.run, (config, paths, inbox["baseline"][0], to_keeper["baseline"][1]))
+        if "outlet" in inbox:
+            targets["outlet"] = (outlet_worker.run, (config, paths, inbox["outlet"][0], to_keeper["outlet"][1]))
         if "sql" in inbox:
             targets["sql"] = (sql_worker.run, (config, paths, inbox["sql"][0], to_keeper["sql"][1]))
         if "notifier" in inbox:
@@ -95,8 +107,8 @@ class Supervisor:
         process.start()
         self.processes[name] = process
 
-    def report(self, message: str) -> None:
-        self.to_keeper.send(ErrorReport(message))
+    def report(self, message: str, key: Optional[str] = None) -> None:
+        self.to_keeper.send(ErrorReport(message, key))
 
     def run(self, on_ready: Optional[Callable[[], None]] = None) -> int:
         """Runs until SIGTERM/SIGINT; returns the exit status."""
@@ -153,7 +165,7 @@ class Supervisor:
                         f"({why}); picosnitch stops")
             return False
         history.append(now)
-        self.report(f"the {name} worker stopped unexpectedly ({why}); restarting it")
+        self.report(f"the {name} worker stopped unexpectedly ({why}); restarting it", f"restart:{name}")
         if name == "monitor":
             self.ready.clear()
         self._start(name)

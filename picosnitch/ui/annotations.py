@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Optional
 
+from picosnitch.alerts.geoip import CountryReader
 from picosnitch.alerts.record_keeper import SHA256_BY_EXE
-from picosnitch.installed import install_extra
 from picosnitch.paths import Paths
-from picosnitch.sanitize import printable
 
 
 class Annotations:
@@ -22,31 +21,16 @@ class Annotations:
 
     def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None):
         self.vt_status = vt_status or {}
-        self.problem = ""
-        self._reader: Any = None
-        self._geoip_path = geoip_path
-        if geoip_path:
-            self._open_geoip()
+        self._countries = CountryReader(geoip_path)
 
-    def _open_geoip(self) -> None:
-        shown = printable(self._geoip_path)
-        try:
-            import maxminddb  # optional extra [geoip]
-        except ImportError:
-            self.problem = (f"GeoIP off: reading {shown} needs the Python package maxminddb "
-                            f"(install it with: {install_extra('geoip')})")
-            return
-        try:
-            self._reader = maxminddb.open_database(self._geoip_path)
-        except OSError as exc:
-            self.problem = f"GeoIP off: cannot read {shown}: {exc.strerror or exc}"
-        except (maxminddb.InvalidDatabaseError, ValueError):  # ValueError: an empty file
-            self.problem = f"GeoIP off: {shown} is not a MaxMind DB (.mmdb) file"
+    @property
+    def problem(self) -> str:
+        return self._countries.problem
 
     @property
     def geoip(self) -> bool:
         """Whether countries are looked up."""
-        return self._reader is not None
+        return self._countries.on
 
     @classmethod
     def load(cls, paths: Paths, cfg: Mapping) -> "Annotations":
@@ -64,20 +48,7 @@ class Annotations:
 
     def country(self, address: str) -> str:
         """The ISO code of `address`'s country ("" when unknown or GeoIP is off)."""
-        if self._reader is None or not address:
-            return ""
-        try:
-            found = self._reader.get(address)
-        except ValueError:  # not an IP address
-            return ""
-        except Exception:  # the reader's errors for a damaged file; GeoIP is optional, stop it
-            self._reader = None  # not closed: another dash thread may be reading it
-            self.problem = f"GeoIP off: {printable(self._geoip_path)} is damaged (a lookup failed)"
-            return ""
-        if not isinstance(found, dict):
-            return ""
-        country = found.get("country") or found.get("registered_country") or {}
-        return str(country.get("iso_code", "")) if isinstance(country, dict) else ""
+        return self._countries.country(address)
 
     def note(self, column: str, value: object) -> str:
         """Text shown after `value` in tab `column` ("" for none)."""
