@@ -143,7 +143,8 @@ class Program:
         return not learning
 
     def to_json(self) -> dict:
-        return {"exe": self.exe, "script": self.script, "first seen": self.first_seen, "learned": self.learned,
+        return {"exe": self.exe, "script": self.script, "first seen": float(self.first_seen),
+                "learned": None if self.learned is None else float(self.learned),
                 "names": self.names, "sha256": self.hashes,
                 **{dimension: ANY if values is None else sorted(values) for dimension, values in self.values.items()},
                 "volume": dataclasses.asdict(self.volume)}

@@ -70,7 +70,11 @@ class Outbox:
             self._index(number)
         end = (max(self.sizes), self.sizes[max(self.sizes)]) if self.sizes else (0, 0)
         for name in self.receivers:
-            self.cursors[name] = self._read_cursor(name, end)
+            cursor = self._read_cursor(name)
+            if cursor is None:  # new here: from now on, and remembered as such
+                self._move(name, end)
+            else:
+                self.cursors[name] = cursor
         for path in self.directory.glob(CURSOR_PREFIX + "*"):
             if path.name[len(CURSOR_PREFIX):] not in self.receivers:
                 path.unlink()  # a receiver no longer configured
@@ -90,12 +94,12 @@ class Outbox:
             start = end
         self.sizes[number] = complete
 
-    def _read_cursor(self, name: str, end: tuple[int, int]) -> tuple[int, int]:
+    def _read_cursor(self, name: str) -> Optional[tuple[int, int]]:
         try:
             segment, offset = (int(part) for part in (self.directory / (CURSOR_PREFIX + name)).read_text().split())
             return segment, offset
         except (OSError, ValueError):
-            return end
+            return None
 
     # -- the main thread --
 
