@@ -2,8 +2,9 @@
 
 One run of `picosnitch start-no-daemon` (tests/daemon_harness.py) with a learning period of
 LEARNING seconds, a GeoIP database the test writes (the lab's IPv4 network is Germany, its IPv6
-one France) and real receivers on loopback. Three copies of one small C client
-(tests/c/alert_client.c), each a program of its own:
+one France) and real receivers on loopback. Three copies of the C traffic generator
+(tests/c/netops.c: `named` names its server in an HTTP Host header, `serve` listens), each a
+program of its own:
 
 - `steady` learns: example.com (by the Host of its HTTP requests), port A, Germany, about 50 kB.
   After learning it does the same again (nothing is new), then each trigger twice: example.org,
@@ -27,7 +28,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import mmdb_writer
 import pytest
@@ -37,7 +37,6 @@ from netlab import HOST4, PEER4, PEER6, listen
 from receivers import NtfyServer, WebhookServer, shared_tempdir
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
-TESTS = Path(__file__).resolve().parent
 LEARNING = 12.0  # seconds
 COALESCE = 5.0
 BURST = 12
@@ -87,16 +86,9 @@ def connect_from_peer(lab, host, port, count):
     lab.in_peer(run).join(20)
 
 
-@pytest.fixture(scope="module")
-def client():
-    out = shared_tempdir("picosnitch-alert-client-") / "alert_client"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(TESTS / "c" / "alert_client.c")], check=True)
-    return out
-
-
-def copy_of(client, name):
-    path = client.parent / name
-    shutil.copy2(client, path)
+def copy_of(netops, directory, name):
+    path = directory / name
+    shutil.copy2(netops, path)
     return str(path)
 
 
@@ -117,7 +109,7 @@ def alerts_of(daemon, program):
 
 
 @pytest.fixture(scope="module")
-def alerting(lab, client, tmp_path_factory):
+def alerting(lab, netops):
     """Runs the whole story once; the tests read what it left."""
     prefix = shared_tempdir("picosnitch-alerts-")
     mmdb = mmdb_writer.write(prefix / "countries.mmdb", {"10.232.0.0/14": country("DE", "Germany"),
@@ -127,7 +119,8 @@ def alerting(lab, client, tmp_path_factory):
     port_b = Acceptor(lab, PEER4)
     burst_ports = [Acceptor(lab, PEER4).port for _ in range(BURST)]
     a, b = port_a.port, port_b.port
-    steady, muted, burst = (copy_of(client, name) for name in ("steady", "muted", "burst"))
+    programs = shared_tempdir("picosnitch-alert-programs-")
+    steady, muted, burst = (copy_of(netops, programs, name) for name in ("steady", "muted", "burst"))
     ntfy, hook = NtfyServer(), WebhookServer()
     metrics_port = _free_port()
     daemon = Daemon(prefix, **{
@@ -138,10 +131,10 @@ def alerting(lab, client, tmp_path_factory):
         "Webhook backoff (seconds)": 1, "Metrics address": f"127.0.0.1:{metrics_port}"})
     daemon.start()
     try:
-        run(steady, "connect", PEER4, a, 50000, "www.example.com")
-        run(steady, "connect", PEER4, a, 1000, "cdn.example.com")
-        run(muted, "connect", PEER4, a, 1000)
-        run(burst, "connect", PEER4, a, 1000)
+        run(steady, "named", PEER4, a, 50000, "www.example.com")
+        run(steady, "named", PEER4, a, 1000, "cdn.example.com")
+        run(muted, "quick", PEER4, a, 1000)
+        run(burst, "quick", PEER4, a, 1000)
 
         def first_seen():
             if not daemon.paths.baseline.exists():
@@ -156,25 +149,25 @@ def alerting(lab, client, tmp_path_factory):
         time.sleep(max(learned_at - time.time() + 1, 0))
 
         for _ in range(2):  # what was learned: no alert
-            run(steady, "connect", PEER4, a, 1000, "www.example.com")
-            run(steady, "connect", PEER4, a, 1000, "static.cdn.example.com")
-            run(burst, "connect", PEER4, a, 1000)
+            run(steady, "named", PEER4, a, 1000, "www.example.com")
+            run(steady, "named", PEER4, a, 1000, "static.cdn.example.com")
+            run(burst, "quick", PEER4, a, 1000)
         time.sleep(2)
         quiet = {p: alerts_of(daemon, p) for p in (steady, muted, burst)}
 
         for _ in range(2):  # each trigger twice: one alert each
-            run(steady, "connect", PEER4, a, 1000, "www.example.org")
-            run(steady, "connect", PEER4, b, 1000)
-            run(steady, "connect", PEER6, a, 1000)
+            run(steady, "named", PEER4, a, 1000, "www.example.org")
+            run(steady, "quick", PEER4, b, 1000)
+            run(steady, "quick", PEER6, a, 1000)
         server = subprocess.Popen([steady, "serve", "0", "3"], stdout=subprocess.PIPE, text=True)
         listening = int(server.stdout.readline().split()[1])
         connect_from_peer(lab, HOST4, listening, 2)
-        run(steady, "connect", PEER4, a, 3_000_000, "www.example.com")
-        run(steady, "connect", PEER4, a, 1_000_000, "www.example.com")
-        run(muted, "connect", PEER4, b, 1000)
+        run(steady, "named", PEER4, a, 3_000_000, "www.example.com")
+        run(steady, "named", PEER4, a, 1_000_000, "www.example.com")
+        run(muted, "quick", PEER4, b, 1000)
         for half in (burst_ports[:BURST // 2], burst_ports[BURST // 2:]):
             for port in half:
-                run(burst, "connect", PEER4, port, 100)
+                run(burst, "quick", PEER4, port, 100)
             time.sleep(1.5)
         time.sleep(3)  # the listener stays open while its traffic is handled
         connect_from_peer(lab, HOST4, listening, 1)
