@@ -1,5 +1,6 @@
 """What the UIs show next to values: the country of a remote address (GeoIP) and the
-VirusTotal status of a hash (from record.json). view and dash both use it."""
+VirusTotal status of a hash (from record.json); and the latest alerts (record.json's "Alerts").
+view and dash both use it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 from typing import Optional
 
 from picosnitch.alerts.geoip import CountryReader
-from picosnitch.alerts.record_keeper import SHA256_BY_EXE
+from picosnitch.alerts.record_keeper import ALERTS, SHA256_BY_EXE
 from picosnitch.paths import Paths
 
 
@@ -19,9 +20,10 @@ class Annotations:
     `problem` for the UI to show; nothing here raises over it.
     """
 
-    def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None):
+    def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None, record_path=None):
         self.vt_status = vt_status or {}
         self._countries = CountryReader(geoip_path)
+        self.record_path = record_path
 
     @property
     def problem(self) -> str:
@@ -44,7 +46,17 @@ class Annotations:
                 statuses.update(hashes)
         except (OSError, ValueError, AttributeError):
             pass
-        return cls(geoip, statuses)
+        return cls(geoip, statuses, paths.record)
+
+    def alerts(self) -> list[dict]:
+        """The alerts record.json keeps, newest first, read now ([] when it cannot be read)."""
+        if self.record_path is None:
+            return []
+        try:
+            kept = json.loads(self.record_path.read_bytes()).get(ALERTS, [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [a for a in reversed(kept) if isinstance(a, dict)] if isinstance(kept, list) else []
 
     def country(self, address: str) -> str:
         """The ISO code of `address`'s country ("" when unknown or GeoIP is off)."""

@@ -32,7 +32,7 @@ from picosnitch.timestamps import local_time
 from picosnitch.ui import terminal
 from picosnitch.ui.annotations import Annotations
 from picosnitch.ui.terminal import put
-from picosnitch.ui.text import RANGES, UNITS, cells, fit, format_bytes, safe, show_value, window
+from picosnitch.ui.text import RANGES, UNITS, alert_line, cells, fit, format_bytes, safe, show_value, window
 
 DEFAULT_RANGE = "all"
 
@@ -80,6 +80,7 @@ picosnitch view: the traffic in snitch.db, by executable, address, user, ...
   u / U             next / previous byte unit
   / then n          search the values of this tab; n finds the next match
   r                 refresh (re-read snitch.db, move "now")
+  a                 the latest alerts (new domains, countries, ports, listeners, spikes)
   ?                 this help                     q  quit
 
 conns counts distinct connections (process x local and remote address and port).
@@ -98,6 +99,7 @@ class ViewUI:
         self.annotations = annotations
         self.state = State(dimensions=history.dimensions)
         self.showing_help = False
+        self.alerts: Optional[list[str]] = None  # the alerts screen's lines while it shows
         self.keys: dict[object, Callable[[], None]] = {
             curses.KEY_LEFT: lambda: self.switch_tab(-1),
             curses.KEY_RIGHT: lambda: self.switch_tab(1),
@@ -114,7 +116,7 @@ class ViewUI:
             "t": lambda: self.cycle_range(1), "T": lambda: self.cycle_range(-1),
             "u": lambda: self.cycle_unit(1), "U": lambda: self.cycle_unit(-1),
             "r": self.refresh, "/": self.ask_search, "n": self.next_match,
-            "?": self.show_help, curses.KEY_RESIZE: self.screen.clear,
+            "?": self.show_help, "a": self.show_alerts, curses.KEY_RESIZE: self.screen.clear,
         }
 
     # -- data --
@@ -239,6 +241,11 @@ class ViewUI:
     def show_help(self) -> None:
         self.showing_help = True
 
+    def show_alerts(self) -> None:
+        found = self.annotations.alerts()
+        self.alerts = [f"picosnitch view │ alerts: {len(found)} (newest first; any key goes back)"]
+        self.alerts += [alert_line(alert) for alert in found] or ["no alerts (see picosnitch baseline)"]
+
     def describe(self, row: Row) -> str:
         s = self.state
         width = bucket_width(*s.window()) if s.column == "contime" else 0
@@ -256,9 +263,10 @@ class ViewUI:
             put(self.screen, 0, 0, fit("window too small", max(width - 1, 0)))
             self.screen.refresh()
             return
-        if self.showing_help:
-            for y, line in enumerate(HELP.splitlines()[: height - 1]):
-                put(self.screen, y, 0, fit(line, width - 1))
+        if self.showing_help or self.alerts is not None:
+            lines = HELP.splitlines() if self.showing_help else self.alerts or []
+            for y, line in enumerate(lines[: height - 1]):
+                put(self.screen, y, 0, fit(line, width - 1), curses.A_BOLD if self.alerts and y == 0 else 0)
             self.screen.refresh()
             return
         widths = self.number_widths()  # one pass over the tab's rows, for header and rows
@@ -353,7 +361,7 @@ class ViewUI:
         # a GeoIP problem stays in view until it is fixed, as countries stay missing
         hint = s.message or self.annotations.problem or (
             "←/→ tabs  ↵ filter  e exclude  ⌫ unfilter  h/H history  t/T range  "
-            "u/U units  / search  ? help  q quit")
+            "u/U units  / search  a alerts  ? help  q quit")
         put(self.screen, height - 1, 0, fit(f"{where}  {hint}", width - 1), curses.A_DIM)
 
     # -- the loop --
@@ -366,8 +374,8 @@ class ViewUI:
             self.draw()
             key = self.screen.get_wch()
             self.state.message = ""
-            if self.showing_help:
-                self.showing_help = False
+            if self.showing_help or self.alerts is not None:
+                self.showing_help, self.alerts = False, None
                 continue
             if key == "q":
                 return

@@ -377,16 +377,42 @@
     }
   }
 
+  // ---- the alerts view: this machine's latest alerts (record.json), newest first ----
+
+  async function loadAlerts() {
+    try {
+      const result = await api("alerts", new URLSearchParams());
+      const body = $("alerts-table").tBodies[0];
+      body.textContent = "";
+      for (const a of result.alerts) {
+        const tr = el("tr");
+        for (const text of [a.time, a.kind, a.name, a.program, a.values]) tr.appendChild(el("td", text));
+        body.appendChild(tr);
+      }
+      const n = result.alerts.length;
+      $("alerts-note").textContent = n ? `${n} alert${n === 1 ? "" : "s"}, newest first`
+        : "no alerts: programs are learning, or nothing new happened (picosnitch baseline)";
+      setStatus(`alerts ${when(Date.now() / 1000)}`);
+    } catch (e) {
+      setStatus(`error: ${e.message}`, true);
+    }
+  }
+
   function showView(view) {
     state.view = view;
     $("history-view").hidden = view !== "history";
     $("live-view").hidden = view !== "live";
+    $("alerts-view").hidden = view !== "alerts";
     $("tab-history").classList.toggle("active", view === "history");
     $("tab-live").classList.toggle("active", view === "live");
+    $("tab-alerts").classList.toggle("active", view === "alerts");
     clearInterval(state.liveTimer);
     if (view === "live") {
       pollLive();
       state.liveTimer = setInterval(pollLive, 1000);
+    } else if (view === "alerts") {
+      loadAlerts();
+      state.liveTimer = setInterval(loadAlerts, 10000);
     } else {
       load();
     }
@@ -459,6 +485,7 @@
     $("drill-close").addEventListener("click", () => { $("drill").hidden = true; });
     $("tab-history").addEventListener("click", () => showView("history"));
     $("tab-live").addEventListener("click", () => showView("live"));
+    $("tab-alerts").addEventListener("click", () => showView("alerts"));
     let resizeTimer = null;
     window.addEventListener("resize", () => {
       clearTimeout(resizeTimer);
@@ -482,6 +509,7 @@
       $("source").textContent = `server: ${state.meta.source}`;
       $("source").hidden = false;
       $("tab-live").textContent = "Live (this machine)";
+      $("tab-alerts").textContent = "Alerts (this machine)";
     }
     if (state.meta.geoip_problem) {
       $("notice").textContent = state.meta.geoip_problem;

@@ -1,0 +1,81 @@
+"""`view` and `dash` show the latest alerts (record.json's "Alerts", newest first), as safe text.
+
+The record is written here by the real RecordKeeper, as the daemon's keeper writes it, with one
+alert whose names carry escape sequences and markup.
+"""
+
+import time
+
+import pytest
+from dash_harness import DashServer
+from test_dash_browser import browser, shot, severe_console_messages  # noqa: F401 (fixture)
+from test_view_tui import ui  # noqa: F401 (a fixture)
+
+from picosnitch.alerts.record_keeper import RecordKeeper
+from picosnitch.messages import Alert
+from picosnitch.paths import Paths
+from picosnitch.store import sqlite as sqlite_store
+from picosnitch.timestamps import local_time
+
+WHEN = time.time() - 100
+HOSTILE = "/tmp/\x1b[2J<img src=x onerror=\"document.title='pwned'\">"
+
+
+@pytest.fixture
+def prefix(tmp_path):
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    conn, _ = sqlite_store.open_db(str(paths.db))
+    sqlite_store.close_db(conn)
+    keeper = RecordKeeper(paths.record, paths.exe_log, paths.alert_log)
+    keeper.alert(Alert("new port", "/usr/bin/curl", "curl", "c" * 64, ("8443/tcp",), 1, WHEN))
+    keeper.alert(Alert("new domain", HOSTILE, "<b>x</b>", "d" * 64, ("example.org", "evil.test"), 60, WHEN + 1))
+    keeper.save()
+    return tmp_path
+
+
+def test_the_dash_api_lists_alerts_newest_first_as_safe_text(prefix):
+    server = DashServer(prefix)
+    try:
+        newest, oldest = server.api("alerts", {})["alerts"]
+    finally:
+        server.close()
+    assert oldest == {"time": local_time(WHEN), "kind": "new port", "name": "curl", "program": "/usr/bin/curl",
+                      "values": "8443/tcp"}
+    assert newest["program"] == "/tmp/\\x1b[2J<img src=x onerror=\"document.title='pwned'\">"
+    assert newest["values"] == "example.org, evil.test (60 in all)"
+
+
+def test_the_dash_page_shows_alerts_as_text(prefix, browser):  # noqa: F811
+    server = DashServer(prefix)
+    try:
+        browser.get(server.url)
+        browser.find_element("id", "tab-alerts").click()
+        deadline = time.monotonic() + 10
+        while not browser.find_elements("css selector", "#alerts-table tbody tr"):
+            assert time.monotonic() < deadline, "no alerts shown"
+            time.sleep(0.1)
+        rows = [[c.text for c in row.find_elements("css selector", "td")]
+                for row in browser.find_elements("css selector", "#alerts-table tbody tr")]
+        shot(browser, "dash-alerts.png")
+        assert rows[1] == [local_time(WHEN), "new port", "curl", "/usr/bin/curl", "8443/tcp"]
+        assert rows[0][3].endswith("<img src=x onerror=\"document.title='pwned'\">")
+        assert browser.execute_script("return document.querySelectorAll('#alerts-table img, #alerts-table b')"
+                                      ".length") == 0
+        assert browser.title == "picosnitch dash"
+        assert browser.find_element("id", "alerts-note").text == "2 alerts, newest first"
+        assert severe_console_messages(browser) == []
+    finally:
+        server.close()
+
+
+def test_view_shows_the_alerts_on_a_key_and_goes_back_on_any(prefix, ui):  # noqa: F811
+    view = ui(prefix)
+    view.keys("a")
+    screen = view.wait_for("alerts: 2")
+    lines = screen.splitlines()
+    assert lines[1].startswith(f"{local_time(WHEN + 1)}  new domain  <b>x</b>  /tmp/\\x1b[2J<img")
+    assert lines[2] == f"{local_time(WHEN)}  new port  curl  /usr/bin/curl  8443/tcp"
+    assert "\x1b" not in screen
+    view.keys("x")
+    view.wait_for("picosnitch view │ range")
