@@ -8,7 +8,7 @@ import time
 
 import pytest
 from dash_harness import DashServer
-from test_dash_browser import browser, shot, severe_console_messages  # noqa: F401 (fixture)
+from test_dash_browser import browser, severe_console_messages, shot  # noqa: F401 (fixture)
 from test_view_tui import ui  # noqa: F401 (a fixture)
 
 from picosnitch.alerts.record_keeper import RecordKeeper
