@@ -26,7 +26,7 @@ format says.
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Iterable
 
 from picosnitch import __version__
@@ -108,11 +108,3 @@ class Metrics:
             lines += [_sample(name, labels, value) for labels, value in samples]
         return "\n".join(lines) + "\n"
 
-
-def add_traffic(metrics: Metrics, totals: dict) -> None:
-    """Take the totals the baseline worker sends (Traffic.totals), replacing the earlier ones."""
-    metrics.traffic = {key: list(values) for key, values in totals.items()}
-
-
-def receiver_stats() -> defaultdict:
-    return defaultdict(lambda: {"waiting": 0, "delivered": 0, "failed": 0, "dropped": 0, "up": 0})
