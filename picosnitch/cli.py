@@ -46,6 +46,8 @@ commands:
                     no alerts for a program, or alerts again
   baseline forget PROGRAM
                     forget what a program has learned: it learns again
+  prompt            answer guard mode's prompts: allow or deny new connections (root or
+                    "Guard prompt group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
   help              print this text
 
@@ -203,6 +205,11 @@ def _baseline(paths: Paths, options: List[str]) -> Optional[int]:
               f"({e.strerror or e})", file=sys.stderr)
         return 1
     return 0
+def _prompt(paths: Paths, options: List[str]) -> Optional[int]:
+    if options:
+        return None
+    from picosnitch.ui import prompt
+    return prompt.main(paths)
 
 
 def _monitor(paths: Paths, options: List[str]) -> Optional[int]:
@@ -220,6 +227,13 @@ def _as_root(command: str, action: Callable[[Paths], int]) -> Command:
             return 1
         return action(paths)
     return run
+
+
+def _stop(paths: Paths) -> int:
+    status = daemon_control.stop(paths)
+    from picosnitch.guard import firewall  # a guard killed with the daemon leaves its rules
+    firewall.remove_leftovers(paths)
+    return status
 
 
 def _systemd(paths: Paths) -> int:
@@ -242,7 +256,7 @@ def _start_no_daemon(paths: Paths) -> int:
 
 COMMANDS: Dict[str, Command] = {
     "start": _as_root("start", _start),
-    "stop": _as_root("stop", daemon_control.stop),
+    "stop": _as_root("stop", _stop),
     "restart": _as_root("restart", _restart),
     "start-no-daemon": _as_root("start-no-daemon", _start_no_daemon),
     "systemd": _as_root("systemd", _systemd),
@@ -252,6 +266,7 @@ COMMANDS: Dict[str, Command] = {
     "top": _top,
     "dash": _dash,
     "baseline": _baseline,
+    "prompt": _prompt,
     "monitor": _monitor,
     "help": _help,
 }

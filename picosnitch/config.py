@@ -173,6 +173,18 @@ def _loopback_address(value: Any) -> Optional[str]:
     if value == "" or (match and 1 <= int(match.group(2)) <= 65535):
         return None
     return 'must be "" or a loopback address and port such as "127.0.0.1:9743", not %s' % _shown(value)
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if value in choices:
+            return None
+        return "must be one of %s, not %s" % (", ".join(json.dumps(c) for c in choices), _shown(value))
+    return check
+
+
+def _name_list(value: Any) -> Optional[str]:
+    if isinstance(value, list) and all(isinstance(item, str) and item for item in value):
+        return None
+    return "must be a list of network interface names ([] for all), not %s" % _shown(value)
 
 
 def _http_url(value: Any) -> Optional[str]:
@@ -203,6 +215,14 @@ RULES: dict[str, Rule] = {
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1)),
     "GeoIP database": Rule("", _string),
+    # Guard mode (picosnitch/guard): an opt-in firewall; see the README's "Guard mode".
+    "Guard fail open": Rule(True, _boolean),
+    "Guard interfaces": Rule([], _name_list),
+    "Guard mode": Rule("off", _one_of("off", "ask", "deny unknown")),
+    "Guard prompt group": Rule("", _string),
+    "Guard queue number": Rule(7455, _integer(0)),
+    "Guard timeout (seconds)": Rule(60, _seconds),
+    "Guard timeout action": Rule("deny", _one_of("deny", "allow")),
     "GeoIP lookup": Rule(True, _boolean),
     "Gotify token": Rule("", _token),
     "Gotify URL": Rule("", _optional_http_url),
@@ -476,6 +496,23 @@ _EXAMPLE = """\
   "Gotify token": "",
   # A Gotify server to send the events to (POST /message), e.g. "https://gotify.example"; "" for none.
   "Gotify URL": "",
+  # With the daemon gone (crashed, killed), let new connections through as if the guard were
+  # off (true), or drop them (false: loopback and established connections still pass).
+  "Guard fail open": true,
+  # Network interfaces the guard watches; [] for every one.
+  "Guard interfaces": [],
+  # "off": monitor only. "ask": new connections no rule decides wait for your answer
+  # (picosnitch prompt, a desktop notification or picosnitch dash). "deny unknown": refuse them.
+  "Guard mode": "off",
+  # Group that may answer the guard's prompts (and so allow connections); "" for root only.
+  "Guard prompt group": "",
+  # The NFQUEUE number the guard's iptables rules use.
+  "Guard queue number": 7455,
+  # Seconds a connection waits for an answer before "Guard timeout action" applies to it
+  # (to it alone: a timeout never makes a rule).
+  "Guard timeout (seconds)": 60,
+  # "deny" or "allow": what an unanswered connection gets.
+  "Guard timeout action": "deny",
   # Record local and remote addresses.
   "Log addresses": true,
   # Record full command lines.

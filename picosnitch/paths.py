@@ -48,6 +48,8 @@ class Paths:
     run_dir: Path
     pid_file: Path
     live_socket: Path
+    rules: Path  # guard mode's rules file
+    guard_socket: Path  # guard mode's prompts
 
     @classmethod
     def under(cls, root: str | os.PathLike = "/") -> Paths:
@@ -77,6 +79,8 @@ class Paths:
             run_dir=run_dir,
             pid_file=run_dir / "picosnitch.pid",
             live_socket=run_dir / "live.sock",
+            rules=config_dir / "rules",
+            guard_socket=run_dir / "guard.sock",
         )
 
     @classmethod

@@ -4,7 +4,9 @@
 #   deb:  to build the Debian package (scripts/build-deb.sh)
 #   test: everything the tests use, including building, installing and running the .deb
 set -euo pipefail
-want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make publicsuffix)
+want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make
+      publicsuffix  # the list "new domain" alerts need
+      iptables)  # guard mode (the NFQUEUE target); the monitor alone does not need it
 deb=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel python3-build
      dpkg-dev fakeroot git
      python3-jeepney python3-requests)  # the .deb's own Depends, so the tests can install it offline

@@ -49,7 +49,10 @@ def test_defaults_keep_the_original_keys_and_add_the_new_ones():
     assert config.defaults() == dict(ORIGINAL_DEFAULTS, **{
         "DB sql backlog (MB)": 100, "Dash token": "", "Flow map entries": 65536, "GeoIP database": "",
         "Live feed group": "", "Names from traffic": True,
-        "Desktop notification users": [], "VT API URL": "https://www.virustotal.com/api/v3", **ALERT_DEFAULTS})
+        "Desktop notification users": [], "VT API URL": "https://www.virustotal.com/api/v3",
+        "Guard fail open": True, "Guard interfaces": [], "Guard mode": "off", "Guard prompt group": "",
+        "Guard queue number": 7455, "Guard timeout (seconds)": 60, "Guard timeout action": "deny",
+        **ALERT_DEFAULTS})
 
 
 ALERT_DEFAULTS = {
@@ -89,6 +92,12 @@ def test_loopback_metrics_addresses_and_fractional_learning_are_taken(tmp_path):
         assert config.parse(json.dumps({"Metrics address": address}))["Metrics address"] == address
     assert config.parse('{"Alert learning (days)": 0.0005}')["Alert learning (days)"] == 0.0005
     assert config.parse('{"Alert learning (days)": null}')["Alert learning (days)"] is None
+
+
+def test_the_guard_mode_is_one_of_three(tmp_path):
+    assert config.load(write(tmp_path, '{"Guard mode": "deny unknown"}'))["Guard mode"] == "deny unknown"
+    error = error_for(tmp_path, '{\n  "Guard mode": "on"\n}')
+    assert str(error).endswith('line 2: "Guard mode" must be one of "off", "ask", "deny unknown", not "on"')
 
 
 @pytest.mark.parametrize("key", ["GeoIP database", "Live feed group"])

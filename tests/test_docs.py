@@ -115,6 +115,6 @@ def test_how_it_works_names_every_folder_of_the_package():
     text = section("How it works")
     folders = sorted(p.name for p in (REPO / "picosnitch").iterdir()
                      if p.is_dir() and (p / "__init__.py").exists())
-    assert folders == ["alerts", "central", "daemon", "identity", "kernel", "store", "ui"]
+    assert folders == ["alerts", "central", "daemon", "guard", "identity", "kernel", "store", "ui"]
     for folder in folders:
         assert f"`{folder}/`" in text, folder

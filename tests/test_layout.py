@@ -23,9 +23,12 @@ MAY_IMPORT = {
     "picosnitch.store": (),
     "picosnitch.central": ("picosnitch.store",),
     "picosnitch.alerts": (),
+    # Guard mode decides connections on identities (hashing, names), stores verdicts, prompts on the
+    # desktop as the notifier does, and shows a prompt's country as the UIs do (ui.annotations).
+    "picosnitch.guard": ("picosnitch.identity", "picosnitch.store", "picosnitch.alerts", "picosnitch.ui.annotations"),
     "picosnitch.daemon": ("picosnitch.kernel", "picosnitch.identity", "picosnitch.store",
-                          "picosnitch.central", "picosnitch.alerts"),
-    "picosnitch.ui": ("picosnitch.store", "picosnitch.central", "picosnitch.alerts",
+                          "picosnitch.central", "picosnitch.alerts", "picosnitch.guard"),
+    "picosnitch.ui": ("picosnitch.store", "picosnitch.central", "picosnitch.alerts", "picosnitch.guard",
                       "picosnitch.daemon.live_feed"),
 }
 # The command line starts any of them.

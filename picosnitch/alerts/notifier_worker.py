@@ -161,7 +161,7 @@ def notify_send(notice: Notice) -> None:
                    check=True, capture_output=True, timeout=CHILD_TIMEOUT)
 
 
-def _fork_as(user: DesktopUser, keep: set[int], body: Callable[[], None]) -> int:
+def fork_as(user: DesktopUser, keep: set[int], body: Callable[[], None]) -> int:
     """Fork a child that closes all other descriptors, becomes `user` and runs `body`."""
     pid = os.fork()
     if pid:
@@ -209,7 +209,7 @@ def ask_logind_unprivileged() -> list[int]:
             reply = {"error": str(error) or repr(error)}
         os.write(writer, json.dumps(reply).encode())
 
-    pid = _fork_as(desktop_sessions.lookup(UNPRIVILEGED_USER), {writer}, answer)
+    pid = fork_as(desktop_sessions.lookup(UNPRIVILEGED_USER), {writer}, answer)
     os.close(writer)
     try:
         data = b""
@@ -242,7 +242,7 @@ class UserChild:
         answers_in, answers_out = os.pipe()
         inbox = Connection(notices_in, writable=False)
         answers = Connection(answers_out, readable=False)
-        self.pid = _fork_as(user, {notices_in, answers_out},
+        self.pid = fork_as(user, {notices_in, answers_out},
                             lambda: _serve_user(user, inbox, answers, method))
         inbox.close()
         answers.close()

@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, cast
 from picosnitch.alerts import baseline_worker, keeper_worker, notifier_worker, outlet_worker, vt_worker
 from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
+from picosnitch.guard import worker as guard_worker
 from picosnitch.identity import worker as identity_worker
 from picosnitch.kernel import worker as monitor_worker
 from picosnitch.messages import ErrorReport, Stop
@@ -65,19 +66,22 @@ class Supervisor:
                       or any(config[f"{key} URL"] for key in ("Webhook", "ntfy", "Gotify")))
         helpers = ((["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
                    + (["outlet"] if outlet else []))
-        self.order = (*helpers, "keeper", *consumers, "identity", "monitor")  # start order; stop: reversed
+        guard = ["guard"] if config["Guard mode"] != "off" else []  # guard mode: picosnitch/guard
+        self.order = (*helpers, "keeper", *guard, *consumers, "identity", "monitor")  # start order; stop: reversed
         # Each worker's inbox, and who speaks for its upstream when that died without saying Stop.
-        inbox = {name: _ctx.Pipe(duplex=False) for name in ("identity", *consumers, *helpers)}
+        inbox = {name: _ctx.Pipe(duplex=False) for name in ("identity", *guard, *consumers, *helpers)}
         self.inbox_out = {name: sender for name, (_, sender) in inbox.items()}
-        self.upstream = {"identity": "monitor", **{c: "identity" for c in consumers}, **{h: "keeper" for h in helpers}}
-        to_keeper = {name: _ctx.Pipe(duplex=False) for name in ("supervisor", "identity", *consumers, *helpers)}
+        self.upstream = {"identity": "monitor", **{c: "identity" for c in consumers + guard},
+                         **{h: "keeper" for h in helpers}}
+        to_keeper = {name: _ctx.Pipe(duplex=False) for name in ("supervisor", "identity", *guard, *consumers,
+                                                                 *helpers)}
         self.to_keeper = to_keeper["supervisor"][1]
         self.keeper_waits_for = {"identity", "writer"} | ({"sql", "baseline"} & set(consumers))  # those that say Stop
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt", "outlet")}
         targets = {
             "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid())),
             "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
-                                               to_keeper["identity"][1])),
+                                               to_keeper["identity"][1], inbox["guard"][1] if guard else None)),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
             "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
@@ -87,6 +91,9 @@ class Supervisor:
             targets["baseline"] = (baseline_worker.run, (config, paths, inbox["baseline"][0], to_keeper["baseline"][1]))
         if "outlet" in inbox:
             targets["outlet"] = (outlet_worker.run, (config, paths, inbox["outlet"][0], to_keeper["outlet"][1]))
+        if guard:
+            targets["guard"] = (guard_worker.run, (config, paths, inbox["guard"][0], to_keeper["guard"][1],
+                                                   os.getpid()))
         if "sql" in inbox:
             targets["sql"] = (sql_worker.run, (config, paths, inbox["sql"][0], to_keeper["sql"][1]))
         if "notifier" in inbox:

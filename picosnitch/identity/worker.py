@@ -31,8 +31,9 @@ def resolve(resolver: IdentityResolver, batch: list, ts: int, consumers) -> None
             consumer.send_bytes(message)
 
 
-def run(config, from_monitor, consumers, to_keeper) -> int:
-    """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server)."""
+def run(config, from_monitor, consumers, to_keeper, to_guard=None) -> int:
+    """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server),
+    and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
     watcher = None
@@ -54,10 +55,14 @@ def run(config, from_monitor, consumers, to_keeper) -> int:
                     continue
                 batch = from_monitor.recv()
                 if isinstance(batch, Stop):
-                    for consumer in consumers:
+                    for consumer in consumers + ([to_guard] if to_guard else []):
                         consumer.send(Stop("identity"))
                     to_keeper.send(Stop("identity"))
                     return 0
+                if to_guard is not None:
+                    answers = [r for r in batch if getattr(r, "kind", None) == "dns"]
+                    if answers:
+                        to_guard.send(answers)
                 resolve(resolver, batch, window_start(time.time(), limit), consumers)
                 del batch  # a storm's batch is large: not kept until the next one arrives
             if time.monotonic() >= next_expiry:

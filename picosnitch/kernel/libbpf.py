@@ -148,11 +148,17 @@ def take_log() -> List[str]:
 
 
 def kernel_btf_types(names: Iterable[str], kind: int = BTF_KIND_TYPEDEF) -> Set[str]:
-    """Those of `names` that the running kernel's BTF defines (e.g. btf_trace_<tracepoint>); the
-    BTF is parsed once for all of them, as parsing it takes some 10 ms."""
+    """Those of `names` that the running kernel's BTF defines as `kind` (e.g. the typedefs
+    btf_trace_<tracepoint>)."""
+    return {name for name, k in kernel_btf_kinds((name, kind) for name in names)}
+
+
+def kernel_btf_kinds(wanted: Iterable[Tuple[str, int]]) -> Set[Tuple[str, int]]:
+    """Those of the (name, kind) pairs that the running kernel's BTF defines; the BTF is parsed
+    once for all of them, as parsing it takes some 10 ms."""
     btf = _call_ptr("reading the kernel's BTF (/sys/kernel/btf/vmlinux)", lib().btf__load_vmlinux_btf())
     try:
-        return {name for name in names if lib().btf__find_by_name_kind(btf, name.encode(), kind) > 0}
+        return {(name, kind) for name, kind in wanted if lib().btf__find_by_name_kind(btf, name.encode(), kind) > 0}
     finally:
         lib().btf__free(btf)
 

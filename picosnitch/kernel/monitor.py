@@ -35,6 +35,7 @@ from picosnitch.kernel.records import (
 
 DRAIN_INTERVAL = 0.5  # seconds; a flow is reported at most two intervals after it happened
 DELIVERY_PART = 5000  # records per deliver() call: a storm's drain is passed on, pickled and read in parts
+DEFAULT_CELLS = 16384  # sockets' owners counting at once without a flow map lookup
 
 # Programs by the capability they provide, with what is lost without them.
 HOOK_GROUPS = {
@@ -89,9 +90,10 @@ def probe_kernel(tracepoints: Iterable[str], byte_hooks: str = "auto") -> Kernel
     """Which of `tracepoints` and of the kfuncs in KFUNCS this kernel has, and, where the byte
     counting fallback is wanted (asked for, or no sock tracepoints), whether it loads fexit programs."""
     wanted = set(tracepoints)
-    typedefs = libbpf.kernel_btf_types("btf_trace_" + t for t in wanted)
-    present = frozenset(t for t in wanted if "btf_trace_" + t in typedefs)
-    kfuncs = frozenset(libbpf.kernel_btf_types({kfunc for kfunc, _ in KFUNCS.values()}, libbpf.BTF_KIND_FUNC))
+    found = libbpf.kernel_btf_kinds([("btf_trace_" + t, libbpf.BTF_KIND_TYPEDEF) for t in wanted]
+                                    + [(kfunc, libbpf.BTF_KIND_FUNC) for kfunc, _ in KFUNCS.values()])
+    present = frozenset(t for t in wanted if ("btf_trace_" + t, libbpf.BTF_KIND_TYPEDEF) in found)
+    kfuncs = frozenset(kfunc for kfunc, _ in KFUNCS.values() if (kfunc, libbpf.BTF_KIND_FUNC) in found)
     features = KernelFeatures(present, kfuncs, None)
     if byte_hooks == "fallback" or not features.sock_tracepoints:
         features = KernelFeatures(present, kfuncs, libbpf.loads_fexit("inet_sendmsg"))
@@ -188,8 +190,11 @@ class KernelMonitor:
         self.cgroup_root = cgroup_root
         self.names_from_traffic = names_from_traffic
         self.libc = libc
-        # Counter cells: as many as flow map entries unless told, in whole words of the dirty bitmaps.
-        self.cells = max(CELL_DIRTY_BITS, -(-(cells or flow_entries) // CELL_DIRTY_BITS) * CELL_DIRTY_BITS)
+        # Counter cells, in whole words of the dirty bitmaps: DEFAULT_CELLS unless told (a socket's
+        # owner without a cell adds to the flow map instead: exact, a little slower). They are
+        # mapped into this process, so they count in its memory: 152 bytes each.
+        wanted = cells or min(DEFAULT_CELLS, flow_entries)
+        self.cells = max(CELL_DIRTY_BITS, -(-wanted // CELL_DIRTY_BITS) * CELL_DIRTY_BITS)
         self.obj: Optional[libbpf.BpfObject] = None
         self.ring: Optional[libbpf.RingBuffer] = None
         self.features: Optional[KernelFeatures] = None

@@ -168,6 +168,31 @@ CREATE TABLE totals_by_lport (
 ) WITHOUT ROWID;
 """
 
+# Guard mode's verdicts, one row per connection it decided (see picosnitch/guard/store.py).
+# Created in every database at open (IF NOT EXISTS): it needs no schema version of its own.
+GUARD_TABLES = """
+CREATE TABLE IF NOT EXISTS guard_verdicts (
+    ts REAL NOT NULL,
+    direction TEXT NOT NULL,
+    family INTEGER NOT NULL,
+    protocol INTEGER NOT NULL,
+    laddr TEXT NOT NULL,
+    lport INTEGER NOT NULL,
+    raddr TEXT NOT NULL,
+    rport INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    exe TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    pexe TEXT NOT NULL,
+    cmdline TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    verdict TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rule TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS guard_verdicts_ts ON guard_verdicts (ts);
+"""
+
 # Where each view column comes from; `t` is the traffic table (or its hourly rollup).
 _SOURCES = {
     "contime": "datetime(t.{ts}, 'unixepoch', 'localtime')",
@@ -324,6 +349,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")  # no other writer may create the schema meanwhile
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            _run_script(conn, GUARD_TABLES)
             return
         if version > SCHEMA_VERSION:
             raise NewerSchemaError(
@@ -331,9 +357,10 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if version == 0:
             if not _is_empty(conn):
                 raise SchemaError("the database holds tables picosnitch did not create")
-            _run_script(conn, _TABLES + _ROLLUP_TABLES + _VIEWS)
+            _run_script(conn, _TABLES + _ROLLUP_TABLES + _VIEWS + GUARD_TABLES)
         else:
             for step in range(version, SCHEMA_VERSION):
                 MIGRATIONS[step](conn)
+            _run_script(conn, GUARD_TABLES)
         # PRAGMA cannot take parameters; SCHEMA_VERSION is our own integer.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")

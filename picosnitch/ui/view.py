@@ -81,6 +81,7 @@ picosnitch view: the traffic in snitch.db, by executable, address, user, ...
   / then n          search the values of this tab; n finds the next match
   r                 refresh (re-read snitch.db, move "now")
   a                 the latest alerts (new domains, countries, ports, listeners, spikes)
+  g                 guard mode's latest verdicts (allowed/denied, by rule, user, timeout)
   ?                 this help                     q  quit
 
 conns counts distinct connections (process x local and remote address and port).
@@ -100,6 +101,7 @@ class ViewUI:
         self.state = State(dimensions=history.dimensions)
         self.showing_help = False
         self.alerts: Optional[list[str]] = None  # the alerts screen's lines while it shows
+        self.showing_guard = False  # guard mode's verdicts (picosnitch/ui/verdicts.py)
         self.keys: dict[object, Callable[[], None]] = {
             curses.KEY_LEFT: lambda: self.switch_tab(-1),
             curses.KEY_RIGHT: lambda: self.switch_tab(1),
@@ -117,6 +119,7 @@ class ViewUI:
             "u": lambda: self.cycle_unit(1), "U": lambda: self.cycle_unit(-1),
             "r": self.refresh, "/": self.ask_search, "n": self.next_match,
             "?": self.show_help, "a": self.show_alerts, curses.KEY_RESIZE: self.screen.clear,
+            "g": self.show_guard,
         }
 
     # -- data --
@@ -246,6 +249,9 @@ class ViewUI:
         self.alerts = [f"picosnitch view │ alerts: {len(found)} (newest first; any key goes back)"]
         self.alerts += [alert_line(alert) for alert in found] or ["no alerts (see picosnitch baseline)"]
 
+    def show_guard(self) -> None:
+        self.showing_guard = True
+
     def describe(self, row: Row) -> str:
         s = self.state
         width = bucket_width(*s.window()) if s.column == "contime" else 0
@@ -263,9 +269,16 @@ class ViewUI:
             put(self.screen, 0, 0, fit("window too small", max(width - 1, 0)))
             self.screen.refresh()
             return
-        if self.showing_help or self.alerts is not None:
-            lines = HELP.splitlines() if self.showing_help else self.alerts or []
-            for y, line in enumerate(lines[: height - 1]):
+        if self.showing_help or self.showing_guard or self.alerts is not None:
+            if self.alerts is not None:
+                text = self.alerts
+            elif self.showing_help:
+                text = HELP.splitlines()
+            else:
+                from picosnitch.ui import verdicts
+                text = verdicts.lines(getattr(self.history, "conn", None) if not self.history.label else None,
+                                      height - 3)
+            for y, line in enumerate(text[: height - 1]):
                 put(self.screen, y, 0, fit(line, width - 1), curses.A_BOLD if self.alerts and y == 0 else 0)
             self.screen.refresh()
             return
@@ -374,8 +387,9 @@ class ViewUI:
             self.draw()
             key = self.screen.get_wch()
             self.state.message = ""
-            if self.showing_help or self.alerts is not None:
-                self.showing_help, self.alerts = False, None
+            if self.showing_help or self.showing_guard or self.alerts is not None:
+                self.showing_help = self.showing_guard = False
+                self.alerts = None
                 continue
             if key == "q":
                 return

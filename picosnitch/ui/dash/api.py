@@ -27,6 +27,7 @@ import json
 import select
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 from starlette.requests import Request
@@ -159,6 +160,8 @@ class Dash:
         self.annotations = annotations or Annotations()
         self.options = options or {}
         self.live_socket = live_socket
+        self.guard_socket: Optional[Path] = None  # guard mode's prompts (ui.dash.guard), if it runs
+        self.guard_db: Optional[Path] = None  # where its verdicts are, for the Guard tab
         self._live: Optional[LiveRelay] = None
         self._live_lock = threading.Lock()
 

@@ -37,6 +37,7 @@ from picosnitch import config as config_module
 from picosnitch.config import Config
 from picosnitch.ui.annotations import Annotations
 from picosnitch.ui.dash import api as dash_api
+from picosnitch.ui.dash import guard as dash_guard
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_HOST = "localhost"
@@ -145,7 +146,8 @@ class SecurityMiddleware:
         if host not in self.hosts:
             return PlainTextResponse(
                 "refused: the Host header does not name this dashboard\n", status_code=421)
-        if scope["method"] not in ("GET", "HEAD"):
+        if scope["method"] not in ("GET", "HEAD") and not (
+                scope["method"] == "POST" and dash_guard.allows_post(scope, headers)):  # guard answers
             return PlainTextResponse("only GET and HEAD\n", status_code=405,
                                      headers={"Allow": "GET, HEAD"})
         return None
@@ -186,6 +188,7 @@ def create_app(dash: dash_api.Dash, hosts: frozenset, token: Optional[str] = Non
               Mount("/static", StaticFiles(directory=STATIC), name="static")]
     routes += [Route(f"/api/{name}", dash_api.endpoint(dash, name), methods=["GET", "HEAD"])
                for name in dash_api.ENDPOINTS]
+    routes += dash_guard.routes(getattr(dash, "guard_socket", None), getattr(dash, "guard_db", None))
     app = Starlette(routes=routes)
     return SecurityMiddleware(app, hosts, token)
 
@@ -263,6 +266,7 @@ def load(paths, cfg: Config, environ=None, db: Optional[str] = None):
     options = {"theme": cfg["Dash theme"], "scroll_zoom": cfg["Dash scroll zoom"]}
     dash = dash_api.Dash(history_readers(paths, cfg, db), Annotations.load(paths, cfg), options,
                          paths.live_socket)
+    dash.guard_socket, dash.guard_db = paths.guard_socket, (None if db else paths.db)  # the Guard tab
     with dash.reader() as reader:
         reader.bounds()  # fail now, with one sentence, if the history cannot be read
     return dash, host, port, token

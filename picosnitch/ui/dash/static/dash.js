@@ -398,16 +398,78 @@
     }
   }
 
+  // ---- guard mode: prompts waiting for an answer, latest verdicts (picosnitch/guard/dash_guard.py) ----
+
+  const PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"};
+
+  async function answerPrompt(id, action, duration) {
+    const response = await fetch("/api/guard/answer", {
+      method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-Picosnitch-Answer": "1"},
+      body: JSON.stringify({id: id, action: action, duration: duration}),
+    });
+    const body = await response.json().catch(() => ({error: `HTTP ${response.status}`}));
+    $("guard-note").textContent = response.ok ? "answered" : `not answered: ${body.error}`;
+    pollGuard();
+  }
+
+  async function pollGuard() {
+    let result;
+    try {
+      result = await api("guard", new URLSearchParams());
+    } catch (e) {
+      $("guard-note").textContent = `error: ${e.message}`;
+      return;
+    }
+    const pending = $("guard-pending").tBodies[0];
+    pending.textContent = "";
+    $("guard-note").textContent = result.pending_problem ||
+      (result.pending.length ? "" : "no connection is waiting for an answer");
+    for (const p of result.pending) {
+      const tr = el("tr");
+      tr.dataset.prompt = String(p.id);
+      const port = p.direction === "out" ? p.rport : p.lport;
+      for (const text of [`${p.exe} (pid ${p.pid})`, `${p.sha256.slice(0, 16)}… (${p.sha256_state})`,
+        p.parent, p.cmdline, p.user, p.direction, `${p.domain || "(none)"} (${p.domain_source})`, p.raddr,
+        port, p.protocol, p.country]) tr.appendChild(el("td", text));
+      const td = el("td");
+      for (const [label, action, duration] of [["Allow once", "allow", "once"],
+        ["Allow always", "allow", "forever"], ["Deny", "deny", "once"]]) {
+        const b = el("button", label);
+        b.type = "button";
+        b.addEventListener("click", () => answerPrompt(p.id, action, duration));
+        td.appendChild(b);
+      }
+      tr.appendChild(td);
+      pending.appendChild(tr);
+    }
+    const verdicts = $("guard-verdicts").tBodies[0];
+    verdicts.textContent = "";
+    $("guard-verdicts-note").textContent = result.verdicts_problem || "";
+    for (const v of result.verdicts) {
+      const tr = el("tr");
+      for (const text of [when(v.ts), v.verdict, v.reason, v.exe || "(not looked up)", v.direction,
+        v.domain, v.raddr, v.direction === "out" ? v.rport : v.lport, PROTOCOLS[v.protocol] || v.protocol,
+        v.rule]) tr.appendChild(el("td", text));
+      verdicts.appendChild(tr);
+    }
+  }
+
   function showView(view) {
     state.view = view;
     $("history-view").hidden = view !== "history";
     $("live-view").hidden = view !== "live";
     $("alerts-view").hidden = view !== "alerts";
+    $("guard-view").hidden = view !== "guard";
     $("tab-history").classList.toggle("active", view === "history");
     $("tab-live").classList.toggle("active", view === "live");
     $("tab-alerts").classList.toggle("active", view === "alerts");
+    $("tab-guard").classList.toggle("active", view === "guard");
     clearInterval(state.liveTimer);
-    if (view === "live") {
+    if (view === "guard") {
+      pollGuard();
+      state.liveTimer = setInterval(pollGuard, 2000);
+    } else if (view === "live") {
       pollLive();
       state.liveTimer = setInterval(pollLive, 1000);
     } else if (view === "alerts") {
@@ -486,6 +548,7 @@
     $("tab-history").addEventListener("click", () => showView("history"));
     $("tab-live").addEventListener("click", () => showView("live"));
     $("tab-alerts").addEventListener("click", () => showView("alerts"));
+    $("tab-guard").addEventListener("click", () => showView("guard"));
     let resizeTimer = null;
     window.addEventListener("resize", () => {
       clearTimeout(resizeTimer);
