@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import pwd
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -186,6 +187,48 @@ def test_every_receiver_gets_each_event_as_its_api_says(prefix, receivers):
     assert len(receivers["webhook"].received) == 3  # the ordinary error is no event
     outlet.stop()
     assert outlet.reports() == []
+
+
+def fill(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(descriptor, b"x" * 4096)
+    finally:
+        os.close(descriptor)
+
+
+def test_a_full_disk_holds_events_in_memory_until_there_is_room_again(prefix, receivers):
+    needs_root()
+    outbox = Paths.under(prefix).outbox
+    outbox.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "picosnitch-test", str(outbox)], check=True)
+    outlet = None
+    try:
+        outlet = Outlet(prefix, settings_for(receivers))
+        outlet.send(alert(0))
+        receivers["webhook"].wait_for(1)
+        fill(outbox / "filler")
+        # More than the rest of the page the segment file already has: a write must allocate.
+        large = [Alert("new domain", "/usr/bin/curl", "curl", SHA, tuple(f"{n}-{'x' * 200}.example" for n in
+                                                                        range(50)), 50, time.time())] * 3
+        outlet.send(*large)
+        time.sleep(2)
+        assert len(receivers["webhook"].received) == 1  # held, not stored, so not sent yet
+        (outbox / "filler").unlink()
+        got = receivers["webhook"].wait_for(4)
+        assert [len(h["values"]) for h in got] == [1, 50, 50, 50]
+        outlet.stop()
+        reports = [r.message for r in outlet.reports()]
+        assert any("cannot be stored" in r and "No space left on device" in r for r in reports), reports
+        assert "events for delivery are stored again (0 were dropped meanwhile)" in reports
+    finally:
+        if outlet is not None and outlet.process.is_alive():
+            outlet.process.kill()
+            outlet.process.join()
+        subprocess.run(["umount", "--lazy", str(outbox)], check=True)
 
 
 def test_the_sender_is_unprivileged_and_owns_its_queue(prefix, receivers):

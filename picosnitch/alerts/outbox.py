@@ -115,9 +115,9 @@ class Outbox:
             assert self.active_fd is not None
             start = self.sizes[self.active]
             try:
-                written = os.write(self.active_fd, data)
-                if written != len(data):
-                    raise OSError("a short write")
+                written = 0
+                while written < len(data):  # a short write is followed by the one that says why
+                    written += os.write(self.active_fd, data[written:])
                 os.fsync(self.active_fd)
             except OSError:
                 os.ftruncate(self.active_fd, start)  # all or nothing
@@ -183,11 +183,15 @@ class Outbox:
     # -- cursors and segments --
 
     def _move(self, name: str, cursor: tuple[int, int]) -> None:
+        """Move a cursor; a disk that refuses the file only means a resend after a crash."""
         self.cursors[name] = cursor
         path = self.directory / (CURSOR_PREFIX + name)
         temporary = path.with_name("." + path.name)
-        temporary.write_text("%d %d\n" % cursor)
-        os.replace(temporary, path)
+        try:
+            temporary.write_text("%d %d\n" % cursor)
+            os.replace(temporary, path)
+        except OSError:
+            pass
 
     def _delete_passed(self) -> None:
         """Delete every segment all receivers are past (never the one being appended to)."""
