@@ -40,6 +40,7 @@ class Receiver:
     def __init__(self, token: str = ""):
         self.token = token
         self.received: list = []
+        self.arrived: list = []  # time.monotonic() of each accepted request, beside `received`
         self.requests = 0  # every request, accepted or not
         self.delay = 0.0
         self.lock = threading.Lock()
@@ -61,6 +62,8 @@ class Receiver:
                     owner.requests += 1
                 time.sleep(owner.delay)
                 status, answer = owner.handle(self, body)
+                if 200 <= status < 300:
+                    owner.arrived.append(time.monotonic())
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
