@@ -39,13 +39,11 @@ commands:
   dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
   dash --db URL     the dashboard over the central server (URL as for view --db), with a
                     host dimension; --db config for config.json's "DB sql server"
-  baseline          list each program's baseline (learning, learned, muted) for the alerts
-  baseline learned PROGRAM|all
-                    end the learning of a program (its executable's or script's path)
-  baseline mute PROGRAM, baseline unmute PROGRAM
-                    no alerts for a program, or alerts again
-  baseline forget PROGRAM
-                    forget what a program has learned: it learns again
+  baseline          each program's baseline for the alerts (learning, learned, muted)
+  baseline learned PROGRAM  end a program's learning (PROGRAM: its executable's or
+                    script's path; all: every program seen)
+  baseline mute PROGRAM  no alerts for a program (baseline unmute PROGRAM: alerts again)
+  baseline forget PROGRAM  forget what a program has learned: it learns again
   prompt            answer guard mode's prompts: allow or deny new connections (root or
                     "Guard prompt group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
