@@ -543,7 +543,7 @@ _EXAMPLE = """\
   # Mask applied to device numbers when caching hashes; null chooses (0 on btrfs).
   "Set st_dev mask": null,
   # Send every event to syslog or journald, as RFC 5424 messages on this unix datagram socket;
-  # "" for none.
+  # "" for none. The default is left out on a machine that has no /dev/log when the daemon starts.
   "Syslog socket": "/dev/log",
   # Where the VirusTotal API (v3) is; only a test or a proxy needs another.
   "VT API URL": "https://www.virustotal.com/api/v3",

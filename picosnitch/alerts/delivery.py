@@ -30,6 +30,7 @@ from picosnitch.alerts.outbox import Outbox
 from picosnitch.sanitize import printable
 
 HTTP_TIMEOUT = 10.0
+DEFAULT_SYSLOG = "/dev/log"  # left out where it does not exist: no syslog there, not an outage
 REJECTED_STATUSES = {400, 413, 422}
 FIRST_BACKOFF = 1.0
 
@@ -195,8 +196,9 @@ def receivers(config) -> list:
                              ("gotify", "Gotify", events.gotify_request)):
         if config[f"{key} URL"]:
             found.append(HttpReceiver(name, config[f"{key} URL"], config[f"{key} token"], build, kinds))
-    if config["Syslog socket"]:
-        found.append(SyslogReceiver(config["Syslog socket"]))
+    path = config["Syslog socket"]
+    if path and (path != DEFAULT_SYSLOG or os.path.exists(path)):
+        found.append(SyslogReceiver(path))
     return found
 
 
