@@ -13,7 +13,7 @@ programs are C, compiled here (Python would be the bottleneck):
   Two rule sets: "destination" (999 rules naming other addresses and ports, then the rule that
   allows the server's address and port: the program is never looked up) and "program" (the
   same plus 300 exe and 200 domain rules before it, and the deciding rule names the client's
-  exe: every connection's program is found through sock_diag and /proc/PID/fd).
+  exe: every connection's program is found through sock_diag and the kernel's socket owner map).
 - bulk: one TCP connection sends 64 KiB writes for --bulk-seconds to a reader in the namespace;
   bytes per second. The guard only ever sees the connection's first packet. --bulk-pairs pairs
   (off, then on with a fresh guard), the ratio of each pair; the median ratio is the figure.

@@ -2,7 +2,8 @@
 # Debian/Ubuntu packages picosnitch needs.
 #   run:  to build picosnitch (pip) and run it
 #   deb:  to build the Debian package (scripts/build-deb.sh)
-#   test: everything the tests use, including building, installing and running the .deb
+#   test: everything the tests use, including building the .deb and the qemu guests that boot stock
+#         kernels and install the .deb under systemd (tests/guests.py)
 set -euo pipefail
 want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make
       publicsuffix  # the list "new domain" alerts need
@@ -13,7 +14,8 @@ deb=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
 case "${1:-run}" in
     deb) want+=("${deb[@]}") ;;
     test) want+=("${deb[@]}" iproute2 tmux procps psmisc gcc liburing-dev dbus-daemon libnotify-bin passwd
-                 util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static musl-tools dnsmasq-base) ;;
+                 util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static
+                 musl-tools dnsmasq-base qemu-system-x86 kmod file debootstrap e2fsprogs) ;;
 esac
 missing=()
 for pkg in "${want[@]}"; do

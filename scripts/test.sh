@@ -20,7 +20,8 @@ make -s -C picosnitch/kernel/bpf
 .venv/bin/ruff check --quiet .
 .venv/bin/mypy
 
-# The Debian package, built the way Debian builds it; tests/test_packaging.py installs and runs it.
+# The Debian package, built the way Debian builds it; tests/test_systemd_guest.py installs and runs it
+# in a guest under systemd (never on this machine).
 PICOSNITCH_DEB=$(scripts/build-deb.sh dist)
 export PICOSNITCH_DEB
 

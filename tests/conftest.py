@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,8 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 from netlab import NetLab  # noqa: E402
+
+pytest_plugins = ["host_guard"]  # fails any test that touches the host's own picosnitch
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -90,11 +93,11 @@ class Recorder:
         self.monitor.close()
 
 
-def kernel_has(*, tracepoint: str = "", kfunc: str = "") -> bool:
-    """Whether the running kernel's BTF describes this tracepoint or kfunc."""
+def kernel_has(*, tracepoint: str = "", kfunc: str = "", function: str = "") -> bool:
+    """Whether the running kernel's BTF describes this tracepoint, or this kfunc or function."""
     if tracepoint:
         return bool(libbpf.kernel_btf_types({"btf_trace_" + tracepoint}))
-    return bool(libbpf.kernel_btf_types({kfunc}, libbpf.BTF_KIND_FUNC))
+    return bool(libbpf.kernel_btf_types({kfunc or function}, libbpf.BTF_KIND_FUNC))
 
 
 def expected_degradations() -> list:
@@ -129,3 +132,17 @@ def netops(tmp_path_factory):
     out = tmp_path_factory.mktemp("netops") / "netops"
     subprocess.run(["gcc", "-O2", "-o", str(out), str(TESTS / "c" / "netops.c"), "-luring", "-pthread"], check=True)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory):
+    """The Debian package: scripts/test.sh builds it once (PICOSNITCH_DEB); otherwise it is built here."""
+    given = os.environ.get("PICOSNITCH_DEB")
+    if given:
+        return Path(given)
+    if not shutil.which("dpkg-buildpackage") or not shutil.which("dh"):
+        pytest.skip("needs dpkg-dev and debhelper (scripts/install-system-deps.sh test)")
+    out = tmp_path_factory.mktemp("deb")
+    built = subprocess.run([str(TESTS.parent / "scripts/build-deb.sh"), str(out)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    return Path(built.stdout.strip())

@@ -66,7 +66,10 @@ class Daemon:
                     return self
             except socket.timeout:
                 pass
-        raise RuntimeError("daemon did not become ready")
+        # Not left behind: its BPF programs would stay attached and slow whatever runs next.
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        raise RuntimeError(f"daemon did not become ready in {timeout:g} s")
 
     def workers(self) -> list:
         """Pids of the daemon's processes other than the supervisor."""

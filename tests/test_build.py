@@ -53,7 +53,7 @@ def test_the_wheel_holds_every_package_and_its_data_and_the_licenses(pip_wheel):
         names = set(z.namelist())
     packages = {os.path.dirname(n) for n in names if n.endswith("/__init__.py")}
     assert packages == {"picosnitch", "picosnitch/kernel", "picosnitch/identity", "picosnitch/store",
-                        "picosnitch/central", "picosnitch/alerts", "picosnitch/daemon", "picosnitch/ui",
+                        "picosnitch/central", "picosnitch/alerts", "picosnitch/guard", "picosnitch/daemon", "picosnitch/ui",
                         "picosnitch/ui/dash"}
     assert {"picosnitch/kernel/bpf/picosnitch.bpf.o", "picosnitch/ui/dash/static/index.html",
             "picosnitch/ui/dash/static/dash.js", "picosnitch/ui/dash/static/vendor/uPlot.iife.min.js"} <= names

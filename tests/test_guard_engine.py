@@ -73,3 +73,11 @@ def test_fail_closed_gives_the_leading_address_and_port_rules_to_iptables():
     assert ("-A PICOSNITCH-7-OUT -m conntrack --ctstate NEW -d fd00::/8 -p 17 -m udp --dport 53:53 -j REJECT "
             "--reject-with icmp6-port-unreachable") in v6
     assert v6.index("--dport 53:53") < v6.index("NFQUEUE")
+
+
+def test_cap_net_admin_is_read_from_the_effective_set(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nCapEff:\t00000000a80425fb\n")  # systemd's root without CAP_NET_ADMIN
+    assert not firewall.may_change_netfilter(str(status))
+    status.write_text("Name:\tpython\nCapEff:\t000001ffffffffff\n")
+    assert firewall.may_change_netfilter(str(status))

@@ -390,7 +390,9 @@ def test_the_running_kernel_gets_the_programs_its_features_call_for(recorder):
         assert {"sock_send_length", "sock_recv_length"} <= attached
         assert not attached & {"inet_sendmsg_exit", "inet_recvmsg_exit"}
     else:
-        assert {"inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit"} <= attached
+        assert {"inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit",
+                "packet_sendmsg_exit", "packet_recvmsg_exit"} <= attached
+        assert ("inet_sendpage_exit" in attached) == kernel_has(function="inet_sendpage")  # before 6.5
     if kernel_has(kfunc="bpf_rdonly_cast"):  # 6.2 and later
         assert "tcp_rcv_space_adjust" in attached and "tcp_rcv_space_adjust_compat" not in attached
     else:
@@ -400,20 +402,27 @@ def test_the_running_kernel_gets_the_programs_its_features_call_for(recorder):
 
 
 PROGRAMS = {"sock_send_length": "tp_btf/sock_send_length", "sock_recv_length": "tp_btf/sock_recv_length",
-            "inet_sendmsg_exit": "fexit/inet_sendmsg", "tcp_rcv_space_adjust": "tp_btf/tcp_rcv_space_adjust",
+            "inet_sendmsg_exit": "fexit/inet_sendmsg", "inet_sendpage_exit": "fexit/inet_sendpage",
+            "packet_sendmsg_exit": "fexit/packet_sendmsg", "tcp_rcv_space_adjust": "tp_btf/tcp_rcv_space_adjust",
             "tcp_rcv_space_adjust_compat": "tp_btf/tcp_rcv_space_adjust", "sock_release": "cgroup/sock_release"}
 EVERY_TRACEPOINT = frozenset({"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust"})
 
 
+FEXIT_TARGETS = frozenset({"inet_sendmsg", "inet_sendpage", "packet_sendmsg"})
+FALLBACK = {"inet_sendmsg_exit", "inet_sendpage_exit", "packet_sendmsg_exit"}
+
+
 @pytest.mark.parametrize("kernel,features,left_out", [
-    ("6.3 and later", KernelFeatures(EVERY_TRACEPOINT, frozenset({"bpf_rdonly_cast"}), None),
-     {"inet_sendmsg_exit", "tcp_rcv_space_adjust_compat"}),
-    ("6.2", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset({"bpf_rdonly_cast"}), True),
+    ("6.5 and later", KernelFeatures(EVERY_TRACEPOINT, frozenset({"bpf_rdonly_cast"}), None,
+                                     FEXIT_TARGETS - {"inet_sendpage"}), FALLBACK | {"tcp_rcv_space_adjust_compat"}),
+    ("6.3", KernelFeatures(EVERY_TRACEPOINT, frozenset({"bpf_rdonly_cast"}), None, FEXIT_TARGETS),
+     FALLBACK | {"tcp_rcv_space_adjust_compat"}),
+    ("6.2", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset({"bpf_rdonly_cast"}), True, FEXIT_TARGETS),
      {"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust_compat"}),
-    ("6.1", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset(), True),
+    ("6.1", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset(), True, FEXIT_TARGETS),
      {"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust"}),
     ("no sock tracepoints, no trampolines", KernelFeatures(frozenset({"tcp_rcv_space_adjust"}), frozenset(), False),
-     {"sock_send_length", "sock_recv_length", "inet_sendmsg_exit", "tcp_rcv_space_adjust"}),
+     {"sock_send_length", "sock_recv_length", "tcp_rcv_space_adjust"} | FALLBACK),
 ])
 def test_the_plan_leaves_out_what_each_kernel_lacks_and_says_why(kernel, features, left_out):
     disabled = plan(PROGRAMS, features)
@@ -533,8 +542,11 @@ def test_counter_cells_are_reused_once_user_space_has_read_them():
     assert any(len(ports) > 1 for ports in cells_of.values())  # a cell carried two of our sockets in turn
 
 
-def test_a_hook_the_kernel_refuses_leaves_the_rest_working():
-    # This kernel has no BPF trampolines, so the fexit fallback for byte counting is refused.
+def test_a_hook_the_kernel_refuses_leaves_the_rest_working(monkeypatch):
+    # A kernel without BPF trampolines (this machine's) refuses the fexit fallback for byte counting
+    # by itself; a stock kernel would load it, so there it is refused as such a kernel would.
+    if libbpf.loads_fexit("inet_sendmsg"):
+        refuse(monkeypatch, "inet_sendmsg_exit")
     monitor = KernelMonitor(byte_hooks="fallback")
     try:
         degraded = monitor.start()

@@ -25,7 +25,8 @@ MAY_IMPORT = {
     "picosnitch.alerts": (),
     # Guard mode decides connections on identities (hashing, names), stores verdicts, prompts on the
     # desktop as the notifier does, and shows a prompt's country as the UIs do (ui.annotations).
-    "picosnitch.guard": ("picosnitch.identity", "picosnitch.store", "picosnitch.alerts", "picosnitch.ui.annotations"),
+    "picosnitch.guard": ("picosnitch.kernel", "picosnitch.identity", "picosnitch.store", "picosnitch.alerts",
+                         "picosnitch.ui.annotations"),
     "picosnitch.daemon": ("picosnitch.kernel", "picosnitch.identity", "picosnitch.store",
                           "picosnitch.central", "picosnitch.alerts", "picosnitch.guard"),
     "picosnitch.ui": ("picosnitch.store", "picosnitch.central", "picosnitch.alerts", "picosnitch.guard",

@@ -1,6 +1,7 @@
 """Packaging: the systemd unit (its settings, its exposure score, the capabilities it leaves the
-daemon, each of which is needed), the man page, the wheel, and the Debian package built, installed
-on this machine, run, and purged again.
+daemon, each of which is needed), the man page, the wheel, and the Debian package's contents. The
+package installed with apt, run under systemd and purged: tests/test_systemd_guest.py, in a guest,
+never on this machine.
 
 The capability tests run the real daemon under `setpriv` with the unit's CapabilityBoundingSet and
 NoNewPrivileges (and MemoryDenyWriteExecute, through the kernel's PR_SET_MDWE), as systemd would
@@ -347,20 +348,6 @@ def test_wheel_installs_and_monitors_without_a_compiler(wheel, tmp_path):
 
 # --- the Debian package --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory):
-    """scripts/test.sh builds it once (PICOSNITCH_DEB); otherwise it is built here."""
-    given = os.environ.get("PICOSNITCH_DEB")
-    if given:
-        return Path(given)
-    if not shutil.which("dpkg-buildpackage") or not shutil.which("dh"):
-        pytest.skip("needs dpkg-dev and debhelper (scripts/install-system-deps.sh test)")
-    out = tmp_path_factory.mktemp("deb")
-    built = subprocess.run([str(REPO / "scripts/build-deb.sh"), str(out)], capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
-    return Path(built.stdout.strip())
-
-
 def deb_field(deb: Path, field: str) -> str:
     return subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -377,58 +364,3 @@ def test_deb_contents(deb, tmp_path):
     assert (tmp_path / "usr/share/man/man1/picosnitch.1.gz").is_file()
     obj = (tmp_path / "usr/lib/python3/dist-packages/picosnitch/kernel/bpf/picosnitch.bpf.o").read_bytes()
     assert struct.unpack_from("<H", obj, 18)[0] == EM_BPF  # compiled at build time, left unstripped by dh
-
-
-def apt(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(["apt-get", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", *args],
-                          capture_output=True, text=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-
-
-WANTS = Path("/etc/systemd/system/multi-user.target.wants/picosnitch.service")
-
-
-@root_only
-def test_deb_installs_runs_records_and_purges(deb, tmp_path):
-    if subprocess.run(["dpkg-query", "-W", "-f=${Status}", "picosnitch"], capture_output=True,
-                      text=True).stdout.startswith("install ok"):
-        pytest.skip("picosnitch is installed on this machine as a package: not replacing it")
-    installed = apt("install", "--no-install-recommends", str(deb.resolve()))
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PICOSNITCH_PREFIX": str(tmp_path / "prefix")}
-    sink = Sink()
-    try:
-        # The package's own program, module and Python, not this tree's.
-        where = subprocess.run(["/usr/bin/python3", "-c", "import picosnitch; print(picosnitch.__file__)"],
-                               capture_output=True, text=True, env=env, cwd="/", check=True).stdout
-        assert where == "/usr/lib/python3/dist-packages/picosnitch/__init__.py\n"
-        version = subprocess.run(["picosnitch", "version"], capture_output=True, text=True, env=env, cwd="/")
-        assert version.returncode == 0 and version.stdout.startswith(f"picosnitch {__version__}\npython ")
-        assert "(/usr/bin/python3" in version.stdout
-        assert subprocess.run(["man", "-w", "picosnitch"], capture_output=True, text=True).stdout.strip() \
-            == "/usr/share/man/man1/picosnitch.1.gz"
-        assert WANTS.is_symlink()  # enabled on installation
-        if Path("/run/systemd/system").is_dir():
-            assert subprocess.run(["systemctl", "is-active", "picosnitch"]).returncode == 0
-
-        # A short monitored run of the installed daemon, in a prefix of its own.
-        config = tmp_path / "prefix/etc/picosnitch/config.json"
-        config.parent.mkdir(parents=True)
-        config.write_text(json.dumps({"DB write limit (seconds)": 1, "Desktop notifications": False}))
-        started = subprocess.run(["picosnitch", "start"], capture_output=True, text=True, env=env, cwd="/", timeout=60)
-        assert started.returncode == 0, started.stderr
-        try:
-            subprocess.run([SYSTEM_PYTHON, "-c", CLIENT, str(sink.port), "7777"], check=True, cwd="/")
-            rows = wait_for(lambda: rows_to(tmp_path / "prefix/var/lib/picosnitch/snitch.db", sink.port),
-                            what="the installed daemon's row")
-            assert [(r["send"], r["exe"]) for r in rows] == [(7777, os.path.realpath(SYSTEM_PYTHON))]
-            assert re.fullmatch(r"[0-9a-f]{64}", rows[0]["sha256"])
-        finally:
-            stopped = subprocess.run(["picosnitch", "stop"], capture_output=True, text=True, env=env, cwd="/",
-                                     timeout=90)
-        assert stopped.returncode == 0, stopped.stderr
-    finally:
-        sink.close()
-        purged = apt("purge", "picosnitch")
-    assert purged.returncode == 0, purged.stdout + purged.stderr
-    assert not Path("/usr/bin/picosnitch").exists()
-    assert not WANTS.is_symlink() and not WANTS.exists()

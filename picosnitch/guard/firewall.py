@@ -44,6 +44,18 @@ def _run(args: Sequence[str], stdin: str = "", check: bool = True) -> subprocess
     return result
 
 
+CAP_NET_ADMIN = 12
+
+
+def may_change_netfilter(status: str = "/proc/self/status") -> bool:
+    """Whether this process has CAP_NET_ADMIN in its effective set (iptables and NFQUEUE need it)."""
+    with open(status) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
 def available() -> List[str]:
     """The iptables programs missing (empty when both are installed)."""
     return [tool for tool in TOOLS if not shutil.which(tool)]

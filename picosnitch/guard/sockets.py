@@ -2,11 +2,14 @@
 
 1. sock_diag (NETLINK_SOCK_DIAG) looks the packet's addresses and ports up in the kernel's own
    socket tables, exactly as the kernel delivers packets: the connecting socket going out, the
-   listening (or bound UDP) socket coming in. It answers with the socket's inode and uid.
-2. The process holding that inode among its file descriptors (/proc/PID/fd) is the owner.
-   Processes that owned a socket recently are looked at first; the rest of /proc only when
-   they do not hold it. A socket several processes share (after fork) is attributed to the
-   first of them found, which is one of its real owners.
+   listening (or bound UDP) socket coming in. It answers with the socket's inode, uid and cookie.
+2. The owner map (kernel/bpf/socket_owners.bpf.c) names the process that connected, sent or bound
+   on that socket cookie last, with its executable's device and inode; it is taken when that
+   process still runs that executable (a reused pid would not).
+3. Otherwise the process holding that inode among its file descriptors (/proc/PID/fd) is the
+   owner. Processes that owned a socket recently are looked at first; the rest of /proc only when
+   they do not hold it. A socket several processes share (after fork) is attributed to the first
+   of them found, which is one of its real owners.
 
 Nothing is inferred from a port or an address alone: when either step finds nothing the
 program is "!unknown", and the rules and prompts treat it so.
@@ -14,14 +17,19 @@ program is "!unknown", and the rules and prompts treat it so.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import struct
 from collections import OrderedDict
+from importlib import resources
 from typing import Dict, Optional, Tuple
 
 from picosnitch.guard.rules import UNKNOWN, Program
 from picosnitch.identity.hashing import HashCache
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import MonitorError, cgroup2_root, check_structs
+from picosnitch.kernel.records import SocketOwner, st_dev_from_kernel
 from picosnitch.sanitize import from_bytes
 
 NETLINK_SOCK_DIAG = 4
@@ -51,7 +59,8 @@ class SockDiag:
         self.sock.settimeout(1.0)
         self.seq = 0
 
-    def _ask(self, family: int, protocol: int, src: str, sport: int, dst: str, dport: int) -> Optional[Tuple[int, int]]:
+    def _ask(self, family: int, protocol: int, src: str, sport: int, dst: str,
+             dport: int) -> Optional[Tuple[int, int, int]]:
         self.seq += 1
         body = (_REQUEST.pack(family, protocol, 0, ALL_STATES)
                 + _SOCKID.pack(sport, dport, _packed(family, src), _packed(family, dst))
@@ -65,14 +74,15 @@ class SockDiag:
                 continue
             if kind == NLMSG_ERROR:
                 return None
-            # inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue,
-            # wqueue, uid, inode
+            # inet_diag_msg: family, state, timer, retrans, sockid (48 bytes: the cookie is its last
+            # 8), expires, rqueue, wqueue, uid, inode
+            cookie, = struct.unpack_from("=Q", data, _NLMSGHDR.size + 4 + 40)
             uid, inode = struct.unpack_from("=II", data, _NLMSGHDR.size + 4 + 48 + 12)
-            return inode, uid
+            return inode, uid, cookie
 
     def owner_socket(self, family: int, protocol: int, local: str, lport: int, remote: str,
-                     rport: int) -> Optional[Tuple[int, int]]:
-        """(inode, uid) of the socket that sends from, or receives at, local:lport for
+                     rport: int) -> Optional[Tuple[int, int, int]]:
+        """(inode, uid, cookie) of the socket that sends from, or receives at, local:lport for
         remote:rport; None when the kernel has no such socket."""
         try:
             # TCP's lookup takes the socket's own address as the source, UDP's the packet's.
@@ -126,12 +136,44 @@ class SocketOwners:
         return 0
 
 
+class OwnerMap:
+    """The kernel's socket owners (kernel/bpf/socket_owners.bpf.c), attached for this process's life."""
+
+    def __init__(self, object_path: Optional[str] = None):
+        path = object_path or str(resources.files("picosnitch.kernel.bpf") / "socket_owners.bpf.o")
+        root = cgroup2_root()
+        if root is None:
+            raise libbpf.LibbpfError("no cgroup2 hierarchy is mounted")
+        self.obj = libbpf.BpfObject(path)
+        try:
+            check_structs(self.obj, {"socket_owner": SocketOwner})
+            self.obj.load()
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for prog in self.obj.programs():
+                    self.obj.keep_link(prog.attach_cgroup(fd))
+            finally:
+                os.close(fd)
+            self.map = self.obj.map("socket_owners")
+        except (libbpf.LibbpfError, MonitorError, OSError):
+            self.obj.close()
+            raise
+
+    def owner(self, cookie: int) -> Optional[SocketOwner]:
+        found = SocketOwner()
+        return found if self.map.lookup(ctypes.c_uint64(cookie), found) else None
+
+    def close(self) -> None:
+        self.obj.close()
+
+
 class ProgramFinder:
     """Program (exe, sha256, parent, command lines) of a socket's owner, from /proc."""
 
-    def __init__(self, hashes: Optional[HashCache] = None, proc: str = "/proc"):
+    def __init__(self, hashes: Optional[HashCache] = None, proc: str = "/proc", owner_map: Optional[OwnerMap] = None):
         self.diag = SockDiag()
         self.owners = SocketOwners(proc)
+        self.owner_map = owner_map
         self.hashes = hashes or HashCache(None)
         self.proc = proc
         self.cache: Dict[Tuple[int, int, int], Program] = {}  # (pid, dev, ino) -> Program
@@ -141,11 +183,24 @@ class ProgramFinder:
         found = self.diag.owner_socket(family, protocol, local, lport, remote, rport)
         if not found:
             return Program(uid=uid)
-        inode, socket_uid = found
-        pid = self.owners.pid_of(inode)
+        inode, socket_uid, cookie = found
+        pid = self._mapped_owner(cookie) or self.owners.pid_of(inode)
         if not pid:
             return Program(uid=socket_uid)
         return self.describe(pid, socket_uid)
+
+    def _mapped_owner(self, cookie: int) -> int:
+        """The pid the owner map names for the socket, if that process still runs the executable
+        it ran then; 0 otherwise."""
+        owner = self.owner_map.owner(cookie) if self.owner_map and cookie else None
+        if owner is None:
+            return 0
+        try:
+            st = os.stat(f"{self.proc}/{owner.tgid}/exe")
+        except OSError:
+            return 0
+        same = (st.st_dev, st.st_ino) == (st_dev_from_kernel(owner.exe_dev), owner.exe_ino)
+        return owner.tgid if same else 0
 
     def _read(self, path: str) -> bytes:
         with open(path, "rb") as f:
@@ -183,6 +238,8 @@ class ProgramFinder:
 
     def close(self) -> None:
         self.diag.close()
+        if self.owner_map:
+            self.owner_map.close()
 
 
 def _words(cmdline: bytes) -> str:

@@ -24,9 +24,11 @@ from picosnitch.guard.engine import Engine, Verdict, names_loopback
 from picosnitch.guard.nfqueue import Queue
 from picosnitch.guard.prompt_socket import PromptServer
 from picosnitch.guard.rules import UNKNOWN, Attempt, RulesFile
-from picosnitch.guard.sockets import ProgramFinder
+from picosnitch.guard.sockets import OwnerMap, ProgramFinder
 from picosnitch.guard.store import VerdictStore
 from picosnitch.identity.dns import DnsCache, is_address
+from picosnitch.kernel import libbpf
+from picosnitch.kernel.monitor import MonitorError
 from picosnitch.messages import ErrorReport, Stop
 
 KEY = "guard"
@@ -91,9 +93,10 @@ class Guard:
         self.rules_file.reload()
         if self.rules_file.problem:
             report(self.rules_file.problem)
-        self.finder = ProgramFinder()
+        self.finder = ProgramFinder(owner_map=self._owner_map())
         self.dns = DnsCache()
         self.records: List[Verdict] = []
+        self.completed = 0  # records[:completed] have had their program and name looked up, or a try
         self.engine = Engine(self.rules_file, config["Guard mode"], config["Guard timeout (seconds)"],
                              config["Guard timeout action"], find_program=self._program, find_domain=self._domain,
                              record=self.records.append, report=report, fail_open=config["Guard fail open"])
@@ -198,9 +201,9 @@ class Guard:
         now = time.monotonic()
         second = int(now)
         done = self.lookups[1] if self.lookups[0] == second else 0
-        for verdict in self.records:
-            if done >= LOOKUPS_PER_SECOND:
-                break
+        while self.completed < len(self.records) and done < LOOKUPS_PER_SECOND:
+            verdict = self.records[self.completed]
+            self.completed += 1
             if not verdict.attempt.looked_up:  # for the record, while the socket still exists
                 verdict.attempt.who
                 verdict.attempt.domain
@@ -216,6 +219,7 @@ class Guard:
     def flush(self) -> None:
         self.last_write = time.monotonic()
         records, self.records[:] = list(self.records), []
+        self.completed = 0
         if self.store and records:
             try:
                 self.store.write(records)
@@ -230,6 +234,15 @@ class Guard:
         self.server.broadcast({"type": "prompts", "prompts": prompts})
         if self.desktop:
             self.desktop.show(prompts)
+
+    def _owner_map(self) -> Optional[OwnerMap]:
+        """The kernel's socket owners, or None (then /proc is searched, which is slower)."""
+        try:
+            return OwnerMap()
+        except (libbpf.LibbpfError, MonitorError, OSError) as e:
+            self.report("held connections' programs will be found through /proc, which is slower: the socket "
+                        "owner map could not be attached (%s)" % e)
+            return None
 
     def close(self) -> None:
         try:
@@ -260,6 +273,9 @@ def run(config, paths, inbox, to_keeper, supervisor_pid: int = 0) -> int:
     guard = None
     if missing:
         report("guard mode is off: %s not installed" % " and ".join(missing))
+    elif not firewall.may_change_netfilter():
+        report("guard mode is off: it needs the capability CAP_NET_ADMIN, which picosnitch.service does not "
+               "grant; to add it: systemctl edit picosnitch, then [Service] and CapabilityBoundingSet=CAP_NET_ADMIN")
     else:
         try:
             guard = Guard(config, paths, report)

@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
@@ -42,6 +42,8 @@ HOOK_GROUPS = {
     "bytes": (("sock_send_length", "sock_recv_length"), "no traffic will be counted"),
     "bytes_fallback": (("inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit"),
                        "no traffic will be counted"),
+    "pages_fallback": (("inet_sendpage_exit",), "TCP and UDP data sent with sendfile() or splice() will not be counted"),
+    "packet_fallback": (("packet_sendmsg_exit", "packet_recvmsg_exit"), "AF_PACKET traffic will not be counted"),
     "tcp_consumed": (("tcp_rcv_space_adjust", "inet_sock_set_state"),
                      "TCP data received with splice() will not be counted"),
     "udp_peers": (("sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"),
@@ -60,6 +62,9 @@ KFUNCS = {"tcp_rcv_space_adjust": ("bpf_rdonly_cast", "6.2")}
 GROUP_OF = {prog: group for group, (progs, _) in HOOK_GROUPS.items() for prog in progs}
 GROUP_OF.update({stand_in: GROUP_OF[prog] for prog, stand_in in STAND_INS.items()})
 SOCK_TRACEPOINTS_SINCE = "6.3"
+# The groups that stand in for the sock tracepoints, and fexit targets a kernel may rightly lack.
+FALLBACK_GROUPS = ("bytes_fallback", "pages_fallback", "packet_fallback")
+WITHOUT_FUNCTION = {"inet_sendpage": "since 6.5 sendfile and splice go through sendmsg, which is counted"}
 
 
 def _in_place(prog: str, disabled: Dict[str, str]) -> bool:
@@ -80,23 +85,26 @@ class KernelFeatures:
     tracepoints: FrozenSet[str]
     kfuncs: FrozenSet[str]
     trampolines: Optional[bool]  # None: not probed (not needed)
+    functions: Optional[FrozenSet[str]] = None  # fexit targets the kernel has; None: not asked, all
 
     @property
     def sock_tracepoints(self) -> bool:
         return {"sock_send_length", "sock_recv_length"} <= self.tracepoints
 
 
-def probe_kernel(tracepoints: Iterable[str], byte_hooks: str = "auto") -> KernelFeatures:
-    """Which of `tracepoints` and of the kfuncs in KFUNCS this kernel has, and, where the byte
-    counting fallback is wanted (asked for, or no sock tracepoints), whether it loads fexit programs."""
-    wanted = set(tracepoints)
+def probe_kernel(tracepoints: Iterable[str], byte_hooks: str = "auto", functions: Iterable[str] = ()) -> KernelFeatures:
+    """Which of `tracepoints`, of the kfuncs in KFUNCS and of the fexit targets `functions` this
+    kernel has, and, where the byte counting fallback is wanted (asked for, or no sock tracepoints),
+    whether it loads fexit programs."""
+    wanted, targets = set(tracepoints), set(functions)
     found = libbpf.kernel_btf_kinds([("btf_trace_" + t, libbpf.BTF_KIND_TYPEDEF) for t in wanted]
-                                    + [(kfunc, libbpf.BTF_KIND_FUNC) for kfunc, _ in KFUNCS.values()])
+                                    + [(f, libbpf.BTF_KIND_FUNC) for f in targets | {k for k, _ in KFUNCS.values()}])
     present = frozenset(t for t in wanted if ("btf_trace_" + t, libbpf.BTF_KIND_TYPEDEF) in found)
     kfuncs = frozenset(kfunc for kfunc, _ in KFUNCS.values() if (kfunc, libbpf.BTF_KIND_FUNC) in found)
-    features = KernelFeatures(present, kfuncs, None)
+    have = frozenset(f for f in targets if (f, libbpf.BTF_KIND_FUNC) in found)
+    features = KernelFeatures(present, kfuncs, None, have)
     if byte_hooks == "fallback" or not features.sock_tracepoints:
-        features = KernelFeatures(present, kfuncs, libbpf.loads_fexit("inet_sendmsg"))
+        features = KernelFeatures(present, kfuncs, libbpf.loads_fexit("inet_sendmsg"), have)
     return features
 
 
@@ -107,15 +115,20 @@ def plan(programs: Dict[str, str], features: KernelFeatures, byte_hooks: str = "
         kind, _, target = section.partition("/")
         if kind == "tp_btf" and target not in features.tracepoints:
             disabled[prog] = f"this kernel has no tracepoint {target}"
-    sock_tracepoints, fallback = HOOK_GROUPS["bytes"][0], HOOK_GROUPS["bytes_fallback"][0]
+    sock_tracepoints = HOOK_GROUPS["bytes"][0]
+    fallback = [p for group in FALLBACK_GROUPS for p in HOOK_GROUPS[group][0]]
     if byte_hooks == "fallback" or not features.sock_tracepoints:
         why = ("byte counting uses the fallback as asked" if byte_hooks == "fallback" else
                f"the kernel lacks the sock tracepoints (added in {SOCK_TRACEPOINTS_SINCE})")
         for p in sock_tracepoints:
             disabled.setdefault(p, f"not needed: {why}")
-        if features.trampolines is False:
-            for p in fallback:
+        for p in fallback:
+            target = programs.get(p, "").partition("/")[2]
+            if features.trampolines is False:
                 disabled[p] = "this kernel does not load fexit programs (no BPF trampolines)"
+            elif features.functions is not None and target not in features.functions:
+                disabled[p] = (f"not needed: this kernel has no {target} ({WITHOUT_FUNCTION[target]})"
+                               if target in WITHOUT_FUNCTION else f"this kernel has no function {target}")
     else:
         for p in fallback:
             disabled[p] = "not needed: the sock tracepoints are available"
@@ -223,7 +236,8 @@ class KernelMonitor:
         self.obj = libbpf.BpfObject(self.object_path)
         programs = {prog.name: prog.section for prog in self.obj.programs()}
         self.features = probe_kernel((s.partition("/")[2] for s in programs.values() if s.startswith("tp_btf/")),
-                                     self.byte_hooks)
+                                     self.byte_hooks,
+                                     (s.partition("/")[2] for s in programs.values() if s.startswith("fexit/")))
         disabled = plan(programs, self.features, self.byte_hooks)
         for _ in range(len(GROUP_OF) + 1):
             self._configure(disabled)
@@ -349,6 +363,8 @@ class KernelMonitor:
                 continue
             if group.startswith("bytes") and counted:
                 continue  # the other byte-counting method is in place
+            if group in FALLBACK_GROUPS[1:] and not counted:
+                continue  # no traffic is counted at all: that is said once
             self.degraded.append(Degraded(", ".join(missing), consequence, disabled[missing[0]]))
 
     # --- records ---
@@ -486,11 +502,7 @@ def _add_up(totals: Dict[bytes, Tuple[FlowKey, FlowValue]], entries: Iterable[Tu
 def check_boundary(obj: libbpf.BpfObject) -> None:
     """Refuses an object whose structs or maps disagree with the ctypes mirrors in kernel_records.py:
     the kernel would otherwise write past a buffer of the wrong size instead of failing."""
-    for c_name, mirror in MIRRORS.items():
-        layout = obj.struct_layout(c_name)
-        ours = (ctypes.sizeof(mirror), {name: getattr(mirror, name).offset for name, *_ in mirror._fields_})
-        if layout != ours:
-            _mismatch(obj, f"struct {c_name} is {layout} in its BTF, {ours} in kernel_records.py")
+    check_structs(obj, MIRRORS)
     maps = {"flows_0": (FlowKey, FlowValue), "flows_1": (FlowKey, FlowValue), "cell_keys": (ctypes.c_uint32, FlowKey),
             "cells_0": (ctypes.c_uint32, FlowValue), "cells_1": (ctypes.c_uint32, FlowValue),
             "dirty_0": (ctypes.c_uint32, ctypes.c_uint64), "dirty_1": (ctypes.c_uint32, ctypes.c_uint64),
@@ -501,6 +513,16 @@ def check_boundary(obj: libbpf.BpfObject) -> None:
         want = (ctypes.sizeof(key) if key else 0, ctypes.sizeof(value))
         if (m.key_size, m.value_size) != want:
             _mismatch(obj, f"map {name} has {m.key_size}-byte keys and {m.value_size}-byte values, not {want}")
+
+
+def check_structs(obj: libbpf.BpfObject, mirrors: Mapping[str, type[ctypes.Structure]]) -> None:
+    """Refuses an object in whose BTF a struct of `mirrors` (C name: ctypes mirror) has another size,
+    or a field another offset."""
+    for c_name, mirror in mirrors.items():
+        layout = obj.struct_layout(c_name)
+        ours = (ctypes.sizeof(mirror), {name: getattr(mirror, name).offset for name, *_ in mirror._fields_})
+        if layout != ours:
+            _mismatch(obj, f"struct {c_name} is {layout} in its BTF, {ours} in kernel/records.py")
 
 
 def _mismatch(obj: libbpf.BpfObject, what: str) -> None:

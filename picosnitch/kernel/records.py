@@ -72,6 +72,10 @@ class PayloadEventC(ctypes.Structure):
     _fields_ = [("h", EventHeader), ("kind", u32), ("len", u32), ("key", FlowKey), ("data", u8 * PAYLOAD_MAX)]
 
 
+class SocketOwner(ctypes.Structure):
+    _fields_ = [("tgid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32), ("_pad", u32)]
+
+
 class DnsAddressC(ctypes.Structure):
     _fields_ = [("family", u32), ("addr", u8 * 16)]
 

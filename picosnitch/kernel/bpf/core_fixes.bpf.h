@@ -4,7 +4,9 @@
  * kernel_monitor.py's feature probe decides which one is loaded.
  *
  *   sock_send_length, sock_recv_length   tracepoints since 6.3; before, fexit on inet[6]_sendmsg and
- *                                        inet[6]_recvmsg (bytes_fallback in kernel_monitor.py)
+ *                                        inet[6]_recvmsg (bytes_fallback in kernel/monitor.py), on
+ *                                        inet_sendpage (sendfile and splice, until 6.5 removed
+ *                                        sendpage) and on packet_sendmsg|recvmsg (AF_PACKET)
  *   tcp_rcv_space_adjust                 casts with bpf_rdonly_cast(), a kfunc since 6.2; before,
  *                                        tcp_rcv_space_adjust_compat uses bpf_skc_to_tcp_sock()
  */

@@ -13,7 +13,8 @@
  *   cgroup/sock_release                        retires a closing socket's counter cells
  *   tp_btf/sched_process_exec|fork|exit        the process table
  *   uprobe+uretprobe getaddrinfo               which name resolved to which addresses
- *   fexit/inet[6]_sendmsg|recvmsg              fallback for kernels before the sock tracepoints
+ *   fexit/inet[6]_sendmsg|recvmsg              fallback for kernels before the sock tracepoints,
+ *   fexit/inet_sendpage, packet_sendmsg|recvmsg  with sendfile/splice (before 6.5) and AF_PACKET
  */
 #include "kernel_types.h"
 #include <linux/bpf.h>
@@ -574,8 +575,13 @@ static __always_inline void send_payload(struct task_struct *task, struct sock *
 	fill_header(&e->h, EVENT_PAYLOAD, task->tgid);
 	e->kind = kind;
 	fill_key(&e->key, task, sk, st, peer);
-	if (len > PS_PAYLOAD_MAX)
-		len = PS_PAYLOAD_MAX;
+	/* Up to PS_PAYLOAD_MAX - 1 bytes: a mask on the register passed is a bound every verifier keeps
+	 * (6.1's loses a comparison's bound when the value is spilled to the stack and read back). The
+	 * barrier keeps clang from dropping the mask as redundant after the comparison. */
+	if (len >= PS_PAYLOAD_MAX)
+		len = PS_PAYLOAD_MAX - 1;
+	barrier_var(len);
+	len &= PS_PAYLOAD_MAX - 1;
 	if (bpf_probe_read_user(e->data, len, (void *)buf)) {
 		bpf_ringbuf_discard(e, 0);
 		return;
@@ -807,6 +813,34 @@ int BPF_PROG(inet_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int 
 
 SEC("fexit/inet6_recvmsg")
 int BPF_PROG(inet6_recvmsg_exit, struct socket *sock, void *msg, __u64 size, int flags, int ret)
+{
+	on_recv(sock->sk, ret, flags);
+	return 0;
+}
+
+/* Kernels before 6.5 send the pages of sendfile() and splice() into a TCP or UDP socket through
+ * sendpage, not sendmsg. (Other protocols fall back to sendmsg there, so they are counted at
+ * inet_sendmsg and not here.) */
+SEC("fexit/inet_sendpage")
+int BPF_PROG(inet_sendpage_exit, struct socket *sock, void *page, int offset, __u64 size, int flags, long ret)
+{
+	struct sock *sk = sock->sk;
+
+	if (is_tcp(sk) || is_udp(sk))
+		on_send(sk, ret);
+	return 0;
+}
+
+/* AF_PACKET, which the inet fallback does not see. */
+SEC("fexit/packet_sendmsg")
+int BPF_PROG(packet_sendmsg_exit, struct socket *sock, void *msg, __u64 len, int ret)
+{
+	on_send(sock->sk, ret);
+	return 0;
+}
+
+SEC("fexit/packet_recvmsg")
+int BPF_PROG(packet_recvmsg_exit, struct socket *sock, void *msg, __u64 len, int flags, int ret)
 {
 	on_recv(sock->sk, ret, flags);
 	return 0;

@@ -134,6 +134,15 @@ struct dns_event {
 	struct dns_address addrs[PS_DNS_ENTRIES_MAX];  /* family 0: not an IP address */
 };
 
+/* The process that connected, sent or bound on a socket last (socket_owners.bpf.c, guard mode). */
+struct socket_owner {
+	__u32 tgid;
+	__u32 uid;
+	__u64 exe_ino;
+	__u32 exe_dev;   /* kernel encoding, as flow_key's */
+	__u32 _pad;
+};
+
 /* Bytes a process sent or received, read from its own buffer in the syscall that moved them: user
  * space parses the names in them (DNS answers, TLS SNI, HTTP Host). */
 struct payload_event {
