@@ -22,11 +22,17 @@ programs are small C programs compiled at run time (Python would be the bottlene
    port, bytes the view has for it // --bytes). Ports are reused during a long storm, so this is
    per port rather than per connection, but any missing connection shows as a deficit somewhere.
    error.log is read for what the daemon itself reported losing.
-3. A fresh daemon. Short-lived: a tiny C program, copied to a temporary path whose sha256 we take
-   with hashlib, runs --processes times (--parallel at a time); each run connects to the loopback
-   server, writes a few bytes and exits at once. Every run has its own tag in argv, so its row
-   is found by cmdline; a run counts as attributed with a verified sha256 when a row has that
-   cmdline, exe = the path, sha256 = the file's hash, and the bytes it sent.
+3. A fresh daemon. Short-lived (an exec storm of one binary): a tiny C program, copied to a
+   temporary path whose sha256 we take with hashlib, runs --processes times (--parallel at a time);
+   each run connects to the loopback server, writes a few bytes and exits at once. Every run has
+   its own tag in argv, so its row is found by cmdline; a run counts as attributed with a verified
+   sha256 when a row has that cmdline, exe = the path, sha256 = the file's hash, and the bytes it
+   sent. Then --distinct copies of the program, each with bytes of its own (so each is a file of
+   its own, with its own sha256 and its own pin), run once each the same way: each must have its
+   own row with its own file's hash. This daemon runs with "Set RLIMIT_NOFILE" --nofile (512), so
+   its identity worker holds at most 256 pinned executables, fewer than --distinct: the oldest are
+   hashed and closed. Meanwhile the open descriptors of the monitor and the identity worker and
+   their PSS are sampled every 50 ms.
 
 Daemon CPU = utime+stime of every process in the daemon's process group (/proc/PID/stat) over the
 interval, divided by wall time (100 % = one core); PSS = sum of Pss from /proc/PID/smaps_rollup.
@@ -599,6 +605,12 @@ class Results:
     short_bytes_ok: int = 0
     short_shas: Dict[str, int] = field(default_factory=dict)
     short_errors: List[str] = field(default_factory=list)
+    distinct_runs: int = 0
+    distinct_seconds: float = 0.0
+    distinct_verified: int = 0
+    fds: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # role -> (before, max during the runs)
+    pin_capacity: int = 0
+    short_pss_max: Dict[str, int] = field(default_factory=dict)
     others: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
 
@@ -669,31 +681,102 @@ def storm_phase(args, storm: Path, work: Path, r: Results) -> None:
     shutil.rmtree(prefix, ignore_errors=True)
 
 
+class FdSampler:
+    """The open descriptors and PSS of each of the daemon's workers, every 50 ms, in a thread."""
+
+    def __init__(self, daemon: Daemon):
+        self.leader, self.live_socket = daemon.proc.pid, daemon.paths.live_socket
+        self.roles: Dict[int, str] = {}
+        self.fds: Dict[str, int] = {}
+        self.pss: Dict[str, int] = {}
+        self.before = self.sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> Dict[str, int]:
+        pids = group_pids(self.leader)
+        if set(pids) - set(self.roles):
+            self.roles.update(roles_of(pids, self.leader, self.live_socket))
+        now: Dict[str, int] = {}
+        for pid in pids:
+            role = self.roles.get(pid, "?")
+            now[role] = now.get(role, 0) + len(_fd_targets(pid))
+            self.pss[role] = max(self.pss.get(role, 0), pss_kib(pid))
+        for role, count in now.items():
+            self.fds[role] = max(self.fds.get(role, 0), count)
+        return now
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sample()
+
+    def close(self) -> Dict[str, Tuple[int, int]]:
+        self._stop.set()
+        self._thread.join()
+        return {role: (self.before.get(role, 0), self.fds[role]) for role in self.fds}
+
+
+def run_tagged(programs: List[Path], port: int, size: int, tags: List[str], parallel: int) -> List[int]:
+    """Runs programs[i] with tags[i], --parallel at a time."""
+    def one(i: int) -> int:
+        return subprocess.run([str(programs[i]), str(port), str(size), tags[i]]).returncode
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(one, range(len(tags))))
+
+
+def pin_capacity_of(daemon: Daemon) -> int:
+    """How many pins the daemon's identity worker may hold (kernel.pins.pin_capacity, from its limit)."""
+    soft = 1024
+    for pid in group_pids(daemon.proc.pid):
+        m = re.search(r"^Max open files\s+(\d+)", Path(f"/proc/{pid}/limits").read_text(), re.M)
+        if m:
+            soft = int(m.group(1))
+            break
+    return max(16, min(soft // 2, 8192))
+
+
 def short_lived_phase(args, storm: Path, once: Path, work: Path, r: Results) -> None:
     prefix = Path(tempfile.mkdtemp(prefix="picosnitch-load-b-"))
     program = work / "short-lived"
     shutil.copy2(once, program)
     expected_sha = sha256_file(program)
     size = 7
-    daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit}).start()
+    distinct = [work / f"distinct-{i:05d}" for i in range(args.distinct)]
+    distinct_sha = {}
+    for i, path in enumerate(distinct):
+        path.write_bytes(once.read_bytes() + i.to_bytes(4, "little"))
+        path.chmod(0o755)
+        distinct_sha[str(path)] = sha256_file(path)
+    daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit,
+                               "Set RLIMIT_NOFILE": args.nofile}).start()
     try:
         time.sleep(SETTLE_SECONDS)
         server = Server(storm, 1)
+        fds = FdSampler(daemon)
         tags = [f"run-{i:05d}" for i in range(args.processes)]
         print(f"short-lived: {args.processes} runs, {args.parallel} at a time ...", flush=True)
         begin = time.monotonic()
-        with ThreadPoolExecutor(args.parallel) as pool:
-            codes = list(pool.map(lambda tag: subprocess.run([str(program), str(server.port), str(size), tag])
-                                  .returncode, tags))
+        codes = run_tagged([program] * len(tags), server.port, size, tags, args.parallel)
         r.short_seconds = time.monotonic() - begin
         r.short_runs = len(tags)
         r.short_ok_runs = codes.count(0)
+        print(f"distinct executables: {args.distinct}, each run once ...", flush=True)
+        begin = time.monotonic()
+        run_tagged(distinct, server.port, size, [f"distinct-{i:05d}" for i in range(args.distinct)], args.parallel)
+        r.distinct_seconds = time.monotonic() - begin
+        r.distinct_runs = len(distinct)
         time.sleep(args.write_limit + 3)  # written in the ordinary way, not by the final drain
+        r.fds, r.short_pss_max = fds.close(), dict(fds.pss)
+        r.pin_capacity = pin_capacity_of(daemon)
         server.stop()
         stop_daemon(daemon, args.stop_limit, r.problems)
     finally:
         if daemon.proc.poll() is None:
             daemon.kill_group()
+    for exe, sha in query(daemon, "SELECT DISTINCT exe, sha256 FROM connections WHERE exe LIKE ?",
+                          (str(work / "distinct-") + "%",)):
+        r.distinct_verified += distinct_sha.get(exe) == sha
     by_tag: Dict[str, List[Tuple[str, int]]] = {}
     for cmdline, sha, sent in query(daemon, "SELECT cmdline, sha256, SUM(send) FROM connections WHERE exe = ? "
                                             "GROUP BY cmdline, sha256", (str(program),)):
@@ -752,6 +835,14 @@ def report(args, r: Results) -> None:
          f"{r.short_ok_runs} runs succeeded, {r.short_runs / r.short_seconds:,.0f} runs/s)", "100 %"),
         ("Short-lived: any row / exact bytes", f"{pct(r.short_attributed, r.short_runs)} / "
                                                f"{pct(r.short_bytes_ok, r.short_runs)}", "100 %"),
+        ("Distinct executables, each run once: own row with its file's sha256",
+         f"{pct(r.distinct_verified, r.distinct_runs)} ({r.distinct_verified} of {r.distinct_runs}, "
+         f"{r.distinct_runs / max(r.distinct_seconds, 1e-9):,.0f} runs/s)", "100 %"),
+        ("Open descriptors, identity (before / max during the runs)",
+         "%d / %d (pins held at most: %d)" % (*r.fds.get("identity", (0, 0)), r.pin_capacity), "bounded"),
+        ("Open descriptors, monitor (before / max during the runs)", "%d / %d" % r.fds.get("monitor", (0, 0)), "-"),
+        ("PSS max during the runs (identity / monitor)", f"{mib(r.short_pss_max.get('identity', 0))} / "
+                                                          f"{mib(r.short_pss_max.get('monitor', 0))}", "-"),
         ("Daemon CPU idle", f"{100 * r.idle_cpu['all']:.1f} % of a core", "-"),
         ("Daemon CPU during storm", f"{100 * r.storm_cpu['all']:.1f} % of a core "
                                     f"(per second: max {100 * max(r.cpu_series or [0]):.0f} %)", "-"),
@@ -793,6 +884,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--idle-seconds", type=float)
     p.add_argument("--processes", type=int, help="short-lived runs")
     p.add_argument("--parallel", type=int, default=4, help="short-lived runs at a time")
+    p.add_argument("--distinct", type=int, help="distinct executables run once each")
+    p.add_argument("--nofile", type=int, default=512,
+                   help='"Set RLIMIT_NOFILE" of the short-lived daemon (it holds half as many pins)')
     p.add_argument("--clients", type=int, default=os.cpu_count(), help="storm client processes")
     p.add_argument("--servers", type=int, default=os.cpu_count(), help="storm server processes")
     p.add_argument("--bytes", type=int, default=100, help="bytes each storm connection writes")
@@ -807,6 +901,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.baseline_seconds = args.baseline_seconds or (3 if quick else 10)
     args.idle_seconds = args.idle_seconds or (3 if quick else 10)
     args.processes = args.processes or (100 if quick else 1000)
+    args.distinct = args.distinct or (300 if quick else 2000)
     if quick and args.write_limit == 10:
         args.write_limit = 2
     if os.geteuid() != 0:

@@ -211,6 +211,7 @@ RULES: dict[str, Rule] = {
     "Dash token": Rule("", _secret),
     "Desktop notification users": Rule([], _user_list),
     "Desktop notifications": Rule(True, _boolean),
+    "Dpkg database": Rule("/var/lib/dpkg", _string),
     "Event log": Rule(True, _boolean),
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1)),
@@ -481,6 +482,9 @@ _EXAMPLE = """\
   "Desktop notification users": [],
   # Tell the desktop about new executables, new names and changed executables (new sha256).
   "Desktop notifications": true,
+  # dpkg's database, to tell a changed executable the package manager installed from one modified
+  # outside any package (rpm's is asked too, where rpm is installed).
+  "Dpkg database": "/var/lib/dpkg",
   # Append every event (new program, new name, changed hash, alert, loss, degraded hook) to
   # events.log as a line of JSON.
   "Event log": true,

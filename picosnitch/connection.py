@@ -10,12 +10,20 @@ from dataclasses import dataclass, field, fields
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """What identifies one process: its executable, its name, its command line and the hash."""
+    """What identifies one process: its executable, its name, its command line and the hash, and
+    the script it ran (an interpreter's) with that hash; exe_state marks an unusual executable
+    (identity.exe_state). Parents are stored with the first four only (PARENT_FIELDS)."""
 
     exe: str = ""
     name: str = ""
     cmdline: str = ""
     sha256: str = ""
+    script: str = ""
+    script_sha256: str = ""
+    exe_state: str = ""
+
+
+PARENT_FIELDS = ("exe", "name", "cmdline", "sha256")
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,8 @@ class Connection:
         i, e = self.identity, self.endpoint
         row = {}
         for prefix, proc in (("", i.process), ("p", i.parent), ("gp", i.grandparent)):
-            for f in fields(ProcessInfo):
-                row[prefix + f.name] = getattr(proc, f.name)
+            for name in PARENT_FIELDS if prefix else [f.name for f in fields(ProcessInfo)]:
+                row[prefix + name] = getattr(proc, name)
         row.update(uid=i.uid, netns=i.netns, container=i.container)
         row.update({f.name: getattr(e, f.name) for f in fields(Endpoint)})
         row.update(ts=self.ts, send=self.send, recv=self.recv,
@@ -88,7 +96,7 @@ def from_row(row: dict) -> Connection:
     """Inverse of Connection.as_row (extra keys such as contime are ignored)."""
 
     def proc(prefix: str) -> ProcessInfo:
-        return ProcessInfo(**{f.name: row[prefix + f.name] for f in fields(ProcessInfo)})
+        return ProcessInfo(**{f.name: row.get(prefix + f.name, "") for f in fields(ProcessInfo)})
 
     identity = Identity(proc(""), proc("p"), proc("gp"), row["uid"], row["netns"], row["container"])
     endpoint = Endpoint(**{f.name: row[f.name] for f in fields(Endpoint)})

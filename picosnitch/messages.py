@@ -30,6 +30,8 @@ class Observed:
     sha256: str
     parent_exe: str
     parent_name: str
+    script: str = ""  # the script an interpreter ran, recorded like an executable
+    script_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ case "${1:-run}" in
     deb) want+=("${deb[@]}") ;;
     test) want+=("${deb[@]}" iproute2 tmux procps psmisc gcc liburing-dev dbus-daemon libnotify-bin passwd
                  util-linux postgresql mariadb-server man-db groff-base python3-psycopg chromium chromium-driver nethogs busybox-static
-                 musl-tools dnsmasq-base qemu-system-x86 kmod file debootstrap e2fsprogs) ;;
+                 musl-tools dnsmasq-base qemu-system-x86 kmod file debootstrap e2fsprogs
+                 perl ruby nodejs php-cli zsh default-jdk-headless) ;;
 esac
 missing=()
 for pkg in "${want[@]}"; do

@@ -15,6 +15,8 @@ from picosnitch.paths import Paths
 from picosnitch.store.sqlite import decode_text
 
 REPO = Path(__file__).resolve().parent.parent
+# In a kernel-matrix guest (qemu without KVM) everything runs about ten times slower: so do waits.
+SLOWDOWN = 10 if os.environ.get("PICOSNITCH_IN_GUEST") else 1
 
 
 class Daemon:
@@ -57,6 +59,7 @@ class Daemon:
                                      env=dict(self.env(), NOTIFY_SOCKET="@" + address),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
+        timeout *= SLOWDOWN
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -80,7 +83,7 @@ class Daemon:
         """SIGTERM, as systemd would; waits for a clean exit and returns the status."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout)
+            self.proc.wait(timeout * SLOWDOWN)
         self._close_notify()
         return self.proc.returncode
 
@@ -117,7 +120,8 @@ class Daemon:
 
 
 def wait_for(condition, timeout=20.0, what="condition"):
-    """condition()'s first true value, polling until `timeout` seconds have passed."""
+    """condition()'s first true value, polling until `timeout` seconds have passed (longer in a guest)."""
+    timeout *= SLOWDOWN
     deadline = time.monotonic() + timeout
     while True:
         value = condition()

@@ -48,6 +48,7 @@ def error_for(tmp_path, text):
 def test_defaults_keep_the_original_keys_and_add_the_new_ones():
     assert config.defaults() == dict(ORIGINAL_DEFAULTS, **{
         "DB sql backlog (MB)": 100, "Dash token": "", "Flow map entries": 65536, "GeoIP database": "",
+        "Dpkg database": "/var/lib/dpkg",
         "Live feed group": "", "Names from traffic": True,
         "Desktop notification users": [], "VT API URL": "https://www.virustotal.com/api/v3",
         "Guard fail open": True, "Guard interfaces": [], "Guard mode": "off", "Guard prompt group": "",

@@ -40,6 +40,7 @@ from test_dash_browser import browser, choose, drawn, loaded, severe_console_mes
 from test_view_tui import url_of  # noqa: E402
 
 TABLE = "dash_central"
+TS = ROW_COLUMNS.index("ts")
 HOSTS = {"alpha.example": "a" * 32, "beta.example": "b" * 32}
 HOSTILE_EXE = "/tmp/evil\n\x1b[2J\udcff"
 # Executables the same to a case-folding, trailing-space-ignoring collation; and twelve more,

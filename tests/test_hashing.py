@@ -1,4 +1,5 @@
-"""Hashing executables: live through /proc/PID/exe, after exit by verified path, cached by inode."""
+"""Hashing executables: from the descriptor pinned at exec, live through /proc/PID/exe, after exit by
+verified path; cached by what the file is (device, inode, ctime, size), never by inode number alone."""
 
 import hashlib
 import os
@@ -8,6 +9,7 @@ import subprocess
 import pytest
 
 from picosnitch.identity.hashing import ALL_BITS, MISMATCH, MISSING, UNREADABLE, HashCache, HashResult, filesystem_magic
+from picosnitch.kernel.pins import key_of
 
 
 def sha256_of(path) -> str:
@@ -40,28 +42,39 @@ def test_hash_live_still_works_after_the_file_is_deleted(sleeper):
     assert HashCache().hash_live(proc.pid, dev, ino).sha256 == expected
 
 
-def test_a_cache_hit_does_not_touch_the_file(sleeper):
+def test_a_deleted_file_is_never_answered_from_the_cache_by_its_inode_number(sleeper):
+    """Once the file is gone its inode number may name another file: only a pin can vouch for it."""
     proc, exe, dev, ino = sleeper
     cache = HashCache()
-    first = cache.hash_live(proc.pid, dev, ino)
+    assert cache.hash_live(proc.pid, dev, ino).ok
     proc.kill()
     proc.wait()
     exe.unlink()
-    assert cache.hash_path(str(exe), dev, ino) == first
-    assert cache.hash_live(proc.pid, dev, ino) == first
+    assert cache.hash_path(str(exe), dev, ino).sha256 == MISSING
 
 
-def test_invalidate_makes_the_next_lookup_read_the_file_again(tmp_path):
+def test_a_file_modified_in_place_is_hashed_again_without_being_told(tmp_path):
     exe = tmp_path / "tool"
     exe.write_bytes(b"version 1")
     st = os.stat(exe)
     cache = HashCache()
-    cache.hash_path(str(exe), st.st_dev, st.st_ino)
-    with open(exe, "r+b") as f:  # modified in place: same inode
-        f.write(b"VERSION")
-    assert cache.hash_path(str(exe), st.st_dev, st.st_ino).sha256 != sha256_of(exe)
-    cache.invalidate(st.st_dev, st.st_ino)
     assert cache.hash_path(str(exe), st.st_dev, st.st_ino).sha256 == sha256_of(exe)
+    with open(exe, "r+b") as f:  # same inode, another ctime: another key
+        f.write(b"VERSION")
+    assert cache.hash_path(str(exe), st.st_dev, st.st_ino).sha256 == sha256_of(exe)
+
+
+def test_a_pinned_descriptor_hashes_the_file_that_ran_from_its_start(tmp_path):
+    exe = tmp_path / "tool"
+    exe.write_bytes(b"x" * 3_000_000)
+    fd = os.open(exe, os.O_RDONLY)
+    try:
+        os.read(fd, 1000)  # whoever read it before: the hash still starts at offset 0
+        expected = sha256_of(exe)
+        exe.unlink()
+        assert HashCache().hash_fd(key_of(os.fstat(fd)), fd, "tool").sha256 == expected
+    finally:
+        os.close(fd)
 
 
 def test_hash_path_after_exit_verifies_the_inode(sleeper):

@@ -430,6 +430,47 @@ def test_the_plan_leaves_out_what_each_kernel_lacks_and_says_why(kernel, feature
     assert all(reason for reason in disabled.values())
 
 
+def object_programs() -> dict:
+    obj = libbpf.BpfObject(default_object_path())
+    try:
+        return {prog.name: prog.section for prog in obj.programs()}
+    finally:
+        obj.close()
+
+
+KERNEL_6_1 = KernelFeatures(frozenset({"tcp_rcv_space_adjust", "inet_sock_set_state", "sched_process_exec",
+                                       "sched_process_fork", "sched_process_exit"}), frozenset(), True,
+                            frozenset({"inet_sendmsg", "inet6_sendmsg", "inet_recvmsg", "inet6_recvmsg",
+                                       "inet_sendpage", "packet_sendmsg", "packet_recvmsg"}))
+
+
+def reported(disabled: dict) -> list:
+    monitor = KernelMonitor()
+    monitor._report_disabled(disabled)
+    return [(d.consequence, d.reason) for d in monitor.degraded]
+
+
+def test_on_6_1_a_refused_fallback_is_said_once_with_the_kernels_reason():
+    disabled = plan(object_programs(), KERNEL_6_1)
+    for prog in ("inet_sendmsg_exit", "inet6_sendmsg_exit", "inet_recvmsg_exit", "inet6_recvmsg_exit"):
+        disabled[prog] = "the kernel refused inet_sendmsg_exit: R2 unbounded memory access"
+    assert reported(disabled) == [("no traffic will be counted",
+                                   "the kernel refused inet_sendmsg_exit: R2 unbounded memory access")]
+
+
+def test_on_6_1_a_refused_stand_in_is_said_with_its_reason():
+    disabled = plan(object_programs(), KERNEL_6_1)
+    assert "not needed" in disabled["tcp_rcv_space_adjust"]  # no bpf_rdonly_cast before 6.2
+    disabled["tcp_rcv_space_adjust_compat"] = "the kernel refused tcp_rcv_space_adjust_compat: -22"
+    disabled["inet_sock_set_state"] = "the kernel refused tcp_rcv_space_adjust_compat: -22"
+    assert reported(disabled) == [("TCP data received with splice() will not be counted",
+                                   "the kernel refused tcp_rcv_space_adjust_compat: -22")]
+
+
+def test_on_6_1_nothing_is_left_out():
+    assert reported(plan(object_programs(), KERNEL_6_1)) == []
+
+
 def test_the_ctypes_mirrors_match_the_objects_btf():
     obj = libbpf.BpfObject(default_object_path())
     try:

@@ -25,6 +25,11 @@ def test_sha256_of_the_executable():
     assert not rules(SHA).ignores(sha256="b4" * 32)
 
 
+def test_sha256_of_the_script_an_interpreter_runs():
+    assert rules(SHA).ignores(sha256="b4" * 32, script_sha256=SHA)
+    assert not rules(SHA).ignores(sha256="b4" * 32, script_sha256="c5" * 32)
+
+
 def test_port_matches_local_or_remote():
     r = rules(53, "853")
     assert r.ignores(lport=53)

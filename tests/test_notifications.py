@@ -10,6 +10,7 @@ import queue
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +59,18 @@ def test_one_observation_is_one_notice_and_a_new_executable_says_everything():
     new = notification_text.for_change(notification_text.group(
         [NewThing(NEW_EXE, "/opt/x", "x", SHA_A)])[0])
     assert new == notification_text.Notice("picosnitch: new executable", "x\n/opt/x")
+
+
+def test_a_script_is_named_as_a_script_and_a_change_says_where_it_came_from():
+    def notice(*things):
+        return notification_text.coalesce(notification_text.group(list(things)), "/var/log/exe.log")
+    assert notice(NewThing(NEW_EXE, "/home/u/sync.py", "python3", SHA_A, "script")) == [
+        notification_text.Notice("picosnitch: new script", "python3\n/home/u/sync.py")]
+    assert notice(NewThing(NEW_SHA256, "/home/u/sync.py", "python3", SHA_B, "script",
+                           "modified outside any package")) == [notification_text.Notice(
+        "picosnitch: script changed", "python3\n/home/u/sync.py\nnew sha256 bbbbbbbbbbbbbbb…\nmodified outside any package")]
+    assert notice(NewThing(NEW_SHA256, "/usr/bin/curl", "curl", SHA_B, note="updated by the package manager: "
+                           "curl 8.5.0 → 8.6.0"))[0].body.endswith("\nupdated by the package manager: curl 8.5.0 → 8.6.0")
 
 
 def test_a_burst_becomes_one_summary_that_counts_and_points_to_the_log():
@@ -667,11 +680,50 @@ def test_daemon_notifies_a_modified_executable_once(notifying_daemon, server, de
         assert len(run.calls) == 1, run.calls
         call, = run.calls
         assert call["summary"] == "picosnitch: executable changed"
-        assert call["body"] == "psn-changing\n%s\nnew sha256 %s…" % (changing, new_sha256[:15])
+        assert call["body"] == "psn-changing\n%s\nnew sha256 %s…\nmodified outside any package" % (
+            changing, new_sha256[:15])
         assert call["at"] - run.started < TOAST_WITHIN
         assert_sent_by_the_desktop_user(call, run, desktop_user)
-        assert ", new sha256, psn-changing, %s, %s\n" % (changing, new_sha256) in \
+        assert ", new sha256, psn-changing, %s, %s, modified outside any package\n" % (changing, new_sha256) in \
             run.daemon.paths.exe_log.read_text()
+
+    without_noise(notifying_daemon, programs, scenario, check)
+
+
+def test_daemon_notifies_a_new_script_and_a_changed_script(notifying_daemon, server, desktop_user, sink,
+                                                           programs):
+    """The interpreter is known (this very Python); the script it runs is what is new, then changed."""
+    script = os.path.join(programs, "psn-script.py")
+    client = ("import socket, sys\nsocket.create_connection(('127.0.0.1', int(sys.argv[1]))).sendall(b'x' * 100)\n")
+
+    def scenario(daemon):
+        with open(script, "w") as f:
+            f.write(client)
+        started = time.monotonic()
+        subprocess.run([sys.executable, script, str(sink.port)], check=True)
+        deadline = time.monotonic() + 15
+        while ", new script, " not in (daemon.paths.exe_log.read_text() if daemon.paths.exe_log.exists() else ""):
+            assert time.monotonic() < deadline, "the script was never seen"
+            time.sleep(0.1)
+        time.sleep(WINDOW + SETTLE)  # noticed on its own, not in one burst with its change
+        with open(script, "a") as f:
+            f.write("# changed\n")
+        subprocess.run([sys.executable, script, str(sink.port)], check=True)
+        time.sleep(WINDOW + 1)
+        return Run(daemon, server, started)
+
+    def check(run):
+        with open(script, "rb") as f:
+            changed = hashlib.sha256(f.read()).hexdigest()
+        new, changed_call = run.about(script)
+        assert new["summary"] == "picosnitch: new script" and new["body"].endswith("\n" + script)
+        assert changed_call["summary"] == "picosnitch: script changed"
+        assert changed_call["body"].endswith("\n%s\nnew sha256 %s…\nmodified outside any package" % (
+            script, changed[:15]))
+        assert new["at"] - run.started < TOAST_WITHIN
+        assert_sent_by_the_desktop_user(new, run, desktop_user)
+        log = run.daemon.paths.exe_log.read_text()
+        assert ", new script, " in log and ", new script sha256, " in log
 
     without_noise(notifying_daemon, programs, scenario, check)
 

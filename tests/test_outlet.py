@@ -20,7 +20,7 @@ from receivers import GotifyServer, NtfyServer, SyslogSocket, WebhookServer, sha
 from picosnitch import config as config_module
 from picosnitch.alerts import events, outlet_worker
 from picosnitch.alerts.outbox import Outbox
-from picosnitch.alerts.record_keeper import NEW_EXE, NEW_SHA256, NewThing
+from picosnitch.alerts.record_keeper import NEW_EXE, NEW_SHA256, SCRIPT, NewThing
 from picosnitch.messages import Alert, ErrorReport, Stop, Traffic
 from picosnitch.paths import Paths
 
@@ -120,6 +120,16 @@ def test_an_event_is_printable_json_with_an_id_and_says_what_happened_in_a_sente
     assert events.for_error(ErrorReport("something else")) is None
     new, changed = events.for_new_things([NewThing(NEW_EXE, "/opt/a", "a", SHA), NewThing(NEW_SHA256, "/b", "b", SHA)])
     assert (new["kind"], changed["kind"]) == ("new program", "changed hash")
+
+
+def test_a_script_event_says_it_is_a_script_and_a_changed_hash_where_it_came_from():
+    new_script, changed = events.for_new_things([
+        NewThing(NEW_EXE, "/opt/tool.py", "python3", SHA, role=SCRIPT),
+        NewThing(NEW_SHA256, "/usr/bin/curl", "curl", SHA, note="modified outside any package")])
+    assert (new_script["kind"], new_script["role"], new_script["exe"]) == ("new program", "script", "/opt/tool.py")
+    assert new_script["message"] == "new script: python3 (/opt/tool.py)"
+    assert "role" not in changed and changed["note"] == "modified outside any package"
+    assert changed["message"].endswith("curl (/usr/bin/curl) (modified outside any package)")
 
 
 def test_a_syslog_message_is_rfc_5424_with_the_event_as_its_message():

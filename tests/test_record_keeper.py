@@ -5,14 +5,17 @@ import os
 import re
 import stat
 
+from picosnitch.alerts.packages import Origin
 from picosnitch.alerts.record_keeper import (
     EXES_BY_NAME,
     NAMES_BY_EXE,
     NEW_EXE,
     NEW_NAME,
     NEW_SHA256,
+    PACKAGE_BY_SHA256,
     PARENT_EXES_BY_EXE,
     PARENT_NAMES_BY_NAME,
+    SCRIPT,
     SHA256_BY_EXE,
     VT_NOT_CHECKED,
     ErrorLog,
@@ -58,6 +61,48 @@ def test_a_new_name_or_a_new_hash_of_a_known_executable_is_new(tmp_path):
         NewThing(NEW_NAME, "/usr/bin/python3.11", "pip", SHA_A)]
     assert record.observe("/usr/bin/python3.11", "pip", SHA_B) == [
         NewThing(NEW_SHA256, "/usr/bin/python3.11", "pip", SHA_B)]
+
+
+def test_a_script_is_recorded_like_an_executable_with_its_interpreter_as_parent(tmp_path):
+    record = keeper(tmp_path)
+    assert record.observe("/home/u/sync.py", "python3", SHA_A, "/usr/bin/python3.11", "python3", role=SCRIPT) == [
+        NewThing(NEW_EXE, "/home/u/sync.py", "python3", SHA_A, SCRIPT)]
+    assert record.observe("/home/u/sync.py", "python3.11", SHA_A, role=SCRIPT) == []  # interpreters' names: no news
+    changed = record.observe("/home/u/sync.py", "python3", SHA_B, role=SCRIPT)
+    assert [(t.kind, t.logged_kind()) for t in changed] == [(NEW_SHA256, "new script sha256")]
+    assert record.as_dict()[PARENT_EXES_BY_EXE]["/home/u/sync.py"] == ["/usr/bin/python3.11"]
+    log = (tmp_path / "exe.log").read_text()
+    assert ", new script, python3, /home/u/sync.py, " in log and ", new script sha256, " in log
+
+
+def test_a_changed_hash_says_whether_its_package_manager_put_it_there(tmp_path):
+    installed = {SHA_A: Origin("curl", "8.5.0", True), SHA_B: Origin("curl", "8.6.0", True),
+                 "c" * 64: Origin("curl", "8.6.0", False)}
+    record = RecordKeeper(tmp_path / "record.json", tmp_path / "exe.log", lambda path, sha: installed.get(sha))
+    record.observe("/usr/bin/curl", "curl", SHA_A)
+    upgraded, = record.observe("/usr/bin/curl", "curl", SHA_B)
+    assert upgraded.note == "updated by the package manager: curl 8.5.0 → 8.6.0"
+    edited, = record.observe("/usr/bin/curl", "curl", "c" * 64)
+    assert edited.note == "modified outside any package"
+    assert record.as_dict()[PACKAGE_BY_SHA256] == {"/usr/bin/curl": {SHA_A: "curl 8.5.0", SHA_B: "curl 8.6.0"}}
+    assert (tmp_path / "exe.log").read_text().splitlines()[-1].endswith(", modified outside any package")
+
+
+def test_the_version_before_an_update_survives_a_restart(tmp_path):
+    installed = {SHA_A: Origin("curl", "8.5.0", True), SHA_B: Origin("curl", "8.6.0", True)}
+    first = RecordKeeper(tmp_path / "record.json", tmp_path / "exe.log", lambda path, sha: installed.get(sha))
+    first.observe("/usr/bin/curl", "curl", SHA_A)
+    first.save()
+    again = RecordKeeper(tmp_path / "record.json", tmp_path / "exe.log", lambda path, sha: installed.get(sha))
+    upgraded, = again.observe("/usr/bin/curl", "curl", SHA_B)
+    assert upgraded.note == "updated by the package manager: curl 8.5.0 → 8.6.0"
+
+
+def test_a_file_of_no_package_that_changes_was_modified_outside_any_package(tmp_path):
+    record = RecordKeeper(tmp_path / "record.json", tmp_path / "exe.log", lambda path, sha: None)
+    record.observe("/opt/tool", "tool", SHA_A)
+    changed, = record.observe("/opt/tool", "tool", SHA_B)
+    assert changed.note == "modified outside any package"
 
 
 def test_a_first_hash_after_failed_hashing_is_recorded_quietly(tmp_path):

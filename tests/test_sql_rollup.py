@@ -69,10 +69,11 @@ def test_an_hour_closes_once_a_later_hour_is_taken_or_its_last_window_is_late():
 def figures(hourly: list) -> dict:
     """{(hour, exe, lport): (send, recv)} of rollup rows (or raw rows, by their hour)."""
     found = {}
+    ts, exe, lport, send_, recv_ = (ROW_COLUMNS.index(name) for name in ("ts", "exe", "lport", "send", "recv"))
     for row in hourly:
-        key = (hour_of(row[ROW_COLUMNS.index("ts")]), row[5], row[14])
+        key = (hour_of(row[ts]), row[exe], row[lport])
         send, recv = found.get(key, (0, 0))
-        found[key] = (send + row[3], recv + row[4])
+        found[key] = (send + row[send_], recv + row[recv_])
     return found
 
 

@@ -26,6 +26,7 @@ ORIGINAL_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256
                     "domain"]
 NEW_COLUMNS = ["gpexe", "gpname", "gpcmdline", "gpsha256", "family", "protocol", "packets_sent",
                "packets_recv", "netns", "container", "ts", "domain_source"]
+IDENTITY_COLUMNS = ["script", "script_sha256", "exe_state"]  # issue 14: scripts and unusual executables
 
 CURL = ProcessInfo("/usr/bin/curl", "curl", "curl https://example.com", "ab" * 32)
 BASH = ProcessInfo("/usr/bin/bash", "bash", "bash", "cd" * 32)
@@ -68,13 +69,13 @@ def tokyo_time(monkeypatch):
 
 def test_connections_view_has_the_documented_columns_in_order(db):
     columns = [d[0] for d in db.execute("SELECT * FROM connections").description]
-    assert columns == ORIGINAL_COLUMNS + NEW_COLUMNS
+    assert columns == ORIGINAL_COLUMNS + NEW_COLUMNS + IDENTITY_COLUMNS
     assert columns == [name for name, _ in db_schema.VIEW_COLUMNS]
 
 
 def test_hourly_view_has_the_same_columns(db):
     columns = [d[0] for d in db.execute("SELECT * FROM connections_hourly").description]
-    assert columns == ORIGINAL_COLUMNS + NEW_COLUMNS
+    assert columns == ORIGINAL_COLUMNS + NEW_COLUMNS + IDENTITY_COLUMNS
 
 
 def test_new_database_is_wal_and_versioned(db):
@@ -168,11 +169,13 @@ def test_version_1_database_is_migrated_with_its_rollups(tmp_path):
     conn, problem = sqlite_store.open_db(str(path))
 
     assert problem is None
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == db_schema.SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == db_schema.SCHEMA_VERSION == 4
     conn.text_factory = bytes
+    # Every column keeps its values; those added since are empty for the rows written before.
     assert conn.execute(f"SELECT {columns_before} FROM connections ORDER BY ts, CAST(exe AS BLOB), lport, "
                         "CAST(raddr AS BLOB)").fetchall() == view_before
     assert {r[0] for r in conn.execute("SELECT domain_source FROM connections")} == {b""}  # not known then
+    assert set(conn.execute("SELECT script, script_sha256, exe_state FROM connections")) == {(b"", b"", b"")}
     expected = rollups_by_definition(conn)
     assert all(expected.values()) and stored_rollups(conn) == expected
     # and the writer goes on from there

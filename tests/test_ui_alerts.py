@@ -27,7 +27,7 @@ def prefix(tmp_path):
     paths.ensure_dirs()
     conn, _ = sqlite_store.open_db(str(paths.db))
     sqlite_store.close_db(conn)
-    keeper = RecordKeeper(paths.record, paths.exe_log, paths.alert_log)
+    keeper = RecordKeeper(paths.record, paths.exe_log, alert_log_path=paths.alert_log)
     keeper.alert(Alert("new port", "/usr/bin/curl", "curl", "c" * 64, ("8443/tcp",), 1, WHEN))
     keeper.alert(Alert("new domain", HOSTILE, "<b>x</b>", "d" * 64, ("example.org", "evil.test"), 60, WHEN + 1))
     keeper.save()

@@ -28,6 +28,8 @@ def write_history(path: str) -> None:
     rng = random.Random(3)
     processes = [ProcessInfo(f"/usr/bin/{name}", name, f"{name} --flag", f"{k:064x}")
                  for k, name in enumerate(("curl", "firefox", "ssh", ODD))]
+    processes += [ProcessInfo("/usr/bin/python3.11", "python3", f"python3 {script}", "9" * 64, script, f"{k:064x}")
+                  for k, script in enumerate(("/home/u/sync.py", "/home/u/backup.py", "/tmp/" + ODD))]
     people = [Identity(rng.choice(processes), rng.choice(processes), rng.choice(processes),
                        uid=rng.choice((0, 1000)), container=rng.choice(("", "docker-1.scope")))
               for _ in range(8)]

@@ -7,7 +7,8 @@ One event is one JSON object (one line of events.log, one syslog message, one we
 
 `kind` is one of messages.EVENT_KINDS, and says which fields follow:
 
-    new program, new name, changed hash   exe, name, sha256 (and script, with the identity's)
+    new program, new name, changed hash   exe, name, sha256; role "script" when exe is a script,
+                                          note: where a changed hash came from (its package)
     alert                                 alert (its kind), exe, script, name, sha256, values, count
     loss                                  what (the kernel counter), count
     degraded hook                         hook
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Iterable, Optional
 
 from picosnitch import __version__
-from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, NewThing, alert_fields
+from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, SCRIPT, NewThing, alert_fields
 from picosnitch.messages import (
     ALERT,
     CHANGED_HASH,
@@ -75,14 +76,20 @@ def _who(name: str, exe: str, script: str = "") -> str:
 
 
 def for_new_things(things: Iterable[NewThing]) -> list[dict]:
-    """An event for each executable, name or hash the record keeper saw for the first time."""
+    """An event for each executable, script, name or hash the record keeper saw for the first time;
+    a script's has "role": "script", a changed hash's "note" says where it came from."""
     events = []
     for thing in things:
         kind = KIND_OF_NEW_THING.get(thing.kind, thing.kind)
-        words = {NEW_PROGRAM: "new program", NEW_NAME_EVENT: "new name of a program",
-                 CHANGED_HASH: "the executable changed, new sha256 " + thing.sha256[:16] + "…"}
-        extra = {"script": getattr(thing, "script", "")} if getattr(thing, "script", "") else {}
-        events.append(_event(kind, f"{words.get(kind, kind)}: {_who(thing.name, thing.exe)}", None,
+        what = "script" if thing.role == SCRIPT else "executable"
+        words = {NEW_PROGRAM: f"new {'script' if thing.role == SCRIPT else 'program'}",
+                 NEW_NAME_EVENT: "new name of a program",
+                 CHANGED_HASH: f"the {what} changed, new sha256 {thing.sha256[:16]}…"}
+        extra: dict = {"role": SCRIPT} if thing.role == SCRIPT else {}
+        if thing.note:
+            extra["note"] = thing.note
+        note = f" ({thing.note})" if thing.note else ""
+        events.append(_event(kind, f"{words.get(kind, kind)}: {_who(thing.name, thing.exe)}{note}", None,
                              dict(exe=thing.exe, name=thing.name, sha256=thing.sha256, **extra)))
     return events
 

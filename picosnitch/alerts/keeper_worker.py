@@ -12,10 +12,12 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import cast
 
+from picosnitch.alerts.packages import DPKG_ADMINDIR, Packages
 from picosnitch.alerts.record_keeper import (
     NAMES_BY_EXE,
     NEW_EXE,
     NEW_SHA256,
+    SCRIPT,
     SHA256_BY_EXE,
     VT_NOT_CHECKED,
     ErrorLog,
@@ -37,12 +39,14 @@ def unchecked_hashes(keeper: RecordKeeper):
                 yield VtRequest(exe, name, sha256)
 
 
-def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, to_outlet=None) -> int:
-    """Serves until every worker named in `wait_for` has said Stop, then tells the helpers to stop."""
+def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, to_outlet=None,
+        dpkg_admindir: str = DPKG_ADMINDIR) -> int:
+    """Serves until every worker named in `wait_for` has said Stop, then tells the helpers to stop.
+    A changed hash is checked against the package managers' records (dpkg's in `dpkg_admindir`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     errors = ErrorLog(paths.error_log)
-    keeper = RecordKeeper(paths.record, paths.exe_log, paths.alert_log)
+    keeper = RecordKeeper(paths.record, paths.exe_log, Packages(dpkg_admindir).origin, paths.alert_log)
     if keeper.load_problem:
         errors.error(keeper.load_problem)
     if to_vt:
@@ -97,10 +101,16 @@ def alert(keeper: RecordKeeper, errors: ErrorLog, message: Alert, to_notifier, t
 
 
 def observe(keeper: RecordKeeper, message: Observed, to_notifier, to_vt, to_outlet=None) -> None:
+    """The executable, and the script it ran (recorded like an executable, the interpreter its
+    parent): what is new goes to the notifier and the outlet at once, new hashes to VirusTotal."""
     new = keeper.observe(message.exe, message.name, message.sha256, message.parent_exe, message.parent_name)
+    if message.script:
+        new += keeper.observe(message.script, message.name, message.script_sha256, message.exe, message.name,
+                              role=SCRIPT)
     for helper in (to_notifier, to_outlet):
         if new and helper:
             helper.send(new)  # now, not at the next write window
-    verifiable = message.sha256 and not message.sha256.startswith("!")
-    if to_vt and verifiable and any(thing.kind in (NEW_EXE, NEW_SHA256) for thing in new):
-        to_vt.send(VtRequest(message.exe, message.name, message.sha256))
+    for thing in new:
+        verifiable = thing.sha256 and not thing.sha256.startswith("!")
+        if to_vt and verifiable and thing.kind in (NEW_EXE, NEW_SHA256):
+            to_vt.send(VtRequest(thing.exe, thing.name, thing.sha256))

@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Iterable
 
-from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, NewThing
+from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, SCRIPT, NewThing
 from picosnitch.messages import TRAFFIC_SPIKE, Alert
 from picosnitch.sanitize import printable
 
@@ -42,12 +42,15 @@ class Notice:
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """Everything new about one executable: the kinds (NEW_EXE, ...) and the names seen."""
+    """Everything new about one executable (or script: `role`): the kinds (NEW_EXE, ...), the names
+    seen, and where a new sha256 came from (`note`)."""
 
     exe: str
     names: tuple[str, ...]
     kinds: frozenset[str]
     sha256: str
+    role: str = "executable"
+    note: str = ""
 
 
 def clean(value: str, limit: int, keep_end: bool = False) -> str:
@@ -73,11 +76,11 @@ def group(things: Iterable[NewThing]) -> list[Change]:
         seen = changes.get(thing.exe)
         if seen is None:
             changes[thing.exe] = Change(thing.exe, (thing.name,), frozenset([thing.kind]),
-                                        thing.sha256)
+                                        thing.sha256, thing.role, thing.note)
         else:
             names = seen.names + (() if thing.name in seen.names else (thing.name,))
             changes[thing.exe] = Change(thing.exe, names, seen.kinds | {thing.kind},
-                                        thing.sha256 or seen.sha256)
+                                        thing.sha256 or seen.sha256, seen.role, thing.note or seen.note)
     return list(changes.values())
 
 
@@ -88,14 +91,16 @@ def _who(names: tuple[str, ...], exe: str) -> str:
 
 
 def for_change(change: Change) -> Notice:
-    """The notice for one executable's news; a new executable says everything in one."""
+    """The notice for one executable's (or script's) news; a new one says everything in one."""
     who = _who(change.names, change.exe)
+    what = "script" if change.role == SCRIPT else "executable"
     if NEW_EXE in change.kinds:
-        return Notice("picosnitch: new executable", who)
+        return Notice("picosnitch: new %s" % what, who)
     if NEW_SHA256 in change.kinds:
         extra = "\nalso running under a new name" if NEW_NAME in change.kinds else ""
-        return Notice("picosnitch: executable changed",
-                      "%s\nnew sha256 %s%s" % (who, clean(change.sha256, 16), extra))
+        origin = "\n" + clean(change.note, MESSAGE_LIMIT) if change.note else ""
+        return Notice("picosnitch: %s changed" % what,
+                      "%s\nnew sha256 %s%s%s" % (who, clean(change.sha256, 16), origin, extra))
     return Notice("picosnitch: new process name", who)
 
 

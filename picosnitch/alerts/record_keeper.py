@@ -28,6 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Optional
 
+from picosnitch.alerts.packages import Origin, change_note
 from picosnitch.messages import Alert, VtResult
 from picosnitch.sanitize import log_field, printable
 from picosnitch.timestamps import local_time
@@ -39,11 +40,13 @@ PARENT_NAMES_BY_NAME = "Parent names by name"
 SHA256_BY_EXE = "SHA256 by executable"
 ALERTS = "Alerts"
 ALERTS_KEPT = 1000
+PACKAGE_BY_SHA256 = "Package by SHA256"  # exe -> sha256 -> "curl 8.6.0": the package that installed it
 LIST_SECTIONS = (NAMES_BY_EXE, EXES_BY_NAME, PARENT_EXES_BY_EXE, PARENT_NAMES_BY_NAME)
 
 NEW_EXE = "new executable"
 NEW_NAME = "new name"
 NEW_SHA256 = "new sha256"
+SCRIPT = "script"  # NewThing.role of an interpreter's script, which is recorded like an executable
 
 VT_NOT_CHECKED = "not checked"  # status of a hash until the VirusTotal worker reports on it
 
@@ -107,12 +110,12 @@ def _check_record(record: object) -> dict:
     """
     if not isinstance(record, dict):
         raise ValueError("it is not a JSON object")
-    for section in LIST_SECTIONS + (SHA256_BY_EXE,):
+    for section in LIST_SECTIONS + (SHA256_BY_EXE, PACKAGE_BY_SHA256):
         by_key = record.get(section, {})
         if not isinstance(by_key, dict):
             raise ValueError('"%s" is not an object' % section)
         for key, values in by_key.items():
-            if section == SHA256_BY_EXE:
+            if section in (SHA256_BY_EXE, PACKAGE_BY_SHA256):
                 ok = isinstance(values, dict) and all(isinstance(v, str) for v in values.values())
             else:
                 ok = isinstance(values, list) and all(isinstance(v, str) for v in values)
@@ -174,12 +177,21 @@ def alert_log_line(alert: Alert) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NewThing:
-    """Something observe() saw for the first time: `kind` is NEW_EXE, NEW_NAME or NEW_SHA256."""
+    """Something observe() saw for the first time: `kind` is NEW_EXE, NEW_NAME or NEW_SHA256, of an
+    executable or (`role` SCRIPT) of a script; `note` says where a new sha256 came from."""
 
     kind: str
     exe: str
     name: str
     sha256: str
+    role: str = "executable"
+    note: str = ""
+
+    def logged_kind(self) -> str:
+        """exe.log's word for it: "new script" and "new script sha256" for scripts."""
+        if self.role != SCRIPT:
+            return self.kind
+        return {NEW_EXE: "new script", NEW_SHA256: "new script sha256"}.get(self.kind, self.kind)
 
 
 class RecordKeeper:
@@ -190,9 +202,13 @@ class RecordKeeper:
     """
 
     def __init__(self, record_path: str | os.PathLike, exe_log_path: str | os.PathLike,
+                 origin: Optional[Callable[[str, str], Optional[Origin]]] = None,
                  alert_log_path: Optional[str | os.PathLike] = None) -> None:
+        """`origin(path, sha256)` says which package installed a file (alerts.packages), if any;
+        alerts are logged to `alert_log_path`."""
         self.record_path = Path(record_path)
         self.exe_log_path = Path(exe_log_path)
+        self.origin = origin
         self.alert_log_path = Path(alert_log_path) if alert_log_path else None
         record, self.load_problem = load_record(self.record_path)
         self._alerts: deque[dict] = deque(record.get(ALERTS, []), maxlen=ALERTS_KEPT)
@@ -200,32 +216,46 @@ class RecordKeeper:
                       for section in LIST_SECTIONS}
         self._hashes: dict[str, dict[str, str]] = {
             exe: dict(hashes) for exe, hashes in record.get(SHA256_BY_EXE, {}).items()}
+        self._packages: dict[str, dict[str, str]] = {
+            exe: dict(labels) for exe, labels in record.get(PACKAGE_BY_SHA256, {}).items()}
         self._changed = False
 
     def observe(self, exe: str, name: str, sha256: str = "", parent_exe: str = "",
-                parent_name: str = "") -> list[NewThing]:
+                parent_name: str = "", role: str = "executable") -> list[NewThing]:
         """Record a process and return what about it is new, having logged each to exe.log.
 
         An unknown `exe` is one NEW_EXE. For a known one, an unseen `name` is NEW_NAME, and an
-        unseen `sha256` is NEW_SHA256 when another hash was recorded before (the file changed);
-        a first hash for an executable that could not be hashed earlier is recorded quietly.
-        Empty `sha256` or parents mean unknown and are not recorded. exe.log is written before
-        the record changes, so if that write fails the same things are new on the next call.
+        unseen `sha256` is NEW_SHA256 when another hash was recorded before (the file changed),
+        with a note on whether its package manager put it there; a first hash for an executable
+        that could not be hashed earlier is recorded quietly. A script (`role` SCRIPT, `exe` its
+        path, the interpreter as its parent) is recorded the same way, but its names are those of
+        interpreters and never news. Empty `sha256` or parents mean unknown and are not recorded.
+        exe.log is written before the record changes, so if that write fails the same things are
+        new on the next call.
         """
         names = self._sets[NAMES_BY_EXE]
         hashes = self._hashes.get(exe, {})
+        verifiable = bool(sha256) and not sha256.startswith("!")
+        label = ""
+        origin: Optional[Origin] = None
+        if verifiable and sha256 not in hashes and self.origin is not None:
+            origin = self.origin(exe, sha256)
+            label = origin.label() if origin else ""
         new = []
         if exe not in names:
-            new.append(NewThing(NEW_EXE, exe, name, sha256))
-        elif name not in names[exe]:
-            new.append(NewThing(NEW_NAME, exe, name, sha256))
+            new.append(NewThing(NEW_EXE, exe, name, sha256, role))
+        elif name not in names[exe] and role != SCRIPT:
+            new.append(NewThing(NEW_NAME, exe, name, sha256, role))
         if sha256 and hashes and sha256 not in hashes:
-            new.append(NewThing(NEW_SHA256, exe, name, sha256))
+            note = change_note(origin, self._packages.get(exe, {}).values()) if verifiable and self.origin else ""
+            new.append(NewThing(NEW_SHA256, exe, name, sha256, role, note))
 
         now = time.time()
         append_lines(self.exe_log_path, [", ".join(
-            [local_time(now), thing.kind, log_field(name), log_field(exe), log_field(sha256)])
-            for thing in new])
+            [local_time(now), thing.logged_kind(), log_field(name), log_field(exe), log_field(sha256)]
+            + ([log_field(thing.note)] if thing.note else [])) for thing in new])
+        if label:
+            self._packages.setdefault(exe, {})[sha256] = label
 
         self._add(NAMES_BY_EXE, exe, name)
         self._add(EXES_BY_NAME, name, exe)
@@ -266,6 +296,8 @@ class RecordKeeper:
         record[SHA256_BY_EXE] = {exe: dict(hashes) for exe, hashes in self._hashes.items()}
         if self._alerts:
             record[ALERTS] = list(self._alerts)
+        if self._packages:  # (absent until a package's file is recorded)
+            record[PACKAGE_BY_SHA256] = {exe: dict(labels) for exe, labels in self._packages.items()}
         return record
 
     def save(self) -> bool:

@@ -54,7 +54,8 @@ WORK_MEM = "64MB"
 # figures and the time).
 _PAIR_COLUMNS = ("host", "machine_id", "exe", "name", "cmdline", "sha256", "pexe", "pname",
                  "pcmdline", "psha256", "gpexe", "gpname", "gpcmdline", "gpsha256", "uid", "netns",
-                 "container", "family", "protocol", "laddr", "lport", "raddr", "rport", "domain", "domain_source")
+                 "container", "family", "protocol", "laddr", "lport", "raddr", "rport", "domain", "domain_source",
+                 "script", "script_sha256", "exe_state")
 _INTEGER_COLUMNS = {"uid", "netns", "family", "protocol", "lport", "rport", "ts"}
 
 

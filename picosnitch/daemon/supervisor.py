@@ -28,6 +28,7 @@ from picosnitch.alerts import baseline_worker, keeper_worker, notifier_worker, o
 from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.guard import worker as guard_worker
+from picosnitch.identity import interpreters
 from picosnitch.identity import worker as identity_worker
 from picosnitch.kernel import worker as monitor_worker
 from picosnitch.messages import ErrorReport, Stop
@@ -78,14 +79,19 @@ class Supervisor:
         self.to_keeper = to_keeper["supervisor"][1]
         self.keeper_waits_for = {"identity", "writer"} | ({"sql", "baseline"} & set(consumers))  # those that say Stop
         to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt", "outlet")}
+        # The files each exec ran, pinned by the monitor, go to the identity worker on their own socket.
+        pins_out, pins_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         targets = {
-            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid())),
+            "monitor": (monitor_worker.run, (config, inbox["identity"][1], self.ready, os.getpid(), pins_out,
+                                             interpreters.classify)),
             "identity": (identity_worker.run, (config, inbox["identity"][0], [inbox[c][1] for c in consumers],
-                                               to_keeper["identity"][1], inbox["guard"][1] if guard else None)),
+                                               to_keeper["identity"][1], inbox["guard"][1] if guard else None,
+                                               pins_in)),
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
             "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
-                                           to_helper["notifier"], to_helper["vt"], to_helper["outlet"])),
+                                           to_helper["notifier"], to_helper["vt"], to_helper["outlet"],
+                                           config["Dpkg database"])),
         }
         if "baseline" in inbox:
             targets["baseline"] = (baseline_worker.run, (config, paths, inbox["baseline"][0], to_keeper["baseline"][1]))

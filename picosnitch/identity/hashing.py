@@ -1,9 +1,14 @@
-"""sha256 of executables, cached by (masked device, inode).
+"""sha256 of executables, cached by what the file is: (device, inode, ctime, size).
 
-A process is identified by the executable the kernel ran, named by its device and inode. While the
-process lives, its executable is read through `/proc/PID/exe`, which reaches the very file it runs
-even when that path was since deleted or replaced. Once it has exited only its path is left, so the
-file there is opened and its device and inode are checked before the hash is trusted.
+The best source is the descriptor the monitor pinned at exec (kernel.pins): it is the very file
+that ran, whatever happened to its path since (`hash_fd`). Without one, while the process lives,
+its executable is read through `/proc/PID/exe`, which reaches the same file; once it has exited
+only its path is left, so the file there is opened and its device and inode are checked against
+the kernel's before the hash is trusted.
+
+The cache key is taken from fstat of the open file, never from the kernel's numbers alone: an
+inode number reused by another file, or a file modified in place, has another ctime, so a cached
+hash can never be returned for a file it was not taken from.
 
 Failures are explicit results, never guesses: `sha256` is then one of the sentinels below (they
 cannot be mistaken for a hash, which is 64 hex digits) and `error` says what happened.
@@ -21,7 +26,10 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
+
+from picosnitch.kernel.pins import key_of
+from picosnitch.kernel.records import FileKey
 
 MISSING = "!missing"  # no such file, or the process exited
 MISMATCH = "!mismatch"  # the file there is not the one that was executed (replaced)
@@ -57,28 +65,33 @@ def filesystem_magic(fd: int) -> int:
 
 
 def _sha256_of_fd(fd: int) -> str:
+    """The sha256 of the whole file (read from offset 0, whoever read the descriptor before)."""
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    offset = 0
     while True:
-        n = os.readv(fd, [buf])
+        n = os.preadv(fd, [buf], offset)
         if not n:
             return digest.hexdigest()
         digest.update(view[:n])
+        offset += n
 
 
 class HashCache:
-    """Hashes executables and remembers them by (device & mask, inode).
+    """Hashes executables and remembers them by file key (device, inode, ctime, size).
 
-    `st_dev_mask` None picks the mask per device: 0 on btrfs, all bits elsewhere. An integer is
-    applied to every device. A cache hit does not touch the file at all, so entries must be
-    dropped with `invalidate` when the file changes (identity.fanotify reports that). Not thread-safe.
+    `st_dev_mask` applies when the kernel's device is compared with the file's: None picks the
+    mask per device, 0 on btrfs (whose stat device is per subvolume), all bits elsewhere; an
+    integer is applied to every device. Not thread-safe.
     """
+
+    LIMIT = 65536  # cached hashes; the oldest half is forgotten beyond this
 
     def __init__(self, st_dev_mask: Optional[int] = None):
         self._fixed_mask = st_dev_mask
         self._dev_masks: Dict[int, int] = {}  # learnt per device when the mask is automatic
-        self._hashes: Dict[Tuple[int, int], str] = {}
+        self._hashes: Dict[FileKey, str] = {}
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -91,14 +104,43 @@ class HashCache:
         """Hash the file at `path`, but only if it is still (dev, ino): for exited processes."""
         return self._hash(path, dev, ino, what=path)
 
-    def invalidate(self, dev: int, ino: int) -> None:
-        """Forget the hash of (dev, ino), e.g. because the file was modified in place."""
-        mask = self._mask(dev)
-        if mask is not None:
-            self._hashes.pop((dev & mask, ino), None)
-        else:  # device never opened: it may still be a btrfs alias of one that was
-            self._hashes.pop((dev, ino), None)
-            self._hashes.pop((0, ino), None)
+    def hash_fd(self, key: FileKey, fd: int, what: str) -> HashResult:
+        """Hash a pinned file, which `key` names (kernel.pins.key_of when it was pinned)."""
+        known = self._hashes.get(key)
+        if known is not None:
+            return HashResult(known)
+        try:
+            sha256 = _sha256_of_fd(fd)
+        except OSError as e:
+            return HashResult(UNREADABLE, f"{what}: cannot read: {e.strerror}")
+        return HashResult(self._remember(key, sha256))
+
+    def hash_if_same(self, path: str, key: FileKey) -> HashResult:
+        """The hash of the file `key` names (a pin this process never held): from the cache, or from
+        the file at `path` if it is still that very file (device, inode, ctime and size)."""
+        known = self._hashes.get(key)
+        if known is not None:
+            return HashResult(known)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            return HashResult(MISSING, f"{path}: the file that ran is gone ({e.strerror})")
+        try:
+            if key_of(os.fstat(fd)) != key:
+                return HashResult(MISMATCH, f"{path}: is no longer the file that ran")
+            return self.hash_fd(key, fd, path)
+        finally:
+            os.close(fd)
+
+    def cached(self, key: FileKey) -> Optional[str]:
+        return self._hashes.get(key)
+
+    def _remember(self, key: FileKey, sha256: str) -> str:
+        if len(self._hashes) >= self.LIMIT:
+            for old in list(self._hashes)[: self.LIMIT // 2]:
+                del self._hashes[old]
+        self._hashes[key] = sha256
+        return sha256
 
     def _mask(self, dev: int) -> Optional[int]:
         if self._fixed_mask is not None:
@@ -107,8 +149,6 @@ class HashCache:
 
     def _hash(self, path: str, dev: int, ino: int, what: str) -> HashResult:
         mask = self._mask(dev)
-        if mask is not None and (dev & mask, ino) in self._hashes:
-            return HashResult(self._hashes[(dev & mask, ino)])
         try:
             # O_NONBLOCK: a FIFO planted at the path must not hang the daemon.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -129,12 +169,10 @@ class HashCache:
                                             f"expected device {dev} inode {ino} (file replaced)")
             if not stat.S_ISREG(st.st_mode):
                 return HashResult(UNREADABLE, f"{what}: not a regular file")
-            sha256 = _sha256_of_fd(fd)
             if learning:  # verified: the caller's device (the kernel's, on btrfs) is this one
                 self._dev_masks[dev] = mask
+            return self.hash_fd(key_of(st), fd, what)
         except OSError as e:
             return HashResult(UNREADABLE, f"{what}: cannot read: {e.strerror}")
         finally:
             os.close(fd)
-        self._hashes[(dev & mask, ino)] = sha256
-        return HashResult(sha256)

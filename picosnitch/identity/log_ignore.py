@@ -2,7 +2,8 @@
 
 Each entry of the list is one of:
 
-- an executable's sha256, 64 hex digits: connections of that executable;
+- an executable's sha256, 64 hex digits: connections of that executable, or of an interpreter
+  running the script with that sha256;
 - a port, as a number (443, or the string "443"): connections with that local or remote port;
 - an IP address or subnet ("10.0.0.0/8", "fd00::/8", "192.0.2.7"): connections whose local or
   remote address is in it. IPv4 entries also match IPv4-mapped IPv6 addresses (::ffff:10.1.2.3)
@@ -124,12 +125,12 @@ class IgnoreRules:
         return bool(self.hashes or self.ports or self.networks or self.domains)
 
     def ignores(self, sha256: str = "", domain_reversed: str = "", laddr: str = "",
-                raddr: str = "", lport: int = -1, rport: int = -1) -> bool:
+                raddr: str = "", lport: int = -1, rport: int = -1, script_sha256: str = "") -> bool:
         """True if a connection with these values must not be logged.
 
         Empty strings and port -1 (not logged, not applicable) never match.
         """
-        if sha256 and sha256.lower() in self.hashes:
+        if any(h and h.lower() in self.hashes for h in (sha256, script_sha256)):
             return True
         if lport in self.ports or rport in self.ports:
             return True

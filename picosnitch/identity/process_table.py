@@ -1,8 +1,15 @@
-"""Which executable image each process ran, as the kernel reported it (and /proc, for the rest).
+"""Which executable image each process ran, keyed by the exec the kernel says the traffic came from.
 
-A process may exec several times; traffic names the image it came from by exe device+inode,
-so images are kept per (tgid, dev, ino). Exited processes are kept a while, because their
-last flows arrive after their exit event.
+A flow carries the sender's exec_id (task->self_exec_id: every exec increments it, a fork keeps
+the parent's), so its image is the one that exec produced: (tgid, exec_id) names it exactly. A
+child that exec's its parent's binary gets a new exec_id and so its own command line, which keying
+by executable (device, inode) could not tell from a plain fork. A forked child without exec runs
+its parent's image as it was at the fork.
+
+Processes that ran before the monitor are read from /proc; their exec_id is unknown, so their
+image stands for the first exec_id their traffic names and for no other. An image that is not
+known (its exec event was lost) is None: the caller records it as unknown, never a neighbour's.
+Exited processes are kept a while, because their last flows arrive after their exit event.
 """
 
 import os
@@ -10,15 +17,16 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
-from picosnitch.kernel.records import Exec, Exit, Fork
+from picosnitch.kernel.records import Exec, Exit, Fork, Pinned, PinnedFile
 from picosnitch.sanitize import from_bytes
 
 EXITED_KEEP_SECONDS = 60.0
+IMAGES_KEPT = 8  # per process: the last images it exec'd (a flow names one within seconds)
 
 
 @dataclass(frozen=True)
 class Image:
-    """One executable image run by a process."""
+    """One executable image run by a process: what one exec (or the /proc scan) produced."""
 
     exe: str
     dev: int
@@ -26,20 +34,37 @@ class Image:
     name: str
     argv: Tuple[str, ...]
     argv_complete: bool = True
+    exec_id: Optional[int] = None  # None: read from /proc, the exec that made it is unknown
+    filename: str = ""  # what the kernel executed (the interpreter of a #! script)
+    path: str = ""  # the path given to execve
+    pins: Tuple[PinnedFile, ...] = ()  # the files it ran, pinned at exec (kernel.pins)
+    missed: Tuple[Tuple[str, str, str], ...] = ()  # (role, path, why) of those that could not be
+
+    def pin(self, role: str) -> Optional[PinnedFile]:
+        return next((p for p in self.pins if p.role == role), None)
+
+    def missed_pin(self, role: str) -> Optional[Tuple[str, str, str]]:
+        return next((m for m in self.missed if m[0] == role), None)
 
 
 @dataclass
 class Process:
     tgid: int
     ppid: int
-    image: Image
-    history: Dict[Tuple[int, int], Image] = field(default_factory=dict)  # earlier images, by (dev, ino)
+    image: Image  # the latest
+    images: Dict[Optional[int], Image] = field(default_factory=dict)  # by exec_id
     exited: Optional[float] = None
 
-    def image_for(self, dev: int, ino: int) -> Optional[Image]:
-        if (self.image.dev, self.image.ino) == (dev, ino):
-            return self.image
-        return self.history.get((dev, ino))
+    def image_for(self, exec_id: int) -> Optional[Image]:
+        """The image exec `exec_id` produced; an image of unknown exec_id is given to the first
+        exec_id asked for, and then stands for that one only."""
+        image = self.images.get(exec_id)
+        if image is None and None in self.images:
+            image = self.images.pop(None)
+            image = self.images[exec_id] = replace(image, exec_id=exec_id)
+            if self.image.exec_id is None:
+                self.image = image
+        return image
 
 
 def _read(path: str) -> bytes:
@@ -62,7 +87,8 @@ def from_proc(tgid: int, proc: str = "/proc") -> Optional[Process]:
     if exe.endswith(" (deleted)") and not os.path.exists(exe):
         exe = exe[: -len(" (deleted)")]
     argv = tuple(from_bytes(a) for a in cmdline.rstrip(b"\0").split(b"\0")) if cmdline else ()
-    return Process(tgid, ppid, Image(exe, st.st_dev, st.st_ino, from_bytes(comm), argv))
+    image = Image(exe, st.st_dev, st.st_ino, from_bytes(comm), argv)
+    return Process(tgid, ppid, image, {None: image})
 
 
 class ProcessTable:
@@ -82,23 +108,39 @@ class ProcessTable:
     def apply(self, event) -> None:
         """Updates the table from an Exec, Fork or Exit record."""
         if isinstance(event, Exec):
-            old = self.processes.get(event.tgid)
-            history = {}
-            if old:
-                history = dict(old.history)
-                history[(old.image.dev, old.image.ino)] = old.image
-            exe = self._canonical_exe(event)
-            name = event.comm
-            image = Image(exe, event.exe_dev, event.exe_ino, name, event.argv, not event.argv_truncated)
-            self.processes[event.tgid] = Process(event.tgid, event.ppid, image, history)
+            self._exec(event)
         elif isinstance(event, Fork):
             parent = self.get(event.ppid)
-            if parent:
-                self.processes[event.tgid] = Process(event.tgid, event.ppid, parent.image)
+            if parent:  # the child's flows carry the exec_id the parent had at the fork
+                self.processes[event.tgid] = Process(event.tgid, event.ppid, parent.image,
+                                                     {parent.image.exec_id: parent.image})
         elif isinstance(event, Exit):
             p = self.processes.get(event.tgid)
             if p:
                 p.exited = event.time
+
+    def _exec(self, event: Exec) -> None:
+        image = Image(self._canonical_exe(event), event.exe_dev, event.exe_ino, event.comm, event.argv,
+                      not event.argv_truncated, event.exec_id, event.filename, event.path)
+        old = self.processes.get(event.tgid)
+        images: Dict[Optional[int], Image] = {k: v for k, v in old.images.items() if k is not None} if old else {}
+        images[event.exec_id] = image
+        while len(images) > IMAGES_KEPT:
+            del images[next(iter(images))]
+        self.processes[event.tgid] = Process(event.tgid, event.ppid, image, images)
+
+    def pin(self, record: Pinned) -> None:
+        """Attaches the files the monitor pinned at exec to the image that exec made."""
+        p = self.processes.get(record.tgid)
+        image = p.images.get(record.exec_id) if p else None
+        if p is None or image is None:
+            return
+        pins = record.files
+        exe = next((f for f in pins if f.role == "exe"), None)
+        pinned = replace(image, pins=pins, missed=record.missed, exe=exe.path if exe else image.exe)
+        p.images[record.exec_id] = pinned
+        if p.image is image:
+            p.image = pinned
 
     def get(self, tgid: int) -> Optional[Process]:
         """The process, from the table or, failing that, from /proc."""
@@ -109,29 +151,23 @@ class ProcessTable:
                 self.processes[tgid] = p
         return p
 
-    def image(self, tgid: int, dev: int, ino: int) -> Optional[Image]:
-        """The image process tgid ran from executable (dev, ino), when it is known."""
+    def image(self, tgid: int, exec_id: int) -> Optional[Image]:
+        """The image exec `exec_id` of process tgid produced, when it is known."""
         p = self.get(tgid)
-        if p is None:
-            return None
-        image = p.image_for(dev, ino)
-        if image is None and p.exited is None:
-            fresh = from_proc(tgid, self.proc)  # it exec'd while its exec event was lost
-            if fresh and (fresh.image.dev, fresh.image.ino) == (dev, ino):
-                p.history[(p.image.dev, p.image.ino)] = p.image
-                p.image = image = fresh.image
-        return image
+        return p.image_for(exec_id) if p else None
 
     def complete_argv(self, tgid: int, image: Image) -> Image:
-        """The image with its full command line from /proc when the kernel's copy was cut short."""
+        """The image with its full command line from /proc when the kernel's copy was cut short
+        (and the process still runs that image)."""
         if image.argv_complete:
             return image
+        process = self.processes.get(tgid)
+        if process is None or process.image is not image:
+            return image  # it exec'd since: /proc describes another image
         fresh = from_proc(tgid, self.proc)
         if fresh and (fresh.image.dev, fresh.image.ino) == (image.dev, image.ino):
             complete = replace(image, argv=fresh.image.argv, argv_complete=True)
-            process = self.processes.get(tgid)
-            if process and process.image is image:  # read /proc once, not for every flow
-                process.image = complete
+            process.image = process.images[image.exec_id] = complete  # read /proc once, not for every flow
             return complete
         return image
 

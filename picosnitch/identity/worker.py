@@ -8,7 +8,10 @@ from multiprocessing.reduction import ForkingPickler
 
 from picosnitch import heap
 from picosnitch.identity.fanotify import ExecutableWatcher, FanotifyUnavailable
+from picosnitch.identity.pin_store import PinStore
 from picosnitch.identity.resolver import IdentityResolver
+from picosnitch.kernel import pins
+from picosnitch.kernel.pins import pin_capacity
 from picosnitch.messages import ErrorReport, Stop
 
 EXPIRE_EVERY = 30.0
@@ -31,9 +34,10 @@ def resolve(resolver: IdentityResolver, batch: list, ts: int, consumers) -> None
             consumer.send_bytes(message)
 
 
-def run(config, from_monitor, consumers, to_keeper, to_guard=None) -> int:
+def run(config, from_monitor, consumers, to_keeper, to_guard=None, pin_socket=None) -> int:
     """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server),
-    and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given."""
+    and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given.
+    `pin_socket` brings the files the monitor pinned at exec (kernel.pins)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
     watcher = None
@@ -43,15 +47,21 @@ def run(config, from_monitor, consumers, to_keeper, to_guard=None) -> int:
         to_keeper.send(ErrorReport(f"changes to executables will not be noticed: {e}"))
     resolver = IdentityResolver(config, to_keeper.send, watcher.watch if watcher else None)
     resolver.table.scan()
+    if pin_socket is not None:
+        resolver.pins = PinStore(pin_capacity(), resolver.hash_before_closing)
     limit = config["DB write limit (seconds)"]
     next_expiry = time.monotonic() + EXPIRE_EVERY
-    sources = [from_monitor] + ([watcher] if watcher else [])
+    sources = [from_monitor] + ([watcher] if watcher else []) + ([pin_socket] if pin_socket else [])
     try:
         while True:
             for source in wait(sources, timeout=EXPIRE_EVERY):
                 if watcher is not None and source is watcher:
                     for path in watcher.read_changes():
                         resolver.rehash(path)
+                    continue
+                if resolver.pins is not None:  # sent before the batch that names them
+                    resolver.pins.add(pins.receive(pin_socket))
+                if source is pin_socket:
                     continue
                 batch = from_monitor.recv()
                 if isinstance(batch, Stop):
@@ -72,3 +82,5 @@ def run(config, from_monitor, consumers, to_keeper, to_guard=None) -> int:
     finally:
         if watcher:
             watcher.close()
+        if resolver.pins is not None:
+            resolver.pins.close()

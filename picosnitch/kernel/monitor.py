@@ -17,12 +17,14 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional,
 
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
+from picosnitch.kernel.pins import ExecPinner
 from picosnitch.kernel.records import (
     CELL_DIRTY_BITS,
     LOSS_KINDS,
     MIRRORS,
     Degraded,
     DrainState,
+    Exec,
     Flow,
     FlowKey,
     FlowValue,
@@ -65,6 +67,14 @@ SOCK_TRACEPOINTS_SINCE = "6.3"
 # The groups that stand in for the sock tracepoints, and fexit targets a kernel may rightly lack.
 FALLBACK_GROUPS = ("bytes_fallback", "pages_fallback", "packet_fallback")
 WITHOUT_FUNCTION = {"inet_sendpage": "since 6.5 sendfile and splice go through sendmsg, which is counted"}
+
+
+def _why_missing(prog: str, disabled: Dict[str, str]) -> str:
+    """Why prog is not in place: its own reason, or its stand-in's when prog was not needed."""
+    stand_in = STAND_INS.get(prog)
+    if disabled[prog].startswith("not needed") and stand_in in disabled:
+        return disabled[stand_in]
+    return disabled[prog]
 
 
 def _in_place(prog: str, disabled: Dict[str, str]) -> bool:
@@ -221,6 +231,7 @@ class KernelMonitor:
         self.libcs: Optional[LibcProbes] = None
         self._pending: List[Record] = []
         self._losses_seen = [0] * len(LOSS_KINDS)
+        self.pinner: Optional[ExecPinner] = None  # pins what each exec ran (kernel.pins), when set
 
     # --- loading ---
 
@@ -359,13 +370,18 @@ class KernelMonitor:
                    if not any(p in disabled for p in HOOK_GROUPS[g][0])]
         for group, (progs, consequence) in HOOK_GROUPS.items():
             missing = [p for p in progs if not _in_place(p, disabled)]
-            if not missing or disabled[missing[0]].startswith("not needed"):
+            why = _why_missing(missing[0], disabled) if missing else ""
+            if not missing or why.startswith("not needed"):
                 continue
             if group.startswith("bytes") and counted:
                 continue  # the other byte-counting method is in place
-            if group in FALLBACK_GROUPS[1:] and not counted:
-                continue  # no traffic is counted at all: that is said once
-            self.degraded.append(Degraded(", ".join(missing), consequence, disabled[missing[0]]))
+            if not counted and (group in FALLBACK_GROUPS[1:] or (group == "bytes" and self._fallback_tried(disabled))):
+                continue  # no traffic is counted at all: that is said once, with why the fallback failed
+            self.degraded.append(Degraded(", ".join(missing), consequence, why))
+
+    @staticmethod
+    def _fallback_tried(disabled: Dict[str, str]) -> bool:
+        return not disabled.get(HOOK_GROUPS["bytes_fallback"][0][0], "").startswith("not needed")
 
     # --- records ---
 
@@ -373,8 +389,16 @@ class KernelMonitor:
         record = parse_event(data)
         if record is not None:
             self._pending.append(record)
-            if record.kind == "exec" and self.libcs:
-                self.libcs.notice(record.tgid)
+            if isinstance(record, Exec):
+                self._pin_exec(record)
+                if self.libcs:
+                    self.libcs.notice(record.tgid)
+
+    def _pin_exec(self, record: Exec) -> None:
+        """Now, within microseconds of the exec, while what it ran is still there (a short-lived
+        process may be gone a millisecond later): the Pinned record follows its Exec."""
+        if self.pinner is not None:
+            self._pending.append(self.pinner.pin(record))
 
     def poll(self, timeout: float) -> List[Record]:
         """Process, exit and DNS events that arrived within `timeout` seconds."""
@@ -425,7 +449,10 @@ class KernelMonitor:
             batch = self.poll(max(next_drain - time.monotonic(), 0))
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
-                batch += [*self.drain(), *self.losses()]
+                flows = self.drain()
+                # The exec that made a drained flow's sender was in the ring before the flow was
+                # sent: read it now, so it precedes its flows in the batch.
+                batch += [*self.poll(0), *flows, *self.losses()]
             _deliver_in_parts(deliver, batch)
         _deliver_in_parts(deliver, [*self.poll(0), *self.drain_all(), *self.losses()])
 

@@ -232,7 +232,32 @@ class Degraded:
     kind: str = field(default="degraded", repr=False)
 
 
-Record = Union[Flow, Exec, Fork, Exit, Dns, Payload, Loss, Degraded]
+FileKey = Tuple[int, int, int, int]  # st_dev, st_ino, st_ctime_ns, st_size (kernel.pins)
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """One file a process ran: `role` exe, script or program; `path` as it was named at exec."""
+
+    role: str
+    path: str
+    key: FileKey
+    nlink: int = 1  # links left when pinned: 0 for a deleted file or a memfd
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The files exec `exec_id` of process tgid ran, pinned at once; `missed` says, per role, why a
+    file could not be pinned (the process was already gone, the script did not exist, ...)."""
+
+    tgid: int
+    exec_id: int
+    files: Tuple[PinnedFile, ...]
+    missed: Tuple[Tuple[str, str, str], ...] = ()  # (role, path, why)
+    kind: str = field(default="pinned", repr=False)
+
+
+Record = Union[Flow, Exec, Fork, Exit, Dns, Payload, Loss, Degraded, Pinned]
 
 
 def _argv(raw: bytes) -> Tuple[str, ...]:

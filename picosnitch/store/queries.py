@@ -81,6 +81,8 @@ DIMENSIONS: tuple[Dimension, ...] = tuple(
        Dimension("domain", "domain", "endpoint", "e.domain"),
        Dimension("domain_source", "domain source", "endpoint", "e.domain_source"),
        Dimension("container", "container", "identity", "i.container"),
+       Dimension("script", "script", "identity", "p.script"),
+       Dimension("script_sha256", "script sha256", "identity", "p.script_sha256"),
        Dimension("contime", "entry time", "time", "")])
 
 BY_COLUMN = {d.column: d for d in DIMENSIONS}

@@ -28,7 +28,7 @@ CAST(column AS BLOB) when that matters.
 import sqlite3
 from typing import Optional
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # (column, meaning) in the order the `connections` view exposes them. The README quotes this.
 VIEW_COLUMNS = (
@@ -62,6 +62,11 @@ VIEW_COLUMNS = (
     ("ts", "unix time (seconds, UTC) of the start of the write window"),
     ("domain_source", "how the domain was learned: getaddrinfo, dns, sni or http; with ':parent' when the "
                       "parent looked it up, 'dns:resolver' from the namespace's resolver daemon ('' no domain)"),
+    ("script", "the script an interpreter ran (python3 evil.py: evil.py), as the process named it, made "
+               "absolute; '' for none"),
+    ("script_sha256", "sha256 of that script, of the file that ran ('' for no script)"),
+    ("exe_state", "markers of an unusual executable, comma-separated: memfd, deleted, replaced, "
+                  "world-writable-dir, loader:PATH (ld.so ran the program in exe); '' for none"),
 )
 
 _TABLES = """
@@ -70,9 +75,12 @@ CREATE TABLE processes (
     exe TEXT NOT NULL,
     name TEXT NOT NULL,
     cmdline TEXT NOT NULL,
-    sha256 TEXT NOT NULL
+    sha256 TEXT NOT NULL,
+    script TEXT NOT NULL DEFAULT '',
+    script_sha256 TEXT NOT NULL DEFAULT '',
+    exe_state TEXT NOT NULL DEFAULT ''
 );
-CREATE UNIQUE INDEX processes_key ON processes (exe, name, cmdline, sha256);
+CREATE UNIQUE INDEX processes_key ON processes (exe, name, cmdline, sha256, script, script_sha256, exe_state);
 
 CREATE TABLE identities (
     id INTEGER PRIMARY KEY,
@@ -207,6 +215,7 @@ _SOURCES = {
     "packets_sent": "t.packets_sent", "packets_recv": "t.packets_recv",
     "netns": "i.netns", "container": "i.container",
     "ts": "t.{ts}",
+    "script": "p.script", "script_sha256": "p.script_sha256", "exe_state": "p.exe_state",
 }
 
 
@@ -298,14 +307,28 @@ def _add_domain_source(conn: sqlite3.Connection) -> None:
     _recreate_views(conn)
 
 
+# Added in version 4: what identifies a process besides its executable (connection.ProcessInfo).
+SCRIPT_COLUMNS = {"script": "''", "script_sha256": "''", "exe_state": "''"}
+
+
+def _add_script_columns(conn: sqlite3.Connection) -> None:
+    """Version 3 -> 4: the script an interpreter ran and exe_state ('' for rows written before)."""
+    for name in SCRIPT_COLUMNS:
+        conn.execute(f"ALTER TABLE processes ADD COLUMN {name} TEXT NOT NULL DEFAULT ''")
+    conn.execute("DROP INDEX processes_key")
+    conn.execute("CREATE UNIQUE INDEX processes_key "
+                 "ON processes (exe, name, cmdline, sha256, script, script_sha256, exe_state)")
+    _recreate_views(conn)
+
+
 # MIGRATIONS[n] upgrades a version-n database to version n + 1, inside the caller's
 # transaction. Add an entry here (and bump SCHEMA_VERSION) whenever the schema changes.
-MIGRATIONS: dict = {1: _add_rollups, 2: _add_domain_source}
+MIGRATIONS: dict = {1: _add_rollups, 2: _add_domain_source, 3: _add_script_columns}
 
 
 # Columns added to tables since version 1, with the value rows written before hold. A reader of a
 # database the daemon has not migrated yet (it is read-only to readers) sees them with that value.
-ADDED_COLUMNS = {"endpoints": {"domain_source": "''"}}
+ADDED_COLUMNS = {"endpoints": {"domain_source": "''"}, "processes": SCRIPT_COLUMNS}
 
 
 def add_missing_columns_for_reading(conn: sqlite3.Connection) -> None:

@@ -296,7 +296,7 @@ class SqliteWriter:
     def _process_id(self, p: ProcessInfo, fresh: dict) -> int:
         return self._lookup(
             self._processes, fresh, p, _SELECT_PROCESS, _INSERT_PROCESS,
-            lambda: (to_bytes(p.exe), to_bytes(p.name), to_bytes(p.cmdline), to_bytes(p.sha256)))
+            lambda: tuple(to_bytes(getattr(p, name)) for name in _PROCESS_COLUMNS))
 
     def _identity_id(self, i: Identity, new: tuple) -> int:
         return self._lookup(
@@ -313,10 +313,12 @@ class SqliteWriter:
 
 
 _T = "CAST(? AS TEXT)"
+_PROCESS_COLUMNS = ("exe", "name", "cmdline", "sha256", "script", "script_sha256", "exe_state")
 _SELECT_PROCESS = (f"SELECT id FROM processes WHERE exe = {_T} AND name = {_T} "
-                   f"AND cmdline = {_T} AND sha256 = {_T}")
-_INSERT_PROCESS = ("INSERT INTO processes (exe, name, cmdline, sha256) "
-                   f"VALUES ({_T}, {_T}, {_T}, {_T})")
+                   f"AND cmdline = {_T} AND sha256 = {_T} AND script = {_T} AND script_sha256 = {_T} "
+                   f"AND exe_state = {_T}")
+_INSERT_PROCESS = ("INSERT INTO processes (exe, name, cmdline, sha256, script, script_sha256, exe_state) "
+                   f"VALUES ({_T}, {_T}, {_T}, {_T}, {_T}, {_T}, {_T})")
 _SELECT_IDENTITY = ("SELECT id FROM identities WHERE process_id = ? AND parent_id = ? "
                     f"AND grandparent_id = ? AND uid = ? AND netns = ? AND container = {_T}")
 _INSERT_IDENTITY = ("INSERT INTO identities (process_id, parent_id, grandparent_id, uid, netns, "

@@ -1,0 +1,277 @@
+"""Pins what a process executed, the moment its exec record arrives, and hands the pins on.
+
+A hash taken when the traffic is handled comes too late: by then a short-lived process has exited,
+and its executable may have been deleted, replaced by a rename, or been a memfd that is gone. So
+the monitor, which sees each exec within microseconds, opens `/proc/PID/exe` at once (and the
+script an interpreter runs or the program ld.so loads, as the daemon's classifier names them,
+through the process's own cwd and root), and passes the open files to the identity worker over a
+Unix socket (SCM_RIGHTS). Whatever happens to the paths afterwards, the identity worker hashes the
+very files that ran.
+
+Files are told apart by (st_dev, st_ino, st_ctime_ns, st_size): an exec storm of one binary costs
+one descriptor, sent once; a file modified in place or an inode number reused by another file has
+another key, so it is never taken for the one pinned before. The monitor remembers the last
+`memory` keys it sent; the identity worker keeps at least that many open, in the same order of use
+(PinStore), so every key the monitor sends without a descriptor is still held there.
+"""
+
+import array
+import errno
+import os
+import pickle
+import resource
+import socket
+import stat
+from collections import OrderedDict
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from picosnitch.kernel.records import Exec, FileKey, Pinned, PinnedFile
+
+FDS_PER_MESSAGE = 64  # at most SCM_MAX_FD (253); few, so the receiver holds few beyond its own store
+FLUSH_AT = 64  # descriptors the monitor holds before it sends them, batch or not
+MESSAGE_BYTES = 1 << 16
+FD_SIZE = array.array("i").itemsize
+OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+# Given an exec and its executable's path, the other files it runs, as (role, path as the process
+# named it): "script" for an interpreter's script, "program" for the program ld.so loads.
+Classifier = Callable[[Exec, str], Sequence[Tuple[str, str]]]
+
+
+def pin_capacity() -> int:
+    """How many pinned files the identity worker may hold open: half its descriptor limit (which
+    "Set RLIMIT_NOFILE" raises), at most 8192."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(soft // 2, 8192))
+
+
+def key_of(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+
+
+class Grab:
+    """What could be opened of a process that just exec'd (None: it was gone)."""
+
+    def __init__(self) -> None:
+        self.known: Optional[PinnedFile] = None  # the executable, sent recently
+        self.exe_fd: Optional[int] = None
+        self.exe_path: Optional[str] = None
+        self.root_fd: Optional[int] = None
+        self.cwd_fd: Optional[int] = None
+        self.shares_our_root = False
+
+    def close(self) -> None:
+        for fd in (self.exe_fd, self.root_fd, self.cwd_fd):
+            if fd is not None:
+                os.close(fd)
+        self.exe_fd = self.root_fd = self.cwd_fd = None
+
+
+def _strip_deleted(path: str) -> str:
+    return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
+
+
+class ExecPinner:
+    """Opens what each exec ran and queues the new descriptors until send() passes them on."""
+
+    def __init__(self, classify: Optional[Classifier] = None, memory: int = 128, proc: str = "/proc",
+                 sock: Optional[socket.socket] = None, flush_at: int = FLUSH_AT):
+        """With `sock`, descriptors are sent as soon as `flush_at` are queued, and by flush()."""
+        self.classify = classify
+        self.memory = memory
+        self.proc = proc
+        self.sock = sock
+        self.flush_at = flush_at
+        self.dropped = 0  # descriptors closed unsent: the identity worker was too far behind
+        self._sent: "OrderedDict[FileKey, str]" = OrderedDict()  # key -> path, recently sent
+        self._queued: Dict[FileKey, int] = {}  # key -> descriptor, not yet sent
+
+    def pin(self, record: Exec) -> Pinned:
+        """The Pinned record for an exec: its executable, and the script or program the classifier
+        names, opened through O_PATH handles on the process's cwd and root (taken only then)."""
+        grab = Grab()
+        base = f"{self.proc}/{record.tgid}"
+        try:
+            grab.known = self._recent(os.stat(f"{base}/exe"))  # an exec storm of one binary: one stat each
+            if grab.known is None:
+                grab.exe_fd = os.open(f"{base}/exe", OPEN_FLAGS)
+                grab.exe_path = os.readlink(f"{base}/exe")
+        except OSError:
+            pass  # gone already: found by path, verified (_open_verified)
+        try:
+            return self._pin(record, grab)
+        finally:
+            grab.close()
+
+    def _recent(self, st: os.stat_result) -> Optional[PinnedFile]:
+        """The pin of a file sent recently, refreshed as used, or None."""
+        key = key_of(st)
+        path = self._sent.get(key)
+        if path is None or not stat.S_ISREG(st.st_mode):
+            return None
+        self._sent.move_to_end(key)
+        return PinnedFile("exe", path, key, st.st_nlink)
+
+    def _handles(self, tgid: int, grab: "Grab") -> None:
+        """O_PATH handles on the cwd and root of a process, usable after it has exited."""
+        base = f"{self.proc}/{tgid}"
+        try:
+            grab.root_fd = os.open(f"{base}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            grab.shares_our_root = grab.shares_our_root or os.readlink(f"{base}/root") == "/"
+            grab.cwd_fd = os.open(f"{base}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            pass  # gone: _open_run_file says what could not be found
+
+    def _pin(self, record: Exec, grab: "Grab") -> Pinned:
+        files: List[PinnedFile] = []
+        missed: List[Tuple[str, str, str]] = []
+        exe: Optional[PinnedFile] = grab.known
+        if exe is None and grab.exe_fd is not None and grab.exe_path is not None:
+            exe = self._pinned(grab.exe_fd, "exe", grab.exe_path)
+            grab.exe_fd = None  # kept (or closed) by _pinned
+        if exe is None:
+            exe = self._open_verified(record)  # found in our root: it ran in our root
+            grab.shares_our_root = grab.shares_our_root or exe is not None
+            if exe is None:
+                missed.append(("exe", record.filename, "the process was gone before it could be pinned"))
+        if exe is not None:
+            files.append(exe)
+        targets = self.classify(record, exe.path if exe else record.filename) if self.classify else ()
+        if targets:
+            self._handles(record.tgid, grab)
+        for role, path in targets:
+            try:
+                pinned = self._open_run_file(grab, role, path)
+            except OSError as e:
+                missed.append((role, path, e.strerror or str(e)))
+                continue
+            if exe is None or pinned.key != exe.key:
+                files.append(pinned)
+        return Pinned(record.tgid, record.exec_id, tuple(files), tuple(missed))
+
+    def _open_run_file(self, grab: "Grab", role: str, path: str) -> PinnedFile:
+        """A script or program as the process names it: from its root if absolute, else from its
+        cwd, through the handles grab() took. Without them (it exited first), an absolute path is
+        opened in our root when that was its root too; a relative one cannot be found."""
+        if not path.startswith("/") and grab.cwd_fd is not None:
+            return self._open(path, role, dir_fd=grab.cwd_fd)
+        if path.startswith("/") and grab.root_fd is not None:
+            return self._open(path.lstrip("/") or ".", role, dir_fd=grab.root_fd)
+        if path.startswith("/") and grab.shares_our_root:
+            return self._open(path, role)
+        raise OSError(errno.ESRCH, "the process exited before its cwd could be read")
+
+    def take(self) -> List[Tuple[FileKey, int]]:
+        """The descriptors queued since the last call, for send(); they are the caller's now."""
+        queued = list(self._queued.items())
+        self._queued.clear()
+        return queued
+
+    def flush(self) -> None:
+        """Sends what is queued to the identity worker now, without waiting for it: a burst of new
+        executables holds at most `flush_at` descriptors here. Those its socket has no room for
+        are closed (the identity worker then hashes by path, verified: hashing.hash_if_same)."""
+        if self.sock is not None and self._queued:
+            self.dropped += send(self.sock, self.take(), socket.MSG_DONTWAIT)
+
+
+    def close(self) -> None:
+        for fd in self._queued.values():
+            os.close(fd)
+        self._queued.clear()
+
+    def _open(self, where: str, role: str, dir_fd: Optional[int] = None) -> PinnedFile:
+        fd = os.open(where, OPEN_FLAGS, dir_fd=dir_fd)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except BaseException:
+            os.close(fd)
+            raise
+        pinned = self._pinned(fd, role, path)
+        if pinned is None:
+            raise OSError(errno.EINVAL, "not a regular file")
+        return pinned
+
+    def _pinned(self, fd: int, role: str, path: str) -> Optional[PinnedFile]:
+        """The pin of an open file (None, and closed, if it is not a regular file)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return self._keep(fd, PinnedFile(role, _strip_deleted(path), key_of(st), st.st_nlink))
+
+    def _open_verified(self, record: Exec) -> Optional[PinnedFile]:
+        """The process is gone already: its executable by the path it was started by, if that still
+        names the file the kernel ran (the same inode; on btrfs the device numbers differ)."""
+        if not record.filename.startswith("/"):
+            return None
+        try:
+            fd = os.open(record.filename, OPEN_FLAGS)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        same_device = st.st_dev == record.exe_dev or os.major(st.st_dev) == 0
+        if st.st_ino != record.exe_ino or not same_device or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")  # its real path, as /proc/PID/exe would have said
+        except OSError:
+            path = record.filename
+        return self._keep(fd, PinnedFile("exe", _strip_deleted(path), key_of(st), st.st_nlink))
+
+    def _keep(self, fd: int, pinned: PinnedFile) -> PinnedFile:
+        """Queues fd to be sent, unless its file was sent recently (then the key is enough)."""
+        key = pinned.key
+        if key in self._sent or key in self._queued:
+            os.close(fd)
+        else:
+            self._queued[key] = fd
+            if len(self._queued) >= self.flush_at:
+                self.flush()
+        self._sent[key] = pinned.path
+        self._sent.move_to_end(key)
+        while len(self._sent) > self.memory:
+            self._sent.popitem(last=False)
+        return pinned
+
+
+def send(sock: socket.socket, queued: List[Tuple[FileKey, int]], flags: int = 0) -> int:
+    """Sends descriptors (their keys as the payload) to the identity worker, then closes them here;
+    returns how many could not be sent (no room, with MSG_DONTWAIT; too many in flight)."""
+    unsent = 0
+    for start in range(0, len(queued), FDS_PER_MESSAGE):
+        part = queued[start:start + FDS_PER_MESSAGE]
+        try:
+            socket.send_fds(sock, [pickle.dumps([key for key, _ in part])], [fd for _, fd in part], flags)
+        except (BlockingIOError, InterruptedError):
+            unsent += len(part)
+        except OSError as e:
+            if e.errno != errno.ETOOMANYREFS:
+                raise
+            unsent += len(part)
+        finally:
+            for _, fd in part:
+                os.close(fd)
+    return unsent
+
+
+def receive(sock: socket.socket) -> Iterator[Tuple[FileKey, int]]:
+    """Every (key, descriptor) waiting on the identity worker's end of the socket (non-blocking),
+    one message at a time: a consumer that keeps few open never holds a whole burst at once."""
+    room = socket.CMSG_LEN(FDS_PER_MESSAGE * FD_SIZE)
+    while True:
+        try:  # (socket.recv_fds would drop MSG_DONTWAIT)
+            data, ancillary, _, _ = sock.recvmsg(MESSAGE_BYTES, room, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds.frombytes(payload[: len(payload) - len(payload) % FD_SIZE])
+        if not data and not fds:
+            return
+        yield from zip(pickle.loads(data), fds)
