@@ -141,22 +141,18 @@ def test_marked_learned_it_alerts_at_once_and_forgotten_it_learns_again():
         "picosnitch baseline learned: no program /nowhere has been seen")
 
 
-def test_a_script_is_its_own_program_beside_its_interpreter():
+def test_a_script_is_its_own_program_beside_its_interpreter_and_its_alerts_carry_the_scripts_hash():
     b = baseline()
-    python = ProcessInfo("/usr/bin/python3", "python3")
-    script = dataclass_with_script(python, "/opt/tool.py")
+    python = ProcessInfo("/usr/bin/python3", "python3", "", "p" * 64)
+    script = ProcessInfo("/usr/bin/python3", "python3", "", "p" * 64, script="/opt/tool.py", script_sha256="s" * 64)
     b.observe(conn(process=python), now=0)
     b.observe(conn(process=script), now=0)
-    assert set(b.programs) == {("/usr/bin/python3", ""), ("/usr/bin/python3", "/opt/tool.py")} or \
-        set(b.programs) == {("/usr/bin/python3", "")}  # before identities carry scripts
-
-
-def dataclass_with_script(process, script):
-    """`process` with a script, where ProcessInfo has one (the identity branch adds it)."""
-    try:
-        return ProcessInfo(process.exe, process.name, process.cmdline, process.sha256, script=script)
-    except TypeError:
-        return process
+    assert set(b.programs) == {("/usr/bin/python3", ""), ("/usr/bin/python3", "/opt/tool.py")}
+    assert b.programs[("/usr/bin/python3", "/opt/tool.py")].hashes == ["s" * 64]
+    [finding] = b.observe(conn(process=script, rport=8443), now=2 * DAY)
+    assert (finding.kind, finding.exe, finding.script, finding.sha256) == (
+        "new port", "/usr/bin/python3", "/opt/tool.py", "s" * 64)
+    assert b.observe(conn(process=python, rport=443), now=2 * DAY) == []
 
 
 def test_unknown_executables_have_no_baseline():

@@ -1,7 +1,8 @@
 """What each program normally does on the network, and what is new once it has learned that.
 
 A program is its executable's path, with the script when an interpreter runs one (the identity
-worker names it); its hashes are recorded with it. A changed hash does not start the learning
+worker names it); its hashes are recorded with it (the script's, for a script: that is the file
+whose change matters). A changed hash does not start the learning
 again: exe.log and the desktop already say that the file changed, and a replaced executable that
 got a fresh learning period would have days to do what it liked unnoticed.
 
@@ -87,7 +88,12 @@ def program_key(process: ProcessInfo) -> Optional[ProgramKey]:
     exe = process.exe
     if not exe or exe.startswith("!"):
         return None
-    return exe, getattr(process, "script", "") or ""
+    return exe, process.script
+
+
+def program_sha256(process: ProcessInfo) -> str:
+    """The hash that identifies the program: its script's when it ran one, else its executable's."""
+    return process.script_sha256 if process.script else process.sha256
 
 
 def format_bytes(count: int) -> str:
@@ -129,7 +135,7 @@ class Program:
         return self.exe, self.script
 
     def note(self, process: ProcessInfo) -> None:
-        for kept, value in ((self.names, process.name), (self.hashes, process.sha256)):
+        for kept, value in ((self.names, process.name), (self.hashes, program_sha256(process))):
             if value and value not in kept and len(kept) < NAMES_KEPT:
                 kept.append(value)
 
@@ -220,7 +226,7 @@ class Baseline:
         return [f for f in findings if f.kind in self.settings.kinds]
 
     def _finding(self, program: Program, process: ProcessInfo, kind: str, value: str) -> Finding:
-        return Finding(kind, program.exe, program.script, process.name, process.sha256, value)
+        return Finding(kind, program.exe, program.script, process.name, program_sha256(process), value)
 
     def _values(self, connection: Connection) -> Iterator[tuple[str, str]]:
         """(kind, value) of what a Connection says about its program's destinations."""
