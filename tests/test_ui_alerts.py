@@ -16,6 +16,7 @@ from picosnitch.messages import Alert
 from picosnitch.paths import Paths
 from picosnitch.store import sqlite as sqlite_store
 from picosnitch.timestamps import local_time
+from picosnitch.ui import text
 
 WHEN = time.time() - 100
 HOSTILE = "/tmp/\x1b[2J<img src=x onerror=\"document.title='pwned'\">"
@@ -79,3 +80,50 @@ def test_view_shows_the_alerts_on_a_key_and_goes_back_on_any(prefix, ui):  # noq
     assert "\x1b" not in screen
     view.keys("x")
     view.wait_for("picosnitch view │ range")
+
+
+@pytest.fixture
+def quiet_prefix(tmp_path):
+    """A prefix with a snitch.db and no record.json: nothing has been alerted on."""
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    conn, _ = sqlite_store.open_db(str(paths.db))
+    sqlite_store.close_db(conn)
+    return tmp_path
+
+
+def test_the_dash_says_so_when_there_are_no_alerts(quiet_prefix, browser):  # noqa: F811
+    server = DashServer(quiet_prefix)
+    try:
+        assert server.api("alerts", {}) == {"alerts": []}
+        browser.get(server.url)
+        browser.find_element("id", "tab-alerts").click()
+        deadline = time.monotonic() + 10
+        while not browser.find_element("id", "alerts-note").text:
+            assert time.monotonic() < deadline, "no note shown"
+            time.sleep(0.1)
+        assert browser.find_element("id", "alerts-note").text.startswith("no alerts")
+        assert browser.find_elements("css selector", "#alerts-table tbody tr") == []
+        assert severe_console_messages(browser) == []
+    finally:
+        server.close()
+
+
+def test_view_says_so_when_there_are_no_alerts(quiet_prefix, ui):  # noqa: F811
+    view = ui(quiet_prefix)
+    view.keys("a")
+    screen = view.wait_for("alerts: 0")
+    assert screen.splitlines()[1] == "no alerts (see picosnitch baseline)"
+
+
+def test_an_alert_about_a_script_names_the_script_as_its_program():
+    shown = text.alert_fields({"time": WHEN, "alert": "new port", "exe": "/usr/bin/python3", "script": "/opt/tool.py",
+                               "name": "python3", "values": ["8443/tcp"], "count": 1})
+    assert shown == {"time": local_time(WHEN), "kind": "new port", "name": "python3", "program": "/opt/tool.py",
+                     "values": "8443/tcp"}
+
+
+
+def test_what_is_not_text_in_a_hand_edited_record_is_shown_empty():
+    assert text.alert_fields({"alert": "new port", "exe": 3, "values": "not a list", "time": "noon"}) == {
+        "time": "", "kind": "new port", "name": "", "program": "", "values": ""}
