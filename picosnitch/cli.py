@@ -188,7 +188,8 @@ def _baseline(paths: Paths, options: List[str]) -> Optional[int]:
             print(f"picosnitch baseline: cannot read {printable(str(paths.baseline))} ({printable(str(e))})",
                   file=sys.stderr)
             return 1
-        print(baseline_command.listing(baseline) if baseline else "picosnitch baseline: nothing learned yet")
+        print(baseline_command.listing(baseline) if baseline else "picosnitch baseline: nothing learned yet\n",
+              end="")
         return 0
     if len(options) != 2 or options[0] not in baseline_command.ACTIONS:
         return None

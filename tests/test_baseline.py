@@ -6,7 +6,10 @@ traffic. The served ports are the kernel's (sock_diag) in the last tests."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +25,10 @@ from picosnitch.alerts.listeners import ServedPorts, ephemeral_range
 from picosnitch.alerts.public_suffix import PublicSuffixList
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.messages import NEW_COUNTRY, NEW_DOMAIN, NEW_LISTENER, NEW_PORT, TRAFFIC_SPIKE
+from picosnitch.paths import Paths
 
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+REPO = Path(__file__).resolve().parent.parent
 CURL = ProcessInfo("/usr/bin/curl", "curl", "curl x", "c" * 64)
 DAY = 86400
 PSL = PublicSuffixList("com\nuk\nco.uk\n*.ck\n!www.ck\n")
@@ -174,6 +179,34 @@ def test_the_baseline_is_saved_and_read_back_whole():
     assert json.loads(b.to_json())["programs"][0]["ports"] == ANY
     with pytest.raises(ValueError):
         again.load(b'{"format": 99}')
+
+
+def picosnitch(prefix, *args):
+    return subprocess.run([sys.executable, "-m", "picosnitch", *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PICOSNITCH_PREFIX=str(prefix), PYTHONPATH=str(REPO)))
+
+
+def test_the_baseline_command_lists_each_program_and_appends_the_users_word_for_the_daemon(tmp_path):
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    assert picosnitch(tmp_path, "baseline").stdout == "picosnitch baseline: nothing learned yet\n"
+    b = baseline()
+    b.observe(conn("com.example", process=CURL), now=0)
+    b.observe(conn(process=ProcessInfo("/usr/bin/python3", "python3", script="/opt/\x1btool.py")), now=0)
+    b.apply({"action": "learned", "program": CURL.exe}, now=DAY)
+    b.apply({"action": "mute", "program": "/opt/later"}, now=DAY)
+    paths.baseline.write_bytes(b.to_json())
+    header, curl, python, muted = picosnitch(tmp_path, "baseline").stdout.splitlines()
+    assert header.split() == ["state", "since", "domains", "countries", "ports", "listeners", "program"]
+    assert python.split()[0] == "learning" and python.endswith("/usr/bin/python3 /opt/\\x1btool.py")
+    assert curl.split()[0] == "learned" and curl.split()[3:] == ["1", "1", "1", "0", CURL.exe]
+    assert muted == "muted paths: /opt/later"
+    said = picosnitch(tmp_path, "baseline", "learned", "all")
+    assert said.returncode == 0 and said.stdout.startswith("every program seen has learned")
+    assert picosnitch(tmp_path, "baseline", "mute", "/usr/bin/curl").returncode == 0
+    assert [json.loads(line) for line in paths.baseline_requests.read_text().splitlines()] == [
+        {"action": "learned", "program": "all"}, {"action": "mute", "program": "/usr/bin/curl"}]
+    assert picosnitch(tmp_path, "baseline", "ignore", "/usr/bin/curl").returncode != 0
 
 
 def test_the_first_finding_goes_out_at_once_and_the_rest_of_the_burst_together():
