@@ -393,6 +393,21 @@ def test_a_hostile_name_arrives_printable_and_escaped(notifier, server):
     assert call["body"] == "\\x1b[31m&lt;b&gt;bold&lt;/b&gt;&amp;\\x07\n/tmp/&lt;i&gt;x&lt;/i&gt;"
 
 
+def test_an_alert_is_one_notification_at_once_and_a_burst_of_alerts_one_that_counts(notifier, server):
+    worker = notifier()
+    started = time.monotonic()
+    worker.to_notifier.send(Alert("new domain", "/usr/bin/curl", "curl", SHA_A, ("example.org",), 1, time.time()))
+    call, = received(server, 1)
+    assert call["at"] - started < SETTLE + 1
+    assert (call["summary"], call["body"]) == ("picosnitch: new domain", "curl\n/usr/bin/curl\nexample.org")
+    for port in range(1, 6):
+        worker.to_notifier.send(Alert("new port", "/usr/bin/curl", "curl", SHA_A, (f"{port}/tcp",), 1, time.time()))
+    call, = received(server, 1)
+    assert call["summary"] == "picosnitch: 5 alerts"
+    assert call["body"] == "5 new port: curl\nSee picosnitch view or %s" % worker.paths.alert_log
+    worker.stop()
+
+
 def test_notify_send_is_the_fallback(notifier, server):
     if not shutil.which("notify-send"):
         pytest.skip("notify-send (libnotify-bin) is not installed")
