@@ -10,6 +10,8 @@ program of its own:
   After learning it does the same again (nothing is new), then each trigger twice: example.org,
   port B, France (IPv6), a listening port a peer in the namespace connects to, and 3 MB in an
   hour. Each kind must be alerted on once, with the new value, and nothing else.
+- `talker.py`, a Python script, learns port A, then uses port B: one alert, about the script (its
+  path and sha256; the interpreter is a program of its own).
 - `muted` learns port A, is muted with `picosnitch baseline mute`, then uses port B: no alert.
 - `burst` learns port A, then uses BURST new ports in two halves 1.5 s apart (so they are seen in
   two batches at least): the first alert goes out at once with what its batch found, the rest of
@@ -21,10 +23,12 @@ alert.log's), while the generic webhook had them all along. Other processes make
 alerts are picked by the copies' paths.
 """
 
+import hashlib
 import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -96,14 +100,20 @@ def run(program, *args):
     subprocess.run([program, *map(str, args)], check=True, timeout=60, capture_output=True)
 
 
-def alerts_of(daemon, program):
-    """alert.log's lines for one program: (kind, [values])."""
+TALKER = """import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as sock:
+    sock.sendall(b"x" * 1000)
+"""
+
+
+def alerts_of(daemon, program, column=3):
+    """alert.log's lines for one program (column 4: a script): (kind, [values])."""
     if not daemon.paths.alert_log.exists():
         return []
     found = []
     for line in daemon.paths.alert_log.read_text().splitlines():
         fields = line.split(", ")
-        if fields[3] == program:
+        if fields[column] == program:
             found.append((fields[1], fields[6].split(" ") if fields[1] != "traffic spike" else [fields[6]]))
     return found
 
@@ -121,6 +131,8 @@ def alerting(lab, netops):
     a, b = port_a.port, port_b.port
     programs = shared_tempdir("picosnitch-alert-programs-")
     steady, muted, burst = (copy_of(netops, programs, name) for name in ("steady", "muted", "burst"))
+    talker = programs / "talker.py"
+    talker.write_text(TALKER)
     ntfy, hook = NtfyServer(), WebhookServer()
     metrics_port = _free_port()
     daemon = Daemon(prefix, **{
@@ -135,15 +147,16 @@ def alerting(lab, netops):
         run(steady, "named", PEER4, a, 1000, "cdn.example.com")
         run(muted, "quick", PEER4, a, 1000)
         run(burst, "quick", PEER4, a, 1000)
+        run(sys.executable, talker, PEER4, a)
 
         def first_seen():
             if not daemon.paths.baseline.exists():
                 return None
-            programs = {p["exe"]: p for p in json.loads(daemon.paths.baseline.read_text())["programs"]}
-            if all(p in programs for p in (steady, muted, burst)):
-                return max(programs[p]["first seen"] for p in (steady, muted, burst))
+            programs = {p["script"] or p["exe"]: p for p in json.loads(daemon.paths.baseline.read_text())["programs"]}
+            if all(p in programs for p in (steady, muted, burst, str(talker))):
+                return max(programs[p]["first seen"] for p in (steady, muted, burst, str(talker)))
             return None
-        learned_at = wait_for(first_seen, 30, "the three programs in baseline.json") + LEARNING
+        learned_at = wait_for(first_seen, 30, "the four programs in baseline.json") + LEARNING
         assert daemon.cli("baseline", "mute", muted).returncode == 0
         ntfy.down()
         time.sleep(max(learned_at - time.time() + 1, 0))
@@ -152,13 +165,16 @@ def alerting(lab, netops):
             run(steady, "named", PEER4, a, 1000, "www.example.com")
             run(steady, "named", PEER4, a, 1000, "static.cdn.example.com")
             run(burst, "quick", PEER4, a, 1000)
+            run(sys.executable, talker, PEER4, a)
         time.sleep(2)
         quiet = {p: alerts_of(daemon, p) for p in (steady, muted, burst)}
+        quiet[str(talker)] = alerts_of(daemon, str(talker), column=4)
 
         for _ in range(2):  # each trigger twice: one alert each
             run(steady, "named", PEER4, a, 1000, "www.example.org")
             run(steady, "quick", PEER4, b, 1000)
             run(steady, "quick", PEER6, a, 1000)
+            run(sys.executable, talker, PEER4, b)
         server = subprocess.Popen([steady, "serve", "0", "3"], stdout=subprocess.PIPE, text=True)
         listening = int(server.stdout.readline().split()[1])
         connect_from_peer(lab, HOST4, listening, 2)
@@ -173,8 +189,8 @@ def alerting(lab, netops):
         connect_from_peer(lab, HOST4, listening, 1)
         server.wait(10)
 
-        wait_for(lambda: len(alerts_of(daemon, steady)) >= len(KINDS) and len(alerts_of(daemon, burst)) >= 2,
-                 30, "the alerts")
+        wait_for(lambda: len(alerts_of(daemon, steady)) >= len(KINDS) and len(alerts_of(daemon, burst)) >= 2
+                 and alerts_of(daemon, str(talker), column=4), 30, "the alerts")
         time.sleep(COALESCE + 2)  # anything more would come by now
         ours = len(alerts_of(daemon, steady) + alerts_of(daemon, muted) + alerts_of(daemon, burst))
         wait_for(lambda: len(_about(hook.received, (steady, muted, burst))) >= ours, 20, "the webhook")
@@ -182,7 +198,7 @@ def alerting(lab, netops):
         wait_for(lambda: len(_about(ntfy.received, (steady, muted, burst))) >= ours, 30, "ntfy")
         time.sleep(2)
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        result = {"daemon": daemon, "steady": steady, "muted": muted, "burst": burst, "a": a, "b": b,
+        result = {"daemon": daemon, "steady": steady, "talker": str(talker), "muted": muted, "burst": burst, "a": a, "b": b,
                   "listening": listening, "burst_ports": burst_ports, "quiet": quiet, "ntfy": ntfy, "hook": hook,
                   "ours": ours, "metrics": scraped}
     finally:
@@ -205,7 +221,8 @@ def _free_port():
 
 
 def test_known_traffic_raises_nothing(alerting):
-    assert alerting["quiet"] == {alerting["steady"]: [], alerting["muted"]: [], alerting["burst"]: []}
+    assert alerting["quiet"] == {alerting["steady"]: [], alerting["muted"]: [], alerting["burst"]: [],
+                                 alerting["talker"]: []}
 
 
 def test_each_kind_fires_once_for_its_trigger(alerting):
@@ -218,6 +235,16 @@ def test_each_kind_fires_once_for_its_trigger(alerting):
     assert by_kind["new listener"] == [f"{alerting['listening']}/tcp"]
     spike, = by_kind["traffic spike"]
     assert re.fullmatch(r"sent 3\.\d MB in 1 h usually at most 5\d\.\d kB", spike), spike  # alert.log drops commas
+
+
+def test_a_script_is_a_program_of_its_own_with_its_own_hash(alerting):
+    assert alerts_of(alerting["daemon"], alerting["talker"], column=4) == [("new port", [f"{alerting['b']}/tcp"])]
+    line, = [line for line in alerting["daemon"].paths.alert_log.read_text().splitlines()
+             if line.split(", ")[4] == alerting["talker"]]
+    assert line.split(", ")[5] == hashlib.sha256(TALKER.encode()).hexdigest()
+    logged = [json.loads(line) for line in alerting["daemon"].paths.event_log.read_text().splitlines()]
+    assert any(e["kind"] == "new program" and e["exe"] == alerting["talker"] and e.get("role") == "script"
+               for e in logged)
 
 
 def test_a_muted_program_raises_nothing(alerting):
