@@ -127,3 +127,26 @@ def test_an_alert_about_a_script_names_the_script_as_its_program():
 def test_what_is_not_text_in_a_hand_edited_record_is_shown_empty():
     assert text.alert_fields({"alert": "new port", "exe": 3, "values": "not a list", "time": "noon"}) == {
         "time": "", "kind": "new port", "name": "", "program": "", "values": ""}
+
+
+def test_view_scrolls_a_long_list_of_alerts(tmp_path, ui):  # noqa: F811
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    conn, _ = sqlite_store.open_db(str(paths.db))
+    sqlite_store.close_db(conn)
+    keeper = RecordKeeper(paths.record, paths.exe_log, alert_log_path=paths.alert_log)
+    for port in range(1, 41):  # newest first: port 40 on the first line
+        keeper.alert(Alert("new port", "/usr/bin/curl", "curl", "c" * 64, (f"{port}/tcp",), 1, WHEN + port))
+    keeper.save()
+    view = ui(tmp_path, height=30)
+    view.keys("a")
+    lines = view.wait_for("alerts: 40").splitlines()
+    assert lines[1].endswith(" 40/tcp") and lines[28].endswith(" 13/tcp") and len(lines) == 30
+    view.keys("Down", "Down", "Down")
+    assert view.wait_for(lambda s: s.splitlines()[1].endswith(" 37/tcp")).splitlines()[28].endswith(" 10/tcp")
+    view.keys("End")
+    assert view.wait_for(lambda s: s.splitlines()[28].endswith(" 1/tcp")).splitlines()[1].endswith(" 28/tcp")
+    view.keys("Home")
+    view.wait_for(lambda s: s.splitlines()[1].endswith(" 40/tcp"))
+    view.keys("x")
+    view.wait_for("picosnitch view │ range")

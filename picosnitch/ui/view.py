@@ -101,6 +101,7 @@ class ViewUI:
         self.state = State(dimensions=history.dimensions)
         self.showing_help = False
         self.alerts: Optional[list[str]] = None  # the alerts screen's lines while it shows
+        self.alerts_top = 0  # the first alert shown (the list scrolls)
         self.showing_guard = False  # guard mode's verdicts (picosnitch/ui/verdicts.py)
         self.keys: dict[object, Callable[[], None]] = {
             curses.KEY_LEFT: lambda: self.switch_tab(-1),
@@ -246,8 +247,21 @@ class ViewUI:
 
     def show_alerts(self) -> None:
         found = self.annotations.alerts()
-        self.alerts = [f"picosnitch view │ alerts: {len(found)} (newest first; any key goes back)"]
+        self.alerts = [f"picosnitch view │ alerts: {len(found)} (newest first; ↑ ↓ PgUp PgDn scroll, any other "
+                       "key goes back)"]
         self.alerts += [alert_line(alert) for alert in found] or ["no alerts (see picosnitch baseline)"]
+        self.alerts_top = 0
+
+    def scroll_alerts(self, key) -> bool:
+        """Move the alerts list for a scrolling key; False for any other key."""
+        assert self.alerts is not None
+        steps = {curses.KEY_UP: -1, curses.KEY_DOWN: 1, curses.KEY_PPAGE: -self.page(), curses.KEY_NPAGE: self.page(),
+                 curses.KEY_HOME: -len(self.alerts), curses.KEY_END: len(self.alerts)}
+        if key not in steps:
+            return False
+        shown = max(self.screen.getmaxyx()[0] - 2, 1)  # below the title line
+        self.alerts_top = min(max(self.alerts_top + steps[key], 0), max(len(self.alerts) - 1 - shown, 0))
+        return True
 
     def show_guard(self) -> None:
         self.showing_guard = True
@@ -271,7 +285,7 @@ class ViewUI:
             return
         if self.showing_help or self.showing_guard or self.alerts is not None:
             if self.alerts is not None:
-                text = self.alerts
+                text = self.alerts[:1] + self.alerts[1 + self.alerts_top:]
             elif self.showing_help:
                 text = HELP.splitlines()
             else:
@@ -387,6 +401,8 @@ class ViewUI:
             self.draw()
             key = self.screen.get_wch()
             self.state.message = ""
+            if self.alerts is not None and self.scroll_alerts(key):
+                continue
             if self.showing_help or self.showing_guard or self.alerts is not None:
                 self.showing_help = self.showing_guard = False
                 self.alerts = None
