@@ -37,13 +37,15 @@ programs are small C programs compiled at run time (Python would be the bottlene
 Daemon CPU = utime+stime of every process in the daemon's process group (/proc/PID/stat) over the
 interval, divided by wall time (100 % = one core); PSS = sum of Pss from /proc/PID/smaps_rollup.
 Both are also split by worker, told apart by their open files (bpf links: monitor; fanotify:
-identity; snitch.db: writer; the live socket: live; the group leader: supervisor; of the other two,
-the first started is the notifier, the second the keeper). BPF programs run in
+identity; snitch.db: writer; the live socket: live; the group leader: supervisor; the others, the
+keeper, notifier, outlet and baseline, by the order the supervisor starts them in; the outlet's
+unprivileged sender counts as the outlet). BPF programs run in
 the context of the processes making traffic, so their cost shows in the storm rate, not here.
 """
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import re
@@ -66,7 +68,8 @@ from tests.daemon_harness import Daemon
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY = 1.0  # seconds between CPU/PSS samples
 SETTLE_SECONDS = 3.0  # after start: the initial /proc scan and hashing are not "idle"
-ROLES = ("supervisor", "monitor", "identity", "writer", "live", "keeper", "notifier")
+ROLES = ("supervisor", "monitor", "identity", "writer", "live", "keeper", "notifier", "outlet", "baseline")
+HELD_OPEN = ("monitor", "identity", "writer", "live")  # the workers roles_of tells apart by their files
 
 STORM_C = r"""
 /* Loopback TCP connection storm for bench/daemon_load.py.
@@ -395,11 +398,20 @@ def _ppid_and_start(pid: int) -> Tuple[int, int]:
     return int(fields[1]), int(fields[19])  # ppid, starttime (fields 4 and 22 of stat)
 
 
-def roles_of(pids: List[int], leader: int, live_socket: Path) -> Dict[int, str]:
+def start_order(daemon: Daemon) -> List[str]:
+    """The workers that hold nothing of their own open (the keeper, the notifier, the outlet, the
+    baseline, ...), in the order the daemon's supervisor starts them with this daemon's settings."""
+    from picosnitch import config as config_module
+    from picosnitch.daemon.supervisor import Supervisor
+    order = Supervisor(config_module.parse(json.dumps(daemon.settings)), daemon.paths).order
+    return [name for name in order if name not in HELD_OPEN]
+
+
+def roles_of(pids: List[int], leader: int, live_socket: Path, by_start: List[str]) -> Dict[int, str]:
     """Which worker each of the daemon's processes is, by what it holds open: bpf links (monitor),
-    fanotify (identity), snitch.db (writer), the live socket (live). The keeper and notifier hold
-    nothing of their own; the supervisor starts the notifier first. A child of a worker (the
-    notifier's per-user helpers) counts as that worker."""
+    fanotify (identity), snitch.db (writer), the live socket (live); the others, which hold nothing
+    of their own, by when they started (`by_start`: start_order). A child of a worker (the
+    notifier's per-user helpers, the outlet's unprivileged sender) counts as that worker."""
     live = set(_socket_inodes(live_socket))
     roles, rest = {leader: "supervisor"}, []
     for pid in pids:
@@ -416,11 +428,11 @@ def roles_of(pids: List[int], leader: int, live_socket: Path) -> Dict[int, str]:
             roles[pid] = "live"
         else:
             rest.append(pid)
-    rest.sort(key=lambda pid: _ppid_and_start(pid)[1])
-    roles.update(zip(rest, ("notifier", "keeper") if len(rest) > 1 else ("keeper",)))
+    rest.sort(key=lambda pid: (_ppid_and_start(pid)[1], pid))
+    roles.update(zip(rest, by_start))
     for pid in pids:
         if pid not in roles:
-            roles[pid] = roles.get(_ppid_and_start(pid)[0], "notifier")
+            roles[pid] = roles.get(_ppid_and_start(pid)[0], "?")
     return roles
 
 
@@ -454,6 +466,7 @@ class Sampler:
     def __init__(self, daemon: Daemon):
         self.leader = daemon.proc.pid
         self.live_socket = daemon.paths.live_socket
+        self.by_start = start_order(daemon)
         self.roles: Dict[int, str] = {}
         self.samples: List[Sample] = []
         self._stop = threading.Event()
@@ -463,7 +476,7 @@ class Sampler:
     def sample(self) -> Sample:
         pids = group_pids(self.leader)
         if set(pids) - set(self.roles):
-            self.roles.update(roles_of(pids, self.leader, self.live_socket))
+            self.roles.update(roles_of(pids, self.leader, self.live_socket, self.by_start))
         ticks = {pid: t for pid in pids if (t := cpu_ticks(pid)) is not None}
         s = Sample(time.monotonic(), ticks, {pid: pss_kib(pid) for pid in pids})
         self.samples.append(s)
@@ -483,14 +496,16 @@ class Sampler:
         use = {role: 0.0 for role in ROLES + ("all",)}
         for pid, t in b.ticks.items():
             seconds = (t - a.ticks.get(pid, 0)) / CLK_TCK
-            use[self.roles.get(pid, "keeper")] = use.get(self.roles.get(pid, "keeper"), 0.0) + seconds / wall
+            role = self.roles.get(pid, "?")
+            use[role] = use.get(role, 0.0) + seconds / wall
             use["all"] += seconds / wall
         return use
 
     def pss(self, s: Sample) -> Dict[str, int]:
         out = {role: 0 for role in ROLES + ("all",)}
         for pid, kib in s.pss.items():
-            out[self.roles.get(pid, "keeper")] += kib
+            role = self.roles.get(pid, "?")
+            out[role] = out.get(role, 0) + kib
             out["all"] += kib
         return out
 
@@ -540,7 +555,7 @@ def stop_daemon(daemon: Daemon, limit: float, problems: List[str]) -> float:
     except subprocess.TimeoutExpired:
         problems.append(f"the daemon did not stop within {limit:g} s after SIGTERM; killed. Its processes:")
         pids = group_pids(daemon.proc.pid)
-        roles = roles_of(pids, daemon.proc.pid, daemon.paths.live_socket)
+        roles = roles_of(pids, daemon.proc.pid, daemon.paths.live_socket, start_order(daemon))
         for pid in pids:
             try:
                 wchan = Path(f"/proc/{pid}/wchan").read_text()
@@ -686,6 +701,7 @@ class FdSampler:
 
     def __init__(self, daemon: Daemon):
         self.leader, self.live_socket = daemon.proc.pid, daemon.paths.live_socket
+        self.by_start = start_order(daemon)
         self.roles: Dict[int, str] = {}
         self.fds: Dict[str, int] = {}
         self.pss: Dict[str, int] = {}
@@ -697,7 +713,7 @@ class FdSampler:
     def sample(self) -> Dict[str, int]:
         pids = group_pids(self.leader)
         if set(pids) - set(self.roles):
-            self.roles.update(roles_of(pids, self.leader, self.live_socket))
+            self.roles.update(roles_of(pids, self.leader, self.live_socket, self.by_start))
         now: Dict[str, int] = {}
         for pid in pids:
             role = self.roles.get(pid, "?")

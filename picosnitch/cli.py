@@ -39,6 +39,11 @@ commands:
   dash              web dashboard on http://localhost:5100 (HOST, PORT; no root needed)
   dash --db URL     the dashboard over the central server (URL as for view --db), with a
                     host dimension; --db config for config.json's "DB sql server"
+  baseline          each program's baseline for the alerts (learning, learned, muted)
+  baseline learned PROGRAM  end a program's learning (PROGRAM: its executable's or
+                    script's path; all: every program seen)
+  baseline mute PROGRAM  no alerts for a program (baseline unmute PROGRAM: alerts again)
+  baseline forget PROGRAM  forget what a program has learned: it learns again
   prompt            answer guard mode's prompts: allow or deny new connections (root or
                     "Guard prompt group")
   monitor --raw     print what the kernel monitor records, as JSON lines (for bug reports)
@@ -174,6 +179,31 @@ def _dash(paths: Paths, options: List[str]) -> Optional[int]:
     return app.main(paths, reader_config("dash", paths), db=db)
 
 
+def _baseline(paths: Paths, options: List[str]) -> Optional[int]:
+    from picosnitch.alerts import baseline_command
+    if not options:
+        try:
+            baseline = baseline_command.load(paths)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"picosnitch baseline: cannot read {printable(str(paths.baseline))} ({printable(str(e))})",
+                  file=sys.stderr)
+            return 1
+        print(baseline_command.listing(baseline) if baseline else "picosnitch baseline: nothing learned yet\n",
+              end="")
+        return 0
+    if len(options) != 2 or options[0] not in baseline_command.ACTIONS:
+        return None
+    refusal = needs_root("baseline")
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 1
+    try:
+        print(baseline_command.request(paths, options[0], options[1]))
+    except OSError as e:
+        print(f"picosnitch baseline: cannot write {printable(str(paths.baseline_requests))} "
+              f"({e.strerror or e})", file=sys.stderr)
+        return 1
+    return 0
 def _prompt(paths: Paths, options: List[str]) -> Optional[int]:
     if options:
         return None
@@ -234,12 +264,13 @@ COMMANDS: Dict[str, Command] = {
     "view": _view,
     "top": _top,
     "dash": _dash,
+    "baseline": _baseline,
     "prompt": _prompt,
     "monitor": _monitor,
     "help": _help,
 }
 ALIASES = {"--help": "help", "-h": "help"}
-ROOT_COMMANDS = {"start", "stop", "restart", "start-no-daemon", "systemd"}
+ROOT_COMMANDS = {"start", "stop", "restart", "start-no-daemon", "systemd", "baseline"}
 
 
 def run(args: List[str]) -> int:

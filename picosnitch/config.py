@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
+from picosnitch.messages import ALERT_KINDS, EVENT_KINDS
 from picosnitch.sanitize import printable
 
 
@@ -143,6 +144,45 @@ def _secret(value: Any) -> Optional[str]:
     return None
 
 
+def _number(minimum: float, maximum: float, nullable: bool = False, note: str = "") -> Check:
+    def check(value: Any) -> Optional[str]:
+        if nullable and value is None:
+            return None
+        if (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and minimum <= value <= maximum:
+            return None
+        return "must be %sa number from %s to %s%s, not %s" % ("null or " if nullable else "", _plain(minimum),
+                                                              _plain(maximum), note, _shown(value))
+    return check
+
+
+def _plain(number: float) -> str:
+    """A bound as a person writes it: 1000000, 0.001."""
+    return str(int(number)) if float(number).is_integer() else "%g" % number
+
+
+def _choices(allowed: tuple[str, ...]) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if isinstance(value, list) and all(isinstance(item, str) and item in allowed for item in value):
+            return None
+        return "must be a list of some of %s, not %s" % (", ".join('"%s"' % a for a in allowed), _shown(value))
+    return check
+
+
+def _token(value: Any) -> Optional[str]:
+    # Never repeated in the complaint: it is a secret, and error.log is not.
+    return None if isinstance(value, str) else "must be a string (in double quotes)"
+
+
+def _optional_http_url(value: Any) -> Optional[str]:
+    return None if value == "" else _http_url(value)
+
+
+def _loopback_address(value: Any) -> Optional[str]:
+    """"" or HOST:PORT with a loopback HOST (127.x.y.z, [::1], localhost) and a port 1-65535."""
+    match = re.fullmatch(r"(127(?:\.\d{1,3}){3}|\[::1\]|localhost):(\d{1,5})", value) if isinstance(value, str) else None
+    if value == "" or (match and 1 <= int(match.group(2)) <= 65535):
+        return None
+    return 'must be "" or a loopback address and port such as "127.0.0.1:9743", not %s' % _shown(value)
 def _one_of(*choices: str) -> Check:
     def check(value: Any) -> Optional[str]:
         if value in choices:
@@ -173,10 +213,17 @@ MAX_RING_PAGES = (1 << 30) // os.sysconf("SC_PAGE_SIZE")  # 1 GiB
 MAX_OPEN_FILES = (1 << 31) - 1  # the kernel's own ceiling (fs.nr_open is checked when it is set)
 MAX_UID = (1 << 32) - 2  # (uid_t) -1 means "no user"
 MAX_DEV_MASK = (1 << 64) - 1
+MAX_FACTOR = 1_000_000  # times a program's usual traffic
 MAX_NESTING = 100  # arrays and objects within each other: config.json needs 3
 MAX_SIZE = 1 << 20  # bytes: config.json is a few kilobytes
 
 RULES: dict[str, Rule] = {
+    "Alert coalesce (seconds)": Rule(60, _seconds(MAX_SECONDS)),
+    "Alert kinds": Rule(list(ALERT_KINDS), _choices(ALERT_KINDS)),
+    "Alert learning (days)": Rule(7, _number(0, MAX_DAYS, nullable=True, note=" (null: until marked learned)")),
+    "Alert spike factor": Rule(10, _number(1, MAX_FACTOR)),
+    "Alert spike minimum (MB)": Rule(1, _number(0, MAX_BACKLOG_MB)),
+    "Alert spike period (hours)": Rule(24, _number(0.001, MAX_DAYS * 24)),
     "DB retention (days)": Rule(30, _integer(0, MAX_DAYS, " (0 keeps everything)")),
     "DB sql backlog (MB)": Rule(100, _integer(1, MAX_BACKLOG_MB)),
     "DB sql log": Rule(True, _boolean),
@@ -189,6 +236,7 @@ RULES: dict[str, Rule] = {
     "Desktop notification users": Rule([], _user_list),
     "Desktop notifications": Rule(True, _boolean),
     "Dpkg database": Rule("/var/lib/dpkg", _string),
+    "Event log": Rule(True, _boolean),
     "Every exe (not just conns)": Rule(False, _boolean),
     "Flow map entries": Rule(65536, _integer(1, MAX_FLOW_ENTRIES)),
     "GeoIP database": Rule("", _string),
@@ -201,19 +249,32 @@ RULES: dict[str, Rule] = {
     "Guard timeout (seconds)": Rule(60, _seconds(MAX_SECONDS)),
     "Guard timeout action": Rule("deny", _one_of("deny", "allow")),
     "GeoIP lookup": Rule(True, _boolean),
+    "Gotify token": Rule("", _token),
+    "Gotify URL": Rule("", _optional_http_url),
     "Log addresses": Rule(True, _boolean),
     "Log commands": Rule(True, _boolean),
     "Log ignore": Rule([], _ignore_list),
     "Live feed group": Rule("", _string),
     "Log ports": Rule(True, _boolean),
+    "Metrics address": Rule("", _loopback_address),
+    "Metrics textfile": Rule("", _string),
     "Names from traffic": Rule(True, _boolean),
     "Perf ring buffer (pages)": Rule(256, _power_of_two(MAX_RING_PAGES)),
+    "Public suffix list": Rule("/usr/share/publicsuffix/public_suffix_list.dat", _string),
     "Set RLIMIT_NOFILE": Rule(None, _null_or_integer(1, MAX_OPEN_FILES)),
     "Set st_dev mask": Rule(None, _null_or_integer(0, MAX_DEV_MASK)),
+    "Syslog socket": Rule("/dev/log", _string),
     "VT API URL": Rule("https://www.virustotal.com/api/v3", _http_url),
     "VT API key": Rule("", _string),
     "VT file upload": Rule(False, _boolean),
     "VT request limit (seconds)": Rule(15, _seconds(MAX_SECONDS)),
+    "Webhook backoff (seconds)": Rule(300, _number(1, MAX_SECONDS)),
+    "Webhook events": Rule(list(EVENT_KINDS), _choices(EVENT_KINDS)),
+    "Webhook queue (MB)": Rule(10, _integer(1, MAX_BACKLOG_MB)),
+    "Webhook token": Rule("", _token),
+    "Webhook URL": Rule("", _optional_http_url),
+    "ntfy token": Rule("", _token),
+    "ntfy URL": Rule("", _optional_http_url),
 }
 
 
@@ -448,6 +509,22 @@ _EXAMPLE = """\
 # picosnitch configuration: /etc/picosnitch/config.json
 # JSON, plus comments that start with "#". A key left out takes the default shown here.
 {
+  # Alerts that come close together for one program and kind are sent as one, at most once in
+  # this many seconds (the first at once).
+  "Alert coalesce (seconds)": 60,
+  # What a program that has learned its baseline is alerted on; [] for nothing: a registrable
+  # domain, country, remote port or listening port it never used, or more traffic than usual.
+  "Alert kinds": ["new domain", "new country", "new port", "new listener", "traffic spike"],
+  # Days a program learns its baseline after it is first seen; null learns until
+  # `picosnitch baseline learned PROGRAM` (or `... learned all`).
+  "Alert learning (days)": 7,
+  # A traffic spike is a period in which a program sent (or received) more than this many times
+  # the most it did in a period while learning...
+  "Alert spike factor": 10,
+  # ...and more than this many times this many megabytes...
+  "Alert spike minimum (MB)": 1,
+  # ...in periods of this many hours (counted from midnight UTC).
+  "Alert spike period (hours)": 24,
   # Days of history kept in snitch.db; 0 keeps everything.
   "DB retention (days)": 30,
   # Disk space for rows waiting while the "DB sql server" is unreachable; when it is full the
@@ -481,14 +558,21 @@ _EXAMPLE = """\
   # dpkg's database, to tell a changed executable the package manager installed from one modified
   # outside any package (rpm's is asked too, where rpm is installed).
   "Dpkg database": "/var/lib/dpkg",
+  # Append every event (new program, new name, changed hash, alert, loss, degraded hook) to
+  # events.log as a line of JSON.
+  "Event log": true,
   # Record every executable that runs, not only those that use the network.
   "Every exe (not just conns)": false,
   # Flows the kernel tracks between two reads; flows beyond this are counted and reported.
   "Flow map entries": 65536,
   # A DB-IP or MaxMind country database (.mmdb) for GeoIP lookup; "" for none. Never downloaded.
   "GeoIP database": "",
-  # Show the country of remote addresses.
+  # Show the country of remote addresses (and learn them for the alerts).
   "GeoIP lookup": true,
+  # The application token Gotify gave you for picosnitch (sent as X-Gotify-Key).
+  "Gotify token": "",
+  # A Gotify server to send the events to (POST /message), e.g. "https://gotify.example"; "" for none.
+  "Gotify URL": "",
   # With the daemon gone (crashed, killed), let new connections through as if the guard were
   # off (true), or drop them (false: loopback and established connections still pass).
   "Guard fail open": true,
@@ -516,16 +600,28 @@ _EXAMPLE = """\
   "Live feed group": "",
   # Record local and remote ports.
   "Log ports": true,
+  # Serve Prometheus metrics at http://ADDRESS/metrics, a loopback address and port such as
+  # "127.0.0.1:9743"; "" for none.
+  "Metrics address": "",
+  # Write the same metrics to this file every 2 seconds, for node_exporter's textfile collector
+  # (e.g. "/var/lib/prometheus/node-exporter/picosnitch.prom"); "" for none.
+  "Metrics textfile": "",
   # Learn domain names from the DNS answers processes receive and from the first bytes of their TCP
   # connections (TLS server name, HTTP Host), read in the kernel from their own buffers; false
   # leaves names to getaddrinfo.
   "Names from traffic": true,
   # Size of the buffer carrying kernel events, in memory pages; a power of two.
   "Perf ring buffer (pages)": 256,
+  # The Public Suffix List (Debian's package publicsuffix), which says which part of a name is
+  # registered (example.co.uk); without it there are no "new domain" alerts.
+  "Public suffix list": "/usr/share/publicsuffix/public_suffix_list.dat",
   # Open-file limit for the daemon; null keeps the system's.
   "Set RLIMIT_NOFILE": null,
   # Mask applied to device numbers when caching hashes; null chooses (0 on btrfs).
   "Set st_dev mask": null,
+  # Send every event to syslog or journald, as RFC 5424 messages on this unix datagram socket;
+  # "" for none. The default is left out on a machine that has no /dev/log when the daemon starts.
+  "Syslog socket": "/dev/log",
   # Where the VirusTotal API (v3) is; only a test or a proxy needs another.
   "VT API URL": "https://www.virustotal.com/api/v3",
   # VirusTotal API key; "" turns VirusTotal lookups off.
@@ -533,6 +629,22 @@ _EXAMPLE = """\
   # Upload executables VirusTotal has never seen (this sends your files to a third party).
   "VT file upload": false,
   # Seconds between VirusTotal requests; 15 fits the free API's 4 requests a minute.
-  "VT request limit (seconds)": 15
+  "VT request limit (seconds)": 15,
+  # The longest wait between two tries to deliver an event to a webhook or syslog that does not
+  # take it (the first wait is 1 second, doubled each time).
+  "Webhook backoff (seconds)": 300,
+  # The kinds of events the webhooks (generic, ntfy, Gotify) are sent; syslog gets them all.
+  "Webhook events": ["new program", "new name", "changed hash", "alert", "loss", "degraded hook"],
+  # Disk space for events waiting for a webhook or syslog that is down; when it is full the
+  # oldest are dropped, counted and reported in error.log.
+  "Webhook queue (MB)": 10,
+  # Sent to the webhook as "Authorization: Bearer TOKEN"; "" for none.
+  "Webhook token": "",
+  # A URL every event is POSTed to as JSON (the lines of events.log); "" for none.
+  "Webhook URL": "",
+  # An ntfy access token (tk_...), sent as a bearer token; "" for none.
+  "ntfy token": "",
+  # An ntfy topic to publish the events to, e.g. "https://ntfy.sh/some-long-secret-topic"; "" for none.
+  "ntfy URL": ""
 }
 """

@@ -19,10 +19,12 @@ class Resend:
 
 @dataclass(frozen=True)
 class ErrorReport:
-    """One line for error.log; reports with the same key are counted rather than repeated."""
+    """One line for error.log; reports with the same key are counted rather than repeated.
+    `count` is how many things were lost, for a kernel loss (key "loss:...")."""
 
     message: str
     key: Optional[str] = None
+    count: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,39 @@ class WorkerEnded:
     name: str
     reason: str
     fatal: bool = False
+
+
+NEW_DOMAIN, NEW_COUNTRY, NEW_PORT, NEW_LISTENER = "new domain", "new country", "new port", "new listener"
+TRAFFIC_SPIKE = "traffic spike"
+ALERT_KINDS = (NEW_DOMAIN, NEW_COUNTRY, NEW_PORT, NEW_LISTENER, TRAFFIC_SPIKE)
+
+# What the event stream (events.log, syslog, webhooks) carries, by its "kind".
+NEW_PROGRAM, NEW_NAME, CHANGED_HASH, ALERT, LOSS, DEGRADED_HOOK = (
+    "new program", "new name", "changed hash", "alert", "loss", "degraded hook")
+EVENT_KINDS = (NEW_PROGRAM, NEW_NAME, CHANGED_HASH, ALERT, LOSS, DEGRADED_HOOK)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Something new about a program that has learned its baseline (alerts.baseline): `kind` is
+    "new domain", "new country", "new port", "new listener" or "traffic spike"; `values` the
+    first of the `count` new values (domains, countries, ports, or the spike's words)."""
+
+    kind: str
+    exe: str
+    name: str
+    sha256: str
+    values: tuple
+    count: int
+    time: float
+    script: str = ""
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The baseline worker's totals since the daemon started, for the metrics: `totals` maps
+    (exe, script) to (bytes sent, bytes received, connections); `programs` counts the programs
+    of the baseline by state (learning, learned, muted)."""
+
+    totals: dict
+    programs: dict

@@ -32,13 +32,20 @@ class Paths:
     db: Path
     record: Path
     record_journal: Path  # changes to record.json since it was last saved
+    baseline: Path
+    baseline_requests: Path
     # Reserved for the remote SQL writer's disk backlog. Not made by ensure_dirs(): that writer
     # runs unprivileged, so whoever starts it creates this directory owned by its user.
     sql_backlog: Path
+    # The events waiting for webhooks and syslog: made, like sql_backlog, by the worker that
+    # becomes the user who owns it.
+    outbox: Path
     log_dir: Path
     exe_log: Path
     error_log: Path
     conn_log: Path
+    alert_log: Path
+    event_log: Path
     run_dir: Path
     pid_file: Path
     live_socket: Path
@@ -63,11 +70,16 @@ class Paths:
             db=data_dir / "snitch.db",
             record=data_dir / "record.json",
             record_journal=data_dir / "record.journal",
+            baseline=data_dir / "baseline.json",
+            baseline_requests=data_dir / "baseline-requests",
             sql_backlog=data_dir / "sql-backlog",
+            outbox=data_dir / "outbox",
             log_dir=log_dir,
             exe_log=log_dir / "exe.log",
             error_log=log_dir / "error.log",
             conn_log=log_dir / "conn.log",
+            alert_log=log_dir / "alert.log",
+            event_log=log_dir / "events.log",
             run_dir=run_dir,
             pid_file=run_dir / "picosnitch.pid",
             live_socket=run_dir / "live.sock",
@@ -111,7 +123,7 @@ class Paths:
         db = str(self.db)
         return (self.db, Path(db + "-wal"), Path(db + "-shm"), Path(db + "-journal"), self.record,
                 self.record_journal, self.exe_log, self.error_log, self.conn_log, self.error_counts,
-                self.writer_spill)
+                self.writer_spill, self.baseline, self.alert_log, self.event_log)
 
     def as_dict(self) -> dict[str, str]:
         """Every path by field name, as strings (what `picosnitch version` prints)."""

@@ -6,6 +6,7 @@
 #         kernels and install the .deb under systemd (tests/guests.py)
 set -euo pipefail
 want=(libbpf1 python3 python3-venv python3-pip clang llvm libbpf-dev make
+      publicsuffix  # the list "new domain" alerts need
       iptables)  # guard mode (the NFQUEUE target); the monitor alone does not need it
 deb=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel python3-build
      dpkg-dev fakeroot git

@@ -20,12 +20,13 @@ SLOWDOWN = 10 if os.environ.get("PICOSNITCH_IN_GUEST") else 1
 
 
 class Daemon:
-    """A daemon in its own prefix. `settings` override config.json keys (write limit 1 s by default)."""
+    """A daemon in its own prefix. `settings` override config.json keys (write limit 1 s by default;
+    no syslog: the host's journal is not the tests')."""
 
     def __init__(self, prefix: Path, **settings):
         self.prefix = Path(prefix)
         self.paths = Paths.under(self.prefix)
-        self.settings = {"DB write limit (seconds)": 1, **settings}
+        self.settings = {"DB write limit (seconds)": 1, "Syslog socket": "", **settings}
         self.proc = None
         self.notify = None  # the $NOTIFY_SOCKET the daemon reports READY=1 and STOPPING=1 on
         self.package_root = REPO  # where `picosnitch` is imported from

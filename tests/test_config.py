@@ -54,7 +54,47 @@ def test_defaults_keep_the_original_keys_and_add_the_new_ones():
         "Live feed group": "", "Names from traffic": True,
         "Desktop notification users": [], "VT API URL": "https://www.virustotal.com/api/v3",
         "Guard fail open": True, "Guard interfaces": [], "Guard mode": "off", "Guard prompt group": "",
-        "Guard queue number": 7455, "Guard timeout (seconds)": 60, "Guard timeout action": "deny"})
+        "Guard queue number": 7455, "Guard timeout (seconds)": 60, "Guard timeout action": "deny",
+        **ALERT_DEFAULTS})
+
+
+ALERT_DEFAULTS = {
+    "Alert coalesce (seconds)": 60,
+    "Alert kinds": ["new domain", "new country", "new port", "new listener", "traffic spike"],
+    "Alert learning (days)": 7, "Alert spike factor": 10, "Alert spike minimum (MB)": 1,
+    "Alert spike period (hours)": 24, "Event log": True, "Gotify token": "", "Gotify URL": "",
+    "Metrics address": "", "Metrics textfile": "",
+    "Public suffix list": "/usr/share/publicsuffix/public_suffix_list.dat", "Syslog socket": "/dev/log",
+    "Webhook backoff (seconds)": 300,
+    "Webhook events": ["new program", "new name", "changed hash", "alert", "loss", "degraded hook"],
+    "Webhook queue (MB)": 10, "Webhook token": "", "Webhook URL": "", "ntfy token": "", "ntfy URL": ""}
+
+
+@pytest.mark.parametrize("key, value, complaint", [
+    ("Alert kinds", ["new domain", "new planet"], 'must be a list of some of "new domain", "new country"'),
+    ("Webhook events", "alert", 'must be a list of some of "new program"'),
+    ("Alert learning (days)", -1, "must be null or a number from 0 to 36500 (null: until marked learned), not -1"),
+    ("Alert spike factor", 0.5, "must be a number from 1 to 1000000, not 0.5"),
+    ("Metrics address", "0.0.0.0:9743", 'must be "" or a loopback address and port such as "127.0.0.1:9743"'),
+    ("Metrics address", "127.0.0.1:70000", 'must be "" or a loopback address and port'),
+    ("ntfy URL", "ntfy.sh/topic", "must be an http:// or https:// URL"),
+])
+def test_the_alert_and_delivery_keys_say_what_they_take(tmp_path, key, value, complaint):
+    error = error_for(tmp_path, '{\n  "%s": %s\n}' % (key, json.dumps(value)))
+    assert f'line 2: "{key}" {complaint}' in str(error)
+
+
+def test_tokens_are_never_repeated_in_a_complaint(tmp_path):
+    for key in ("Webhook token", "ntfy token", "Gotify token"):
+        error = error_for(tmp_path, '{"%s": ["tk_secret"]}' % key)
+        assert "tk_secret" not in str(error) and "must be a string" in str(error)
+
+
+def test_loopback_metrics_addresses_and_fractional_learning_are_taken(tmp_path):
+    for address in ("127.0.0.1:9743", "[::1]:9743", "localhost:1", ""):
+        assert config.parse(json.dumps({"Metrics address": address}))["Metrics address"] == address
+    assert config.parse('{"Alert learning (days)": 0.0005}')["Alert learning (days)"] == 0.0005
+    assert config.parse('{"Alert learning (days)": null}')["Alert learning (days)"] is None
 
 
 def test_the_guard_mode_is_one_of_three(tmp_path):

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "picosnitch"
 # Modules every stage may use: the vocabulary they share. They import only each other.
 SHARED = {"picosnitch", "picosnitch.channels", "picosnitch.config", "picosnitch.files", "picosnitch.connection", "picosnitch.heap",
           "picosnitch.installed", "picosnitch.messages", "picosnitch.parent_death",
-          "picosnitch.paths", "picosnitch.sanitize", "picosnitch.timestamps"}
+          "picosnitch.paths", "picosnitch.sanitize", "picosnitch.timestamps", "picosnitch.unprivileged"}
 
 # What each stage may import besides itself and the shared modules: only stages before it in
 # the pipeline. The daemon wires the stages together; the UIs read what the stages wrote.

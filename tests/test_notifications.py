@@ -35,7 +35,7 @@ from picosnitch import config as config_module  # noqa: E402
 from picosnitch.alerts import desktop_sessions, notification_text, notifier_worker  # noqa: E402
 from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, NewThing, RecordKeeper  # noqa: E402
 from picosnitch.alerts.vt_worker import VtResult  # noqa: E402
-from picosnitch.messages import ErrorReport, Stop  # noqa: E402
+from picosnitch.messages import Alert, ErrorReport, Stop  # noqa: E402
 from picosnitch.paths import Paths  # noqa: E402
 
 SETTLE, WINDOW, ERROR_WINDOW = 0.3, 2.0, 1.5
@@ -81,6 +81,19 @@ def test_a_burst_becomes_one_summary_that_counts_and_points_to_the_log():
     assert notice.summary == "picosnitch: 30 changes"
     assert notice.body == ("28 new executables, 2 changed executables: p0, p1, p2, p3, p4, …\n"
                            "See picosnitch view or /l/exe.log")
+
+
+def test_an_alert_is_one_notice_and_a_burst_of_them_one_that_counts():
+    new_port = Alert("new port", "/usr/bin/curl", "curl", SHA_A, tuple(f"{p}/tcp" for p in range(1, 8)), 7, 0.0)
+    assert notification_text.for_alert(new_port) == notification_text.Notice(
+        "picosnitch: new port", "curl\n/usr/bin/curl\n1/tcp, 2/tcp, 3/tcp, 4/tcp, 5/tcp and 2 more")
+    spike = Alert("traffic spike", "/usr/bin/python3", "python3", SHA_B, ("sent 2.0 GB in 24 h, usually at most "
+                                                                          "1.0 MB",), 1, 0.0, "/opt/sync.py")
+    assert notification_text.for_alert(spike).body == (
+        "python3\n/opt/sync.py\nsent 2.0 GB in 24 h, usually at most 1.0 MB")
+    notice, = notification_text.coalesce_alerts([new_port] * 3 + [spike], "/l/alert.log")
+    assert notice == notification_text.Notice("picosnitch: 4 alerts", "3 new port, 1 traffic spike: curl, python3"
+                                              "\nSee picosnitch view or /l/alert.log")
 
 
 def test_text_is_printable_short_and_escaped_as_markup():
@@ -379,6 +392,21 @@ def test_a_hostile_name_arrives_printable_and_escaped(notifier, server):
     worker.observe("/tmp/<i>x</i>", "\x1b[31m<b>bold</b>&\x07", SHA_A)
     call, = received(server, 1)
     assert call["body"] == "\\x1b[31m&lt;b&gt;bold&lt;/b&gt;&amp;\\x07\n/tmp/&lt;i&gt;x&lt;/i&gt;"
+
+
+def test_an_alert_is_one_notification_at_once_and_a_burst_of_alerts_one_that_counts(notifier, server):
+    worker = notifier()
+    started = time.monotonic()
+    worker.to_notifier.send(Alert("new domain", "/usr/bin/curl", "curl", SHA_A, ("example.org",), 1, time.time()))
+    call, = received(server, 1)
+    assert call["at"] - started < SETTLE + 1
+    assert (call["summary"], call["body"]) == ("picosnitch: new domain", "curl\n/usr/bin/curl\nexample.org")
+    for port in range(1, 6):
+        worker.to_notifier.send(Alert("new port", "/usr/bin/curl", "curl", SHA_A, (f"{port}/tcp",), 1, time.time()))
+    call, = received(server, 1)
+    assert call["summary"] == "picosnitch: 5 alerts"
+    assert call["body"] == "5 new port: curl\nSee picosnitch view or %s" % worker.paths.alert_log
+    worker.stop()
 
 
 def test_notify_send_is_the_fallback(notifier, server):

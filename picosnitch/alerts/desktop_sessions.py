@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
+
+from picosnitch.sanitize import printable
 
 USERS_KEY = "Desktop notification users"
 GRAPHICAL_TYPES = ("x11", "wayland")
@@ -91,6 +93,22 @@ def close_fds_except(keep: Iterable[int]) -> None:
                 os.close(descriptor)
             except OSError:  # the directory listing's own descriptor, already closed
                 pass
+
+
+def fork_child(what: str, body: Callable[[], None]) -> int:
+    """Fork a child that runs `body` and exits: status 0, or 1 after saying on stderr, as `what`,
+    what stopped it. It never returns into the parent's code. The parent gets its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        body()
+        status = 0
+    except BaseException as error:
+        os.write(2, ("picosnitch %s: %s\n" % (what, printable(repr(error)))).encode())
+    finally:
+        os._exit(status)
 
 
 def become(user: DesktopUser) -> None:

@@ -17,9 +17,11 @@ import re
 from typing import Iterable
 
 from picosnitch.alerts.record_keeper import NEW_EXE, NEW_NAME, NEW_SHA256, SCRIPT, NewThing
+from picosnitch.messages import TRAFFIC_SPIKE, Alert
 from picosnitch.sanitize import printable
 
-SHOW_SINGLY = 3  # bursts of up to this many changes are shown one notice each
+SHOW_SINGLY = 3  # bursts of up to this many changes (or alerts) are shown one notice each
+VALUES_SHOWN = 5  # an alert's values in its notice
 NAME_LIMIT = 60
 PATH_LIMIT = 120
 MESSAGE_LIMIT = 240
@@ -138,3 +140,28 @@ def for_more_errors(count: int, error_log: str) -> Notice:
     """The notice counting errors held back during a rate-limiting window."""
     return Notice("picosnitch: %d more error%s" % (count, "" if count == 1 else "s"),
                   "See %s" % clean(error_log, PATH_LIMIT, keep_end=True))
+
+
+def for_alert(alert: Alert) -> Notice:
+    """The notice for one alert: its kind, the program, and what is new."""
+    if alert.kind == TRAFFIC_SPIKE:
+        what = clean(alert.values[0] if alert.values else "", MESSAGE_LIMIT)
+    else:
+        what = ", ".join(clean(value, NAME_LIMIT) for value in alert.values[:VALUES_SHOWN])
+        if alert.count > VALUES_SHOWN:
+            what += " and %d more" % (alert.count - VALUES_SHOWN)
+    return Notice("picosnitch: %s" % alert.kind, "%s\n%s" % (_who((alert.name,), alert.script or alert.exe), what))
+
+
+def coalesce_alerts(alerts: list[Alert], alert_log: str) -> list[Notice]:
+    """One notice per alert, or for a burst of more than SHOW_SINGLY one that counts them."""
+    if len(alerts) <= SHOW_SINGLY:
+        return [for_alert(alert) for alert in alerts]
+    kinds: dict[str, int] = {}
+    for alert in alerts:
+        kinds[alert.kind] = kinds.get(alert.kind, 0) + 1
+    names = list(dict.fromkeys(clean(alert.name, NAME_LIMIT) for alert in alerts))
+    more = ", …" if len(names) > NAMES_IN_SUMMARY else ""
+    return [Notice("picosnitch: %d alerts" % len(alerts), "%s: %s%s\nSee picosnitch view or %s" % (
+        ", ".join("%d %s" % (count, kind) for kind, count in kinds.items()),
+        ", ".join(names[:NAMES_IN_SUMMARY]), more, clean(alert_log, PATH_LIMIT, keep_end=True)))]

@@ -30,10 +30,9 @@ from picosnitch import channels
 from picosnitch.alerts import desktop_sessions, notification_text
 from picosnitch.alerts.desktop_sessions import DesktopUser
 from picosnitch.alerts.notification_text import Notice
-from picosnitch.alerts.record_keeper import NewThing
 from picosnitch.alerts.virustotal import is_flagged
 from picosnitch.installed import install_extra
-from picosnitch.messages import ErrorReport, Stop, VtResult
+from picosnitch.messages import Alert, ErrorReport, Stop, VtResult
 from picosnitch.sanitize import printable
 
 SETTLE = 1.0
@@ -70,19 +69,19 @@ def choose_method() -> Optional[str]:
 
 
 class BurstGate:
-    """Holds new things so that those arriving close together are shown together."""
+    """Holds new things (or alerts) so that those arriving close together are shown together."""
 
     def __init__(self, settle: float = SETTLE, window: float = WINDOW) -> None:
         self.settle, self.window = settle, window
-        self.pending: list[NewThing] = []
+        self.pending: list = []
         self.deadline: Optional[float] = None
 
-    def add(self, things: list[NewThing], now: float) -> None:
+    def add(self, things: list, now: float) -> None:
         self.pending += things
         if self.deadline is None and things:
             self.deadline = now + self.settle
 
-    def due(self, now: float) -> list[NewThing]:
+    def due(self, now: float) -> list:
         """What to show now (often nothing); starts or ends the holding window."""
         if self.deadline is None or now < self.deadline:
             return []
@@ -360,10 +359,11 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
         load_jeepney()
     desktops = Desktops(config, lambda message, key: report.send(ErrorReport(message, key)), method)
     bursts, errors = BurstGate(settle, window), ErrorGate(error_window)
-    exe_log, error_log = str(paths.exe_log), str(paths.error_log)
+    alerts = BurstGate(settle, window)
+    exe_log, error_log, alert_log = str(paths.exe_log), str(paths.error_log), str(paths.alert_log)
     try:
         while True:
-            deadlines = [d for d in (bursts.deadline, errors.deadline) if d is not None]
+            deadlines = [d for d in (bursts.deadline, errors.deadline, alerts.deadline) if d is not None]
             timeout = max(min(deadlines) - time.monotonic(), 0) if deadlines else None
             for source in channels.wait([inbox] + [c.answers for c in desktops.children.values()],
                                         timeout, [report]):
@@ -379,11 +379,14 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
                     if enabled:  # what is held goes out now
                         desktops.deliver(notification_text.coalesce(
                             notification_text.group(bursts.pending), exe_log))
+                        desktops.deliver(notification_text.coalesce_alerts(alerts.pending, alert_log))
                     return 0
                 if not enabled:
                     continue
                 if isinstance(message, list):
                     bursts.add(message, now)
+                elif isinstance(message, Alert):
+                    alerts.add([message], now)
                 elif isinstance(message, VtResult) and is_flagged(message.status):
                     desktops.deliver([notification_text.for_verdict(
                         message.exe, message.name, message.sha256, message.status)])
@@ -393,6 +396,7 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
             now = time.monotonic()
             desktops.deliver(notification_text.coalesce(
                 notification_text.group(bursts.due(now)), exe_log))
+            desktops.deliver(notification_text.coalesce_alerts(alerts.due(now), alert_log))
             held = errors.due(now)
             if held:
                 desktops.deliver([notification_text.for_more_errors(held, error_log)])

@@ -1,9 +1,11 @@
-"""The files users read directly: record.json, exe.log and error.log.
+"""The files users read directly: record.json, exe.log, alert.log and error.log.
 
 record.json lists every executable picosnitch has seen with its names, parents and sha256
-hashes (each with its VirusTotal status). exe.log gets one line each time something new turns
-up: an executable, a new name for one, or a new hash (the file changed). error.log gets one
-line per problem, with bursts of the same problem collapsed into a count.
+hashes (each with its VirusTotal status), and, once there are any, the latest ALERTS_KEPT
+alerts ("Alerts", oldest first), which view and dash show. exe.log gets one line each time something new turns up: an
+executable, a new name for one, or a new hash (the file changed). alert.log gets one line per
+alert (alerts.baseline). error.log gets one line per problem, with bursts of the same problem
+collapsed into a count.
 
 Names and paths are `str` decoded with surrogateescape (see sanitize). In record.json they are
 kept losslessly: the file is UTF-8 JSON in which undecodable bytes are written as their lone
@@ -30,12 +32,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Optional
 
 from picosnitch import files
 from picosnitch.alerts.packages import Origin, change_note
-from picosnitch.messages import VtResult
+from picosnitch.messages import Alert, VtResult
 from picosnitch.sanitize import log_field, printable
 from picosnitch.timestamps import local_time
 
@@ -44,6 +47,8 @@ EXES_BY_NAME = "Executables by name"
 PARENT_EXES_BY_EXE = "Parent executables by executable"
 PARENT_NAMES_BY_NAME = "Parent names by name"
 SHA256_BY_EXE = "SHA256 by executable"
+ALERTS = "Alerts"
+ALERTS_KEPT = 1000
 PACKAGE_BY_SHA256 = "Package by SHA256"  # exe -> sha256 -> "curl 8.6.0": the package that installed it
 LIST_SECTIONS = (NAMES_BY_EXE, EXES_BY_NAME, PARENT_EXES_BY_EXE, PARENT_NAMES_BY_NAME)
 
@@ -163,10 +168,13 @@ def _check_record(record: object) -> dict:
             if not ok:
                 raise ValueError('"%s" of %s is not %s' % (section, printable(key), "an object of "
                                  "strings" if section == SHA256_BY_EXE else "a list of strings"))
+    alerts = record.get(ALERTS, [])
+    if not isinstance(alerts, list) or not all(isinstance(alert, dict) for alert in alerts):
+        raise ValueError('"%s" is not a list of objects' % ALERTS)
     return record
 
 
-def _move_aside(path: Path) -> Path:
+def move_aside(path: Path) -> Path:
     """Rename an unusable file to `<name>.bad-<unix time>` (never over an earlier one)."""
     stem = "%s.bad-%d" % (path.name, time.time())
     aside = path.with_name(stem)
@@ -195,9 +203,22 @@ def load_record(path: str | os.PathLike) -> tuple[dict, Optional[str]]:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors as well.
         return _check_record(json.loads(raw.decode("utf-8"))), None
     except ValueError as error:
-        aside = _move_aside(path)
+        aside = move_aside(path)
         return {}, "%s could not be read (%s); moved it to %s and started a new record" % (
             printable(str(path)), printable(str(error), limit=200), printable(str(aside)))
+
+
+def alert_fields(alert: Alert) -> dict:
+    """An alert as record.json and the event stream hold it."""
+    return {"time": alert.time, "alert": alert.kind, "exe": alert.exe, "script": alert.script,
+            "name": alert.name, "sha256": alert.sha256, "values": list(alert.values), "count": alert.count}
+
+
+def alert_log_line(alert: Alert) -> str:
+    """alert.log's line: time, kind, name, exe, script, sha256, then the values."""
+    more = " (%d in all)" % alert.count if alert.count > len(alert.values) else ""
+    return ", ".join([local_time(alert.time), alert.kind] + [log_field(value) for value in (
+        alert.name, alert.exe, alert.script, alert.sha256, " ".join(alert.values) + more)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,14 +250,19 @@ class RecordKeeper:
 
     def __init__(self, record_path: str | os.PathLike, exe_log_path: str | os.PathLike,
                  origin: Optional[Callable[[str, str], Optional[Origin]]] = None,
-                 journal_path: Optional[str | os.PathLike] = None) -> None:
-        """`origin(path, sha256)` says which package installed a file (alerts.packages), if any."""
+                 journal_path: Optional[str | os.PathLike] = None,
+                 alert_log_path: Optional[str | os.PathLike] = None) -> None:
+        """`origin(path, sha256)` says which package installed a file (alerts.packages), if any;
+        alerts are logged to `alert_log_path`."""
         self.record_path = Path(record_path)
         self.exe_log_path = Path(exe_log_path)
         self.origin = origin
         self.journal_path = Path(journal_path) if journal_path else None
+        self.alert_log_path = Path(alert_log_path) if alert_log_path else None
+        self.alert_log = HeldLines(self.alert_log_path) if self.alert_log_path else None
         self.exe_log = HeldLines(self.exe_log_path)
         record, self.load_problem = load_record(self.record_path)
+        self._alerts: deque[dict] = deque(record.get(ALERTS, []), maxlen=ALERTS_KEPT)
         self._sets = {section: {key: set(values) for key, values in record.get(section, {}).items()}
                       for section in LIST_SECTIONS}
         self._hashes: dict[str, dict[str, str]] = {
@@ -317,11 +343,23 @@ class RecordKeeper:
             self._changed = True
             self._journal({"vt": [exe, sha256, status]})
 
+    def alert(self, alert: Alert) -> bool:
+        """Keep an alert in the record (the oldest of ALERTS_KEPT goes) and log it to alert.log;
+        False when alert.log refuses (a full disk): the line is held and goes with the next one
+        that can be written (HeldLines)."""
+        fields = alert_fields(alert)
+        self._alerts.append(fields)
+        self._changed = True
+        self._journal({"alert": fields})
+        return self.alert_log.append([alert_log_line(alert)]) if self.alert_log else True
+
     def as_dict(self) -> dict:
-        """The record as written to record.json: every list sorted."""
+        """The record as written to record.json: every list sorted, alerts oldest first."""
         record: dict = {section: {key: sorted(values) for key, values in by_key.items()}
                         for section, by_key in self._sets.items()}
         record[SHA256_BY_EXE] = {exe: dict(hashes) for exe, hashes in self._hashes.items()}
+        if self._alerts:
+            record[ALERTS] = list(self._alerts)
         if self._packages:  # (absent until a package's file is recorded)
             record[PACKAGE_BY_SHA256] = {exe: dict(labels) for exe, labels in self._packages.items()}
         return record
@@ -370,6 +408,10 @@ class RecordKeeper:
                         self._hashes[exe][sha256] = status
                         self._changed = True
                         replayed += 1
+                elif "alert" in change and isinstance(change["alert"], dict):
+                    self._alerts.append(change["alert"])
+                    self._changed = True
+                    replayed += 1
             except (ValueError, TypeError, AttributeError):
                 continue  # a line cut short by a kill: the change it held is lost
         return replayed

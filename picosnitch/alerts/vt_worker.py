@@ -185,26 +185,19 @@ class RootSide:
 
     def _start(self) -> tuple[socket.socket, int]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            status = 1
-            try:
-                ours.close()
-                desktop_sessions.close_fds_except({theirs.fileno()})
-                timeout, retry_base, analysis_wait = self.checker_args
-                # Made (and `requests` imported) before becoming the user, who may not be
-                # allowed to read where it is installed (a virtualenv under /root, say).
-                client = Client(self.config["VT API key"], self.config["VT API URL"],
-                                self.config["VT request limit (seconds)"], timeout)
-                desktop_sessions.become(desktop_sessions.lookup(self.user))
-                Checker(theirs, client, self.config["VT file upload"], retry_base,
-                        analysis_wait).run()
-                status = 0
-            except BaseException as error:  # the child must never return into the parent's code
-                os.write(2, ("picosnitch VirusTotal checker: %s\n" % printable(repr(error))
-                             ).encode())
-            finally:
-                os._exit(status)
+
+        def checker() -> None:
+            ours.close()
+            desktop_sessions.close_fds_except({theirs.fileno()})
+            timeout, retry_base, analysis_wait = self.checker_args
+            # Made (and `requests` imported) before becoming the user, who may not be
+            # allowed to read where it is installed (a virtualenv under /root, say).
+            client = Client(self.config["VT API key"], self.config["VT API URL"],
+                            self.config["VT request limit (seconds)"], timeout)
+            desktop_sessions.become(desktop_sessions.lookup(self.user))
+            Checker(theirs, client, self.config["VT file upload"], retry_base, analysis_wait).run()
+
+        pid = desktop_sessions.fork_child("VirusTotal checker", checker)
         theirs.close()
         for sha256 in self.watchers:
             if sha256 not in self.statuses:

@@ -19,8 +19,6 @@ them in the server's hourly rollup (central.rollup).
 """
 
 import dataclasses
-import os
-import pwd
 import signal
 import threading
 import time
@@ -43,45 +41,12 @@ from picosnitch.central.writer import (
 )
 from picosnitch.config import ConfigError
 from picosnitch.messages import ErrorReport, Stop
+from picosnitch.unprivileged import drop_privileges
 
 LATE = 30.0  # seconds after a window ends before it is sent though no later window was seen
 TICK = 0.5
 STOP_DRAIN = 5.0  # seconds at Stop to send what the backlog holds; the rest waits on disk
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
-USERS = ("picosnitch", "nobody")
-
-
-def drop_privileges(directory: Path) -> str:
-    """Become the unprivileged user, after making `directory` (the backlog) its own.
-
-    Returns the user name. Without root, only makes sure the directory exists.
-    """
-    if os.geteuid() != 0:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return pwd.getpwuid(os.geteuid()).pw_name
-    for name in USERS:
-        try:
-            user = pwd.getpwnam(name)
-            break
-        except KeyError:
-            continue
-    else:
-        raise RuntimeError("neither of the users %s exists" % " nor ".join(USERS))
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        os.fchown(fd, user.pw_uid, user.pw_gid)
-        os.fchmod(fd, 0o700)
-        for entry in os.listdir(fd):  # left by another user (e.g. picosnitch created since)
-            os.chown(entry, user.pw_uid, user.pw_gid, dir_fd=fd, follow_symlinks=False)
-    finally:
-        os.close(fd)
-    os.setgroups([])
-    os.setgid(user.pw_gid)
-    os.setuid(user.pw_uid)
-    return user.pw_name
-
-
 class Windows:
     """Connections summed per (identity, endpoint, ts), released once their window is over."""
 

@@ -3,8 +3,11 @@
     monitor ──► identity ──► writer (snitch.db, conn.log) ──┐
                    ├──────► live (picosnitch top's feed) ────┤
                    ├──────► sql (remote server; optional) ───┤
+                   ├──────► baseline (alerts; optional) ─────┤
                    └────────────────────────────────────────► keeper ──► notifier (optional)
-                                        supervisor's errors ──┘    └───► vt (optional) ──┘
+                                        supervisor's errors ──┘    ├───► vt (optional) ──┘
+                                                                   └───► outlet (events, webhooks,
+                                                                         metrics; optional) ──┘
 
 Every worker also reports errors to the keeper, which owns record.json, exe.log and error.log.
 Stopping: SIGTERM to the monitor, which drains the kernel and sends Stop down the pipeline; each
@@ -32,7 +35,7 @@ from collections import deque
 from typing import Callable, Dict, Optional, cast
 
 from picosnitch import channels
-from picosnitch.alerts import keeper_worker, notifier_worker, vt_worker
+from picosnitch.alerts import baseline_worker, keeper_worker, notifier_worker, outlet_worker, vt_worker
 from picosnitch.central import worker as sql_worker
 from picosnitch.daemon import live_feed
 from picosnitch.guard import worker as guard_worker
@@ -64,6 +67,8 @@ WITHOUT = {
     "keeper": "record.json, exe.log and error.log are not written",
     "notifier": "no desktop notifications are shown",
     "vt": "no VirusTotal lookups are made",
+    "baseline": "no baseline alerts are raised and the metrics' traffic totals stand still",
+    "outlet": "events, webhooks and metrics wait in the record keeper's queue",
 }
 
 _ctx = multiprocessing.get_context("fork")
@@ -89,8 +94,13 @@ class Supervisor:
         """notes: sentences for error.log about how the last daemon ended."""
         self.config, self.paths, self.notes = config, paths, list(notes)
         self.ready = _ctx.Event()
-        consumers = ["writer", "live"] + (["sql"] if config["DB sql server"] else [])
-        helpers = (["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
+        metrics = bool(config["Metrics address"] or config["Metrics textfile"])
+        consumers = (["writer", "live"] + (["sql"] if config["DB sql server"] else [])
+                     + (["baseline"] if config["Alert kinds"] or metrics else []))
+        outlet = bool(config["Event log"] or config["Syslog socket"] or metrics
+                      or any(config[f"{key} URL"] for key in ("Webhook", "ntfy", "Gotify")))
+        helpers = ((["notifier"] if config["Desktop notifications"] else []) + (["vt"] if config["VT API key"] else [])
+                   + (["outlet"] if outlet else []))
         guard = ["guard"] if config["Guard mode"] != "off" else []  # guard mode: picosnitch/guard
         self.order = (*helpers, "keeper", *guard, *consumers, "identity", "monitor")  # start order; stop: reversed
         # Each worker's inbox, and who speaks for its upstream when that died without saying Stop.
@@ -101,13 +111,13 @@ class Supervisor:
         to_keeper = {name: channels.pair(REPORTS_LIMIT)
                      for name in ("supervisor", "identity", *guard, *consumers, *helpers)}
         self.to_keeper = to_keeper["supervisor"][1]
-        self.keeper_waits_for = {"identity", "writer"} | ({"sql"} & set(consumers))  # those that say Stop
+        self.keeper_waits_for = {"identity", "writer"} | ({"sql", "baseline"} & set(consumers))  # those that say Stop
         self.last_words, self.to_supervisor = channels.pair(REPORTS_LIMIT)  # WorkerEnded, from any worker
         # What the kernel monitor leaves for the next one (handover): its maps and links, and memory.
         self.kept_r, kept_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.kept: Dict[str, int] = {}  # descriptors by name; a restarted monitor inherits them
         self.shared = handover.shared_block()
-        to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt")}
+        to_helper = {h: inbox[h][1] if h in inbox else None for h in ("notifier", "vt", "outlet")}
         # The files each exec ran, pinned by the monitor, go to the identity worker on their own socket.
         pins_out, pins_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         targets = {
@@ -120,8 +130,13 @@ class Supervisor:
             "writer": (writer_worker.run, (config, paths, inbox["writer"][0], to_keeper["writer"][1])),
             "live": (live_feed.run, (config, paths, inbox["live"][0], to_keeper["live"][1])),
             "keeper": (keeper_worker.run, (paths, [r for r, _ in to_keeper.values()], self.keeper_waits_for,
-                                           to_helper["notifier"], to_helper["vt"], config["Dpkg database"])),
+                                           to_helper["notifier"], to_helper["vt"], to_helper["outlet"],
+                                           config["Dpkg database"])),
         }
+        if "baseline" in inbox:
+            targets["baseline"] = (baseline_worker.run, (config, paths, inbox["baseline"][0], to_keeper["baseline"][1]))
+        if "outlet" in inbox:
+            targets["outlet"] = (outlet_worker.run, (config, paths, inbox["outlet"][0], to_keeper["outlet"][1]))
         if guard:
             targets["guard"] = (guard_worker.run, (config, paths, inbox["guard"][0], to_keeper["guard"][1],
                                                    os.getpid()))
@@ -150,9 +165,9 @@ class Supervisor:
         process.start()
         self.processes[name] = process
 
-    def report(self, message: str) -> None:
+    def report(self, message: str, key: Optional[str] = None) -> None:
         """A line for error.log; also on stderr while the keeper, who writes error.log, is down."""
-        self.to_keeper.send(ErrorReport(message))
+        self.to_keeper.send(ErrorReport(message, key))
         if "keeper" in self.paused:
             print(f"picosnitch: {message}", file=sys.stderr, flush=True)
 
@@ -282,7 +297,7 @@ class Supervisor:
                         f"in {pause:.0f} s")
             return True
         history.append(now)
-        self.report(f"the {name} worker stopped unexpectedly ({why}); restarting it")
+        self.report(f"the {name} worker stopped unexpectedly ({why}); restarting it", f"restart:{name}")
         self._start_now(name)
         return True
 

@@ -33,6 +33,9 @@ LogsDirectory=picosnitch
 RuntimeDirectory=picosnitch
 UMask=0022
 ProtectSystem=strict
+# Where node_exporter's textfile collector reads on Debian ("Metrics textfile"), if it exists;
+# another directory needs a drop-in with a ReadWritePaths= line of its own.
+ReadWritePaths=-/var/lib/prometheus/node-exporter
 # Read-only, not hidden: executables under /home are hashed, the desktop buses in /run/user reached.
 ProtectHome=read-only
 # Not private: a program run from /tmp that exits before it is hashed is hashed by its path,

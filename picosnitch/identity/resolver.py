@@ -86,7 +86,7 @@ class IdentityResolver:
             # With the running total: error.log collapses repeats of a key into one line.
             total = self.loss_totals[record.what] = self.loss_totals.get(record.what, 0) + record.count
             self.report(ErrorReport(f"the kernel dropped {record.count} {record.description} ({total} since "
-                                    "the daemon started)", "loss:" + record.what))
+                                    "the daemon started)", "loss:" + record.what, record.count))
         elif kind == "degraded":
             self.report(ErrorReport(f"{record.consequence}: {record.hook} could not be used ({record.reason})",
                                     "degraded:" + record.hook))

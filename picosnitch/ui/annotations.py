@@ -1,16 +1,16 @@
 """What the UIs show next to values: the country of a remote address (GeoIP) and the
-VirusTotal status of a hash (from record.json). view and dash both use it."""
+VirusTotal status of a hash (from record.json); and the latest alerts (record.json's "Alerts").
+view and dash both use it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Optional
 
-from picosnitch.alerts.record_keeper import SHA256_BY_EXE
-from picosnitch.installed import install_extra
+from picosnitch.alerts.geoip import CountryReader
+from picosnitch.alerts.record_keeper import ALERTS, SHA256_BY_EXE
 from picosnitch.paths import Paths
-from picosnitch.sanitize import printable
 
 
 class Annotations:
@@ -20,33 +20,19 @@ class Annotations:
     `problem` for the UI to show; nothing here raises over it.
     """
 
-    def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None):
+    def __init__(self, geoip_path: str = "", vt_status: Optional[dict] = None, record_path=None):
         self.vt_status = vt_status or {}
-        self.problem = ""
-        self._reader: Any = None
-        self._geoip_path = geoip_path
-        if geoip_path:
-            self._open_geoip()
+        self._countries = CountryReader(geoip_path)
+        self.record_path = record_path
 
-    def _open_geoip(self) -> None:
-        shown = printable(self._geoip_path)
-        try:
-            import maxminddb  # optional extra [geoip]
-        except ImportError:
-            self.problem = (f"GeoIP off: reading {shown} needs the Python package maxminddb "
-                            f"(install it with: {install_extra('geoip')})")
-            return
-        try:
-            self._reader = maxminddb.open_database(self._geoip_path)
-        except OSError as exc:
-            self.problem = f"GeoIP off: cannot read {shown}: {exc.strerror or exc}"
-        except (maxminddb.InvalidDatabaseError, ValueError):  # ValueError: an empty file
-            self.problem = f"GeoIP off: {shown} is not a MaxMind DB (.mmdb) file"
+    @property
+    def problem(self) -> str:
+        return self._countries.problem
 
     @property
     def geoip(self) -> bool:
         """Whether countries are looked up."""
-        return self._reader is not None
+        return self._countries.on
 
     @classmethod
     def load(cls, paths: Paths, cfg: Mapping) -> "Annotations":
@@ -60,24 +46,21 @@ class Annotations:
                 statuses.update(hashes)
         except (OSError, ValueError, AttributeError):
             pass
-        return cls(geoip, statuses)
+        return cls(geoip, statuses, paths.record)
+
+    def alerts(self) -> list[dict]:
+        """The alerts record.json keeps, newest first, read now ([] when it cannot be read)."""
+        if self.record_path is None:
+            return []
+        try:
+            kept = json.loads(self.record_path.read_bytes()).get(ALERTS, [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [a for a in reversed(kept) if isinstance(a, dict)] if isinstance(kept, list) else []
 
     def country(self, address: str) -> str:
         """The ISO code of `address`'s country ("" when unknown or GeoIP is off)."""
-        if self._reader is None or not address:
-            return ""
-        try:
-            found = self._reader.get(address)
-        except ValueError:  # not an IP address
-            return ""
-        except Exception:  # the reader's errors for a damaged file; GeoIP is optional, stop it
-            self._reader = None  # not closed: another dash thread may be reading it
-            self.problem = f"GeoIP off: {printable(self._geoip_path)} is damaged (a lookup failed)"
-            return ""
-        if not isinstance(found, dict):
-            return ""
-        country = found.get("country") or found.get("registered_country") or {}
-        return str(country.get("iso_code", "")) if isinstance(country, dict) else ""
+        return self._countries.country(address)
 
     def note(self, column: str, value: object) -> str:
         """Text shown after `value` in tab `column` ("" for none)."""

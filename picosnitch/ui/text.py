@@ -112,3 +112,29 @@ def show_value(column: str, value, width: int = 0) -> str:
     if value == "":
         return "(none)"
     return safe(str(value))
+
+
+# ---- alerts (record.json's "Alerts") ----
+
+def alert_fields(alert: dict) -> dict:
+    """An alert as the UIs show it: time, kind, name, program (the script, else the executable)
+    and its values, each safe text."""
+    def text(key: str) -> str:
+        value = alert.get(key, "")
+        return safe(value) if isinstance(value, str) else ""
+    listed = alert.get("values")
+    values: list = listed if isinstance(listed, list) else []
+    counted = alert.get("count")
+    count: int = counted if isinstance(counted, int) else len(values)
+    shown = ", ".join(safe(str(v)) for v in values)
+    if count > len(values):
+        shown += f" ({count} in all)"
+    when = alert.get("time")
+    return {"time": local_time(when) if isinstance(when, (int, float)) else "", "kind": text("alert"),
+            "name": text("name"), "program": text("script") or text("exe"), "values": shown}
+
+
+def alert_line(alert: dict) -> str:
+    """One alert on one line, as view lists them."""
+    shown = alert_fields(alert)
+    return f"{shown['time']}  {shown['kind']}  {shown['name']}  {shown['program']}  {shown['values']}"

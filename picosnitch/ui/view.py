@@ -32,7 +32,7 @@ from picosnitch.timestamps import local_time
 from picosnitch.ui import terminal
 from picosnitch.ui.annotations import Annotations
 from picosnitch.ui.terminal import put
-from picosnitch.ui.text import RANGES, UNITS, cells, fit, format_bytes, safe, show_value, window
+from picosnitch.ui.text import RANGES, UNITS, alert_line, cells, fit, format_bytes, safe, show_value, window
 
 DEFAULT_RANGE = "all"
 
@@ -80,6 +80,7 @@ picosnitch view: the traffic in snitch.db, by executable, address, user, ...
   u / U             next / previous byte unit
   / then n          search the values of this tab; n finds the next match
   r                 refresh (re-read snitch.db, move "now")
+  a                 the latest alerts (new domains, countries, ports, listeners, spikes)
   g                 guard mode's latest verdicts (allowed/denied, by rule, user, timeout)
   ?                 this help                     q  quit
 
@@ -99,6 +100,8 @@ class ViewUI:
         self.annotations = annotations
         self.state = State(dimensions=history.dimensions)
         self.showing_help = False
+        self.alerts: Optional[list[str]] = None  # the alerts screen's lines while it shows
+        self.alerts_top = 0  # the first alert shown (the list scrolls)
         self.showing_guard = False  # guard mode's verdicts (picosnitch/ui/verdicts.py)
         self.keys: dict[object, Callable[[], None]] = {
             curses.KEY_LEFT: lambda: self.switch_tab(-1),
@@ -116,7 +119,7 @@ class ViewUI:
             "t": lambda: self.cycle_range(1), "T": lambda: self.cycle_range(-1),
             "u": lambda: self.cycle_unit(1), "U": lambda: self.cycle_unit(-1),
             "r": self.refresh, "/": self.ask_search, "n": self.next_match,
-            "?": self.show_help, curses.KEY_RESIZE: self.screen.clear,
+            "?": self.show_help, "a": self.show_alerts, curses.KEY_RESIZE: self.screen.clear,
             "g": self.show_guard,
         }
 
@@ -242,6 +245,24 @@ class ViewUI:
     def show_help(self) -> None:
         self.showing_help = True
 
+    def show_alerts(self) -> None:
+        found = self.annotations.alerts()
+        self.alerts = [f"picosnitch view │ alerts: {len(found)} (newest first; ↑ ↓ PgUp PgDn scroll, any other "
+                       "key goes back)"]
+        self.alerts += [alert_line(alert) for alert in found] or ["no alerts (see picosnitch baseline)"]
+        self.alerts_top = 0
+
+    def scroll_alerts(self, key) -> bool:
+        """Move the alerts list for a scrolling key; False for any other key."""
+        assert self.alerts is not None
+        steps = {curses.KEY_UP: -1, curses.KEY_DOWN: 1, curses.KEY_PPAGE: -self.page(), curses.KEY_NPAGE: self.page(),
+                 curses.KEY_HOME: -len(self.alerts), curses.KEY_END: len(self.alerts)}
+        if key not in steps:
+            return False
+        shown = max(self.screen.getmaxyx()[0] - 2, 1)  # below the title line
+        self.alerts_top = min(max(self.alerts_top + steps[key], 0), max(len(self.alerts) - 1 - shown, 0))
+        return True
+
     def show_guard(self) -> None:
         self.showing_guard = True
 
@@ -262,12 +283,17 @@ class ViewUI:
             put(self.screen, 0, 0, fit("window too small", max(width - 1, 0)))
             self.screen.refresh()
             return
-        if self.showing_help or self.showing_guard:
-            from picosnitch.ui import verdicts
-            text = HELP.splitlines() if self.showing_help else verdicts.lines(
-                getattr(self.history, "conn", None) if not self.history.label else None, height - 3)
+        if self.showing_help or self.showing_guard or self.alerts is not None:
+            if self.alerts is not None:
+                text = self.alerts[:1] + self.alerts[1 + self.alerts_top:]
+            elif self.showing_help:
+                text = HELP.splitlines()
+            else:
+                from picosnitch.ui import verdicts
+                text = verdicts.lines(getattr(self.history, "conn", None) if not self.history.label else None,
+                                      height - 3)
             for y, line in enumerate(text[: height - 1]):
-                put(self.screen, y, 0, fit(line, width - 1))
+                put(self.screen, y, 0, fit(line, width - 1), curses.A_BOLD if self.alerts and y == 0 else 0)
             self.screen.refresh()
             return
         widths = self.number_widths()  # one pass over the tab's rows, for header and rows
@@ -362,7 +388,7 @@ class ViewUI:
         # a GeoIP problem stays in view until it is fixed, as countries stay missing
         hint = s.message or self.annotations.problem or (
             "←/→ tabs  ↵ filter  e exclude  ⌫ unfilter  h/H history  t/T range  "
-            "u/U units  / search  ? help  q quit")
+            "u/U units  / search  a alerts  ? help  q quit")
         put(self.screen, height - 1, 0, fit(f"{where}  {hint}", width - 1), curses.A_DIM)
 
     # -- the loop --
@@ -375,8 +401,11 @@ class ViewUI:
             self.draw()
             key = self.screen.get_wch()
             self.state.message = ""
-            if self.showing_help or self.showing_guard:
+            if self.alerts is not None and self.scroll_alerts(key):
+                continue
+            if self.showing_help or self.showing_guard or self.alerts is not None:
                 self.showing_help = self.showing_guard = False
+                self.alerts = None
                 continue
             if key == "q":
                 return

@@ -8,6 +8,10 @@
  *   netops mmsg-recv HOST PORT COUNT SIZE
  *                                       send "pull COUNT SIZE", recvmmsg until COUNT datagrams
  *                                       arrived or none for a second
+ *   netops named HOST PORT SIZE NAME    connect, send an HTTP request whose Host is NAME, then SIZE
+ *                                       bytes, read until EOF (the alert tests: a domain by Host)
+ *   netops serve PORT COUNT             listen on PORT (IPv4 and IPv6; 0: any), print "ready PORT",
+ *                                       read COUNT connections until EOF, exit
  *   netops udp-threads HOST THREADS COUNT PORT...
  *                                       threads sharing one unconnected UDP socket (see udp_threads);
  *                                       also prints "peers": {PORT: [sent, recv]}
@@ -142,6 +146,76 @@ static int quick(const char *host, int port, long size)
 	long n = write(fd, buf, size < (long)sizeof(buf) ? size : (long)sizeof(buf));
 
 	printf("{\"sent\": %ld, \"recv\": 0}\n", n);
+	return 0;
+}
+
+static void send_all(int fd, const char *data, size_t len)
+{
+	while (len) {
+		ssize_t n = send(fd, data, len, 0);
+		if (n <= 0) {
+			perror("send");
+			exit(1);
+		}
+		data += n;
+		len -= n;
+	}
+}
+
+static long drain(int fd)
+{
+	static char buf[65536];
+	long got = 0, n;
+	while ((n = recv(fd, buf, sizeof(buf), 0)) > 0)
+		got += n;
+	return got;
+}
+
+static int named(const char *host, int port, long size, const char *name)
+{
+	static char block[65536];
+	char request[512];
+	int fd = connect_to(host, port, SOCK_STREAM);
+	int n = snprintf(request, sizeof(request), "GET / HTTP/1.1\r\nHost: %s\r\nAccept: */*\r\n\r\n", name);
+	long sent = n;
+
+	send_all(fd, request, n);
+	memset(block, 'a', sizeof(block));
+	for (long left = size; left > 0; left -= sizeof(block))
+		send_all(fd, block, left < (long)sizeof(block) ? (size_t)left : sizeof(block));
+	sent += size;
+	shutdown(fd, SHUT_WR);
+	printf("{\"sent\": %ld, \"recv\": %ld}\n", sent, drain(fd));
+	return 0;
+}
+
+static int serve(int port, int count)
+{
+	struct sockaddr_in6 a = {0};
+	socklen_t len = sizeof(a);
+	int fd = socket(AF_INET6, SOCK_STREAM, 0), off = 0, on = 1;
+
+	a.sin6_family = AF_INET6;
+	a.sin6_port = htons(port);
+	a.sin6_addr = in6addr_any;
+	setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off));
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(fd, 16) < 0) {
+		perror("listen");
+		return 1;
+	}
+	getsockname(fd, (struct sockaddr *)&a, &len);
+	printf("ready %d\n", ntohs(a.sin6_port));
+	fflush(stdout);
+	for (int i = 0; i < count; i++) {
+		int client = accept(fd, NULL, NULL);
+		if (client < 0) {
+			perror("accept");
+			return 1;
+		}
+		drain(client);
+		close(client);
+	}
 	return 0;
 }
 
@@ -312,8 +386,12 @@ int main(int argc, char **argv)
 		return mmsg_send(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
 	if (argc >= 6 && !strcmp(argv[1], "mmsg-recv"))
 		return mmsg_recv(argv[2], atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
+	if (argc >= 6 && !strcmp(argv[1], "named"))
+		return named(argv[2], atoi(argv[3]), atol(argv[4]), argv[5]);
+	if (argc >= 4 && !strcmp(argv[1], "serve"))
+		return serve(atoi(argv[2]), atoi(argv[3]));
 	if (argc >= 6 && !strcmp(argv[1], "udp-threads"))
 		return udp_threads(argv[2], atoi(argv[3]), atoi(argv[4]), argc - 5, argv + 5);
-	fprintf(stderr, "usage: netops uring|mmsg|quick|mmsg-send|mmsg-recv|udp-threads HOST ...\n");
+	fprintf(stderr, "usage: netops uring|mmsg|quick|named|serve|mmsg-send|mmsg-recv|udp-threads ...\n");
 	return 2;
 }

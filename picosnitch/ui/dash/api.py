@@ -360,8 +360,13 @@ class LiveRelay:
             time.sleep(self.RETRY)
 
 
+def alerts(dash: Dash, db, params) -> dict:
+    """This machine's latest alerts (record.json), newest first, as safe text."""
+    return {"alerts": [text.alert_fields(alert) for alert in dash.annotations.alerts()]}
+
+
 ENDPOINTS = {"meta": meta, "series": series, "values": values, "addresses": addresses,
-             "executable": executable, "live": live}
+             "executable": executable, "live": live, "alerts": alerts}
 
 
 def endpoint(dash: Dash, name: str):

@@ -377,6 +377,27 @@
     }
   }
 
+  // ---- the alerts view: this machine's latest alerts (record.json), newest first ----
+
+  async function loadAlerts() {
+    try {
+      const result = await api("alerts", new URLSearchParams());
+      const body = $("alerts-table").tBodies[0];
+      body.textContent = "";
+      for (const a of result.alerts) {
+        const tr = el("tr");
+        for (const text of [a.time, a.kind, a.name, a.program, a.values]) tr.appendChild(el("td", text));
+        body.appendChild(tr);
+      }
+      const n = result.alerts.length;
+      $("alerts-note").textContent = n ? `${n} alert${n === 1 ? "" : "s"}, newest first`
+        : "no alerts: programs are learning, or nothing new happened (picosnitch baseline)";
+      setStatus(`alerts ${when(Date.now() / 1000)}`);
+    } catch (e) {
+      setStatus(`error: ${e.message}`, true);
+    }
+  }
+
   // ---- guard mode: prompts waiting for an answer, latest verdicts (picosnitch/guard/dash_guard.py) ----
 
   const PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"};
@@ -438,9 +459,11 @@
     state.view = view;
     $("history-view").hidden = view !== "history";
     $("live-view").hidden = view !== "live";
+    $("alerts-view").hidden = view !== "alerts";
     $("guard-view").hidden = view !== "guard";
     $("tab-history").classList.toggle("active", view === "history");
     $("tab-live").classList.toggle("active", view === "live");
+    $("tab-alerts").classList.toggle("active", view === "alerts");
     $("tab-guard").classList.toggle("active", view === "guard");
     clearInterval(state.liveTimer);
     if (view === "guard") {
@@ -449,6 +472,9 @@
     } else if (view === "live") {
       pollLive();
       state.liveTimer = setInterval(pollLive, 1000);
+    } else if (view === "alerts") {
+      loadAlerts();
+      state.liveTimer = setInterval(loadAlerts, 10000);
     } else {
       load();
     }
@@ -521,6 +547,7 @@
     $("drill-close").addEventListener("click", () => { $("drill").hidden = true; });
     $("tab-history").addEventListener("click", () => showView("history"));
     $("tab-live").addEventListener("click", () => showView("live"));
+    $("tab-alerts").addEventListener("click", () => showView("alerts"));
     $("tab-guard").addEventListener("click", () => showView("guard"));
     let resizeTimer = null;
     window.addEventListener("resize", () => {
@@ -545,6 +572,7 @@
       $("source").textContent = `server: ${state.meta.source}`;
       $("source").hidden = false;
       $("tab-live").textContent = "Live (this machine)";
+      $("tab-alerts").textContent = "Alerts (this machine)";
     }
     if (state.meta.geoip_problem) {
       $("notice").textContent = state.meta.geoip_problem;
