@@ -38,9 +38,9 @@ import pytest
 from daemon_harness import Daemon, wait_for
 from mmdb_writer import country
 from netlab import HOST4, PEER4, PEER6, listen
+from prometheus_client import parser as prometheus_parser
 from receivers import NtfyServer, WebhookServer, shared_tempdir
 
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
 LEARNING = 12.0  # seconds
 COALESCE = 5.0
 BURST = 12

@@ -15,8 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import parser as prometheus_parser
 from receivers import GotifyServer, NtfyServer, SyslogSocket, WebhookServer, shared_tempdir
 
+from picosnitch import channels
 from picosnitch import config as config_module
 from picosnitch.alerts import events, outlet_worker
 from picosnitch.alerts.outbox import Outbox
@@ -24,7 +26,6 @@ from picosnitch.alerts.record_keeper import NEW_EXE, NEW_SHA256, SCRIPT, NewThin
 from picosnitch.messages import Alert, ErrorReport, Stop, Traffic
 from picosnitch.paths import Paths
 
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
 _ctx = multiprocessing.get_context("fork")
 SHA = "a" * 64
 NTFY_TOKEN, GOTIFY_TOKEN, HOOK_TOKEN = "tk_0123456789abcdefghijklmnopqrs", "AKcJ2wCR.Nj_Vv2", "hook-secret"
@@ -53,8 +54,8 @@ class Outlet:
         self.config = config_module.parse(json.dumps(settings))
         self.paths = Paths.under(prefix)
         self.paths.ensure_dirs()
-        inbox, self.to_outlet = _ctx.Pipe(duplex=False)
-        self.from_outlet, report = _ctx.Pipe(duplex=False)
+        inbox, self.to_outlet = channels.pair(sender_waits=True)  # the links the supervisor makes
+        self.from_outlet, report = channels.pair()
         self.process = _ctx.Process(target=outlet_worker.run, args=(self.config, self.paths, inbox, report))
         self.process.start()
 
