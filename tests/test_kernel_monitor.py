@@ -517,18 +517,56 @@ def test_getaddrinfo_in_another_root_with_its_own_c_library_is_reported(recorder
     assert lookup.addresses == ("10.231.8.8",)
 
 
-def test_a_tiny_ring_buffer_under_an_exec_storm_reports_its_losses():
-    monitor = KernelMonitor(ring_pages=2)
+def exec_burst(ring_pages, runs):
+    """Runs /bin/true `runs` times while nobody reads the ring; (the exec events that arrived for
+    those runs, by the tag in their argv; the monitor's losses)."""
+    monitor = KernelMonitor(ring_pages=ring_pages)
     try:
         monitor.start()
-        subprocess.run(["sh", "-c", "for i in $(seq 200); do /bin/true; done"], check=True)
+        subprocess.run(["sh", "-c", f"for i in $(seq {runs}); do /bin/true burst-$i; done"], check=True)
         received = monitor.poll(0.1)
         losses = {loss.what: loss.count for loss in monitor.losses()}
     finally:
         monitor.close()
-    execs = [r for r in received if r.kind == "exec"]
+    return {r.argv[-1] for r in received if r.kind == "exec" and r.argv[:1] == ("/bin/true",)}, losses
+
+
+def test_a_tiny_ring_buffer_under_an_exec_storm_reports_its_losses():
+    tags, losses = exec_burst(ring_pages=2, runs=200)
     assert losses.get("ringbuf_exec", 0) > 0
-    assert len(execs) + losses["ringbuf_exec"] >= 200
+    assert len(tags) + losses["ringbuf_exec"] >= 200
+
+
+def test_an_exec_costs_the_ring_buffer_only_the_bytes_it_uses():
+    # 128 KiB of ring and nobody reading it meanwhile: 200 execs fit, as a burst must, where
+    # records of the whole 6 KiB struct (two paths and 4 KiB of argv) fit about 20.
+    tags, losses = exec_burst(ring_pages=32, runs=200)
+    assert tags == {f"burst-{i}" for i in range(1, 201)}
+    assert "ringbuf_exec" not in losses
+
+
+def test_the_longest_paths_and_command_lines_come_through_whole_or_marked_truncated(recorder, tmp_path):
+    # A script 511 bytes deep (the most a path field holds), run by an interpreter named in its #!
+    # line, with a command line longer than the 4 KiB read at exec: each string keeps its place.
+    deep = tmp_path
+    while len(str(deep)) < 511 - 60:
+        deep = deep / ("d" * 50)
+    deep.mkdir(parents=True)
+    script = deep / ("s" * (511 - len(str(deep)) - 1))
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    assert len(str(script)) == 511
+    short = subprocess.Popen([str(script), "short"])
+    long = subprocess.Popen([str(script), *["x" * 99] * 50])
+    assert short.wait(10) == long.wait(10) == 0
+
+    recorder.settle()
+    (whole,) = recorder.of("exec", short.pid)
+    assert (whole.filename, whole.path) == ("/bin/sh", str(script))
+    assert whole.argv == ("/bin/sh", str(script), "short") and not whole.argv_truncated
+    (cut,) = recorder.of("exec", long.pid)
+    assert (cut.filename, cut.path) == ("/bin/sh", str(script))
+    assert cut.argv_truncated and cut.argv[:2] == ("/bin/sh", str(script)) and cut.argv[2] == "x" * 99
 
 
 def test_when_cells_and_the_flow_map_are_full_the_dropped_flows_and_bytes_are_reported():

@@ -14,6 +14,7 @@ from typing import Dict, Tuple, Union
 from picosnitch.sanitize import from_bytes
 
 FILENAME_MAX, ARGS_MAX, COMM_MAX, DNS_NAME_MAX, DNS_ENTRIES_MAX, PAYLOAD_MAX = 512, 4096, 16, 256, 24, 2048
+EXEC_STRINGS_MAX = 2 * 2 * FILENAME_MAX + ARGS_MAX
 CELL_DIRTY_BITS = 64
 EVENT_EXEC, EVENT_FORK, EVENT_EXIT, EVENT_DNS, EVENT_PAYLOAD = 1, 2, 3, 4, 5
 PAYLOAD_KINDS = {1: "dns_answer", 2: "first_send"}  # enum payload_kind
@@ -57,11 +58,21 @@ class EventHeader(ctypes.Structure):
     _fields_ = [("type", u32), ("tgid", u32), ("ktime_ns", u64)]
 
 
+_EXEC_HEAD = [("h", EventHeader), ("ppid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32),
+              ("args_len", u32), ("args_truncated", u32), ("exec_id", u32), ("comm", ctypes.c_char * COMM_MAX),
+              ("filename_len", u16), ("path_len", u16), ("_pad", u32)]
+
+
+class ExecEventHead(ctypes.Structure):
+    """The fixed part of an exec event: what every sample holds before its strings."""
+
+    _fields_ = _EXEC_HEAD
+
+
 class ExecEventC(ctypes.Structure):
-    _fields_ = [("h", EventHeader), ("ppid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32),
-                ("args_len", u32), ("args_truncated", u32), ("exec_id", u32), ("comm", ctypes.c_char * COMM_MAX),
-                ("filename", ctypes.c_char * FILENAME_MAX), ("path", ctypes.c_char * FILENAME_MAX),
-                ("args", ctypes.c_char * ARGS_MAX)]
+    """struct exec_event; a sample carries only the used bytes of `strings`."""
+
+    _fields_ = _EXEC_HEAD + [("strings", ctypes.c_char * EXEC_STRINGS_MAX)]
 
 
 class ForkEventC(ctypes.Structure):
@@ -265,17 +276,22 @@ def _argv(raw: bytes) -> Tuple[str, ...]:
     return tuple(from_bytes(a) for a in raw.rstrip(b"\0").split(b"\0")) if raw.strip(b"\0") else ()
 
 
+def _exec(data: bytes, when: float) -> Exec:
+    e = ExecEventHead.from_buffer_copy(data[:ctypes.sizeof(ExecEventHead)])
+    strings = data[ctypes.sizeof(ExecEventHead):]
+    path_end = e.filename_len + e.path_len
+    return Exec(e.h.tgid, e.ppid, e.uid, st_dev_from_kernel(e.exe_dev), e.exe_ino, from_bytes(e.comm),
+                from_bytes(strings[:e.filename_len].split(b"\0", 1)[0]), _argv(strings[path_end:path_end + e.args_len]),
+                bool(e.args_truncated), when, e.exec_id, from_bytes(strings[e.filename_len:path_end].split(b"\0", 1)[0]))
+
+
 def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, Payload, None]:
     """Decodes one ring buffer sample (None for a type this version does not know)."""
     header = EventHeader.from_buffer_copy(data[:ctypes.sizeof(EventHeader)])
     when = unix_time(header.ktime_ns)
     e: ctypes.Structure
     if header.type == EVENT_EXEC:
-        e = ExecEventC.from_buffer_copy(data[:ctypes.sizeof(ExecEventC)])
-        raw_args = ctypes.string_at(ctypes.addressof(e) + ExecEventC.args.offset, e.args_len)
-        return Exec(e.h.tgid, e.ppid, e.uid, st_dev_from_kernel(e.exe_dev), e.exe_ino, from_bytes(e.comm),
-                    from_bytes(e.filename), _argv(raw_args), bool(e.args_truncated), when, e.exec_id,
-                    from_bytes(e.path))
+        return _exec(data, when)
     if header.type == EVENT_FORK:
         e = ForkEventC.from_buffer_copy(data[:ctypes.sizeof(ForkEventC)])
         return Fork(e.h.tgid, e.ppid, when)

@@ -921,17 +921,34 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* An exec event is built here and only its used bytes are copied into the ring buffer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct exec_event);
+} exec_scratch SEC(".maps");
+
+/* Bytes a bpf_probe_read_*_str into a buffer of PS_FILENAME_MAX used, NUL included (0 on failure),
+ * masked so that every verifier keeps the bound (see send_payload). */
+static __always_inline __u32 used_path_bytes(long n)
+{
+	if (n < 0)
+		n = 0;
+	barrier_var(n);
+	return (__u32)n & (2 * PS_FILENAME_MAX - 1);
+}
+
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
-	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u32 zero = 0, off, n;
+	struct exec_event *e = bpf_map_lookup_elem(&exec_scratch, &zero);
 	struct inode *inode = bprm->file->f_inode;
 	unsigned long start, len;
 
-	if (!e) {
-		count_loss(LOSS_RINGBUF_EXEC, 1);
+	if (!e)
 		return 0;
-	}
 	fill_header(&e->h, EVENT_EXEC, p->tgid);
 	e->ppid = p->real_parent->tgid;
 	e->uid = (__u32)bpf_get_current_uid_gid();
@@ -939,8 +956,12 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->exe_dev = inode->i_sb->s_dev;
 	e->exec_id = p->self_exec_id;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), bprm->interp);
-	bpf_probe_read_kernel_str(e->path, sizeof(e->path), bprm->filename);
+	off = used_path_bytes(bpf_probe_read_kernel_str(e->strings, PS_FILENAME_MAX, bprm->interp));
+	e->filename_len = off;
+	n = used_path_bytes(bpf_probe_read_kernel_str(e->strings + off, PS_FILENAME_MAX, bprm->filename));
+	e->path_len = n;
+	off += n;
+	e->_pad = 0;
 
 	/* Up to PS_ARGS_MAX - 1 bytes: a power-of-two mask is what the verifier accepts as a bound. */
 	start = p->mm->arg_start;
@@ -948,11 +969,13 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->args_truncated = len >= PS_ARGS_MAX;
 	if (len >= PS_ARGS_MAX)
 		len = PS_ARGS_MAX - 1;
+	barrier_var(len);
 	len &= PS_ARGS_MAX - 1;
-	if (bpf_probe_read_user(e->args, len, (void *)start))
+	if (bpf_probe_read_user(e->strings + off, len, (void *)start))
 		len = 0;
 	e->args_len = len;
-	bpf_ringbuf_submit(e, 0);
+	if (bpf_ringbuf_output(&events, e, offsetof(struct exec_event, strings) + off + len, 0))
+		count_loss(LOSS_RINGBUF_EXEC, 1);
 	return 0;
 }
 

@@ -7,6 +7,9 @@
 
 #define PS_FILENAME_MAX 512
 #define PS_ARGS_MAX 4096  /* argv captured at exec; longer command lines are read from /proc */
+/* The strings of an exec event: two paths and argv. Each offset is bounded for the verifier by a
+ * mask of twice PS_FILENAME_MAX, so the buffer is what those masks allow, not what is used. */
+#define PS_EXEC_STRINGS_MAX (2 * 2 * PS_FILENAME_MAX + PS_ARGS_MAX)
 #define PS_COMM_MAX 16
 #define PS_DNS_NAME_MAX 256
 #define PS_DNS_ENTRIES_MAX 24  /* getaddrinfo results read; glibc gives one per socket type, 3 per address */
@@ -96,19 +99,23 @@ struct event_header {
 	__u64 ktime_ns;  /* bpf_ktime_get_boot_ns() */
 };
 
+/* An exec. Only the fixed fields and the used bytes of strings[] cross the ring buffer (the
+ * sample's size says how many), so a typical exec costs a few hundred bytes of the ring, not
+ * the 6 KiB of the whole struct: a burst of execs is what fills it. */
 struct exec_event {
 	struct event_header h;
 	__u32 ppid;
 	__u32 uid;
 	__u64 exe_ino;
 	__u32 exe_dev;
-	__u32 args_len;  /* bytes of args used; NUL-separated argv */
+	__u32 args_len;  /* bytes of argv (NUL-separated) in strings[], after the two paths */
 	__u32 args_truncated;
 	__u32 exec_id;   /* task->self_exec_id after this exec */
 	char comm[PS_COMM_MAX];
-	char filename[PS_FILENAME_MAX];  /* path of the executed file (the interpreter, for #! scripts) */
-	char path[PS_FILENAME_MAX];      /* the path given to execve: the script, for #! scripts */
-	char args[PS_ARGS_MAX];
+	__u16 filename_len;  /* bytes of strings[] from 0, NUL included: the file executed (the interpreter, for #! scripts) */
+	__u16 path_len;      /* bytes after those, NUL included: the path given to execve (the script, for #! scripts) */
+	__u32 _pad;
+	char strings[PS_EXEC_STRINGS_MAX];  /* filename, path, argv, each right after the other */
 };
 
 struct fork_event {
