@@ -5,7 +5,9 @@
    listening (or bound UDP) socket coming in. It answers with the socket's inode, uid and cookie.
 2. The owner map (kernel/bpf/socket_owners.bpf.c) names the process that connected, sent or bound
    on that socket cookie last, with its executable's device and inode; it is taken when that
-   process still runs that executable (a reused pid would not).
+   process still runs that executable (a reused pid would not). For an outgoing TCP connection
+   the same owner is filed under the SYN's addresses and ports when the SYN is sent, so step 1
+   is skipped: the queued SYN carries them.
 3. Otherwise the process holding that inode among its file descriptors (/proc/PID/fd) is the
    owner. Processes that owned a socket recently are looked at first; the rest of /proc only when
    they do not hold it. A socket several processes share (after fork) is attributed to the first
@@ -29,7 +31,7 @@ from picosnitch.guard.rules import UNKNOWN, Program
 from picosnitch.identity.hashing import HashCache
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.monitor import MonitorError, cgroup2_root, check_structs
-from picosnitch.kernel.records import SocketOwner, st_dev_from_kernel
+from picosnitch.kernel.records import ConnectionKey, SocketOwner, st_dev_from_kernel
 from picosnitch.sanitize import from_bytes
 
 NETLINK_SOCK_DIAG = 4
@@ -146,7 +148,7 @@ class OwnerMap:
             raise libbpf.LibbpfError("no cgroup2 hierarchy is mounted")
         self.obj = libbpf.BpfObject(path)
         try:
-            check_structs(self.obj, {"socket_owner": SocketOwner})
+            check_structs(self.obj, {"socket_owner": SocketOwner, "connection_key": ConnectionKey})
             self.obj.load()
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -155,6 +157,7 @@ class OwnerMap:
             finally:
                 os.close(fd)
             self.map = self.obj.map("socket_owners")
+            self.connections = self.obj.map("connection_owners")
         except (libbpf.LibbpfError, MonitorError, OSError):
             self.obj.close()
             raise
@@ -162,6 +165,14 @@ class OwnerMap:
     def owner(self, cookie: int) -> Optional[SocketOwner]:
         found = SocketOwner()
         return found if self.map.lookup(ctypes.c_uint64(cookie), found) else None
+
+    def connection_owner(self, family: int, local: str, lport: int, remote: str, rport: int) -> Optional[SocketOwner]:
+        """The owner of the TCP socket that connected from local:lport to remote:rport."""
+        key = ConnectionKey(family=family, lport=lport, rport=rport)
+        key.laddr[:] = _packed(family, local)
+        key.raddr[:] = _packed(family, remote)
+        found = SocketOwner()
+        return found if self.connections.lookup(key, found) else None
 
     def close(self) -> None:
         self.obj.close()
@@ -179,7 +190,12 @@ class ProgramFinder:
         self.cache: Dict[Tuple[int, int, int], Program] = {}  # (pid, dev, ino) -> Program
 
     def find(self, family: int, protocol: int, local: str, lport: int, remote: str, rport: int,
-             uid: int = -1) -> Program:
+             uid: int = -1, outgoing: bool = False) -> Program:
+        if outgoing and protocol == socket.IPPROTO_TCP and self.owner_map:
+            owner = self.owner_map.connection_owner(family, local, lport, remote, rport)
+            exe = self._still_runs(owner) if owner else None
+            if owner and exe:
+                return self.describe(owner.tgid, owner.uid, exe)
         found = self.diag.owner_socket(family, protocol, local, lport, remote, rport)
         if not found:
             return Program(uid=uid)
@@ -193,23 +209,27 @@ class ProgramFinder:
         """The pid the owner map names for the socket, if that process still runs the executable
         it ran then; 0 otherwise."""
         owner = self.owner_map.owner(cookie) if self.owner_map and cookie else None
-        if owner is None:
-            return 0
+        return owner.tgid if owner and self._still_runs(owner) else 0
+
+    def _still_runs(self, owner: SocketOwner) -> Optional[os.stat_result]:
+        """The stat of the owner's /proc/PID/exe if that process still runs the executable the
+        kernel saw it run; None otherwise (it exited, exec'd, or its pid is another's now)."""
         try:
             st = os.stat(f"{self.proc}/{owner.tgid}/exe")
         except OSError:
-            return 0
+            return None
         same = (st.st_dev, st.st_ino) == (st_dev_from_kernel(owner.exe_dev), owner.exe_ino)
-        return owner.tgid if same else 0
+        return st if same else None
 
     def _read(self, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
 
-    def describe(self, pid: int, uid: int) -> Program:
+    def describe(self, pid: int, uid: int, st: Optional[os.stat_result] = None) -> Program:
+        """The program process `pid` runs; `st`, when given, is the stat of its /proc/PID/exe."""
         base = f"{self.proc}/{pid}"
         try:
-            st = os.stat(f"{base}/exe")
+            st = st or os.stat(f"{base}/exe")
             key = (pid, st.st_dev, st.st_ino)
             if key in self.cache:
                 return self.cache[key]

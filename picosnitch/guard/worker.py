@@ -126,7 +126,8 @@ class Guard:
         self.desktop = None
 
     def _program(self, a: Attempt):
-        return self.finder.find(a.family, a.protocol, a.laddr, a.lport, a.raddr, a.rport, a.uid)
+        return self.finder.find(a.family, a.protocol, a.laddr, a.lport, a.raddr, a.rport, a.uid,
+                                outgoing=a.direction == "out")
 
     def _domain(self, a: Attempt) -> str:
         pid = a.who.pid

@@ -87,6 +87,11 @@ class SocketOwner(ctypes.Structure):
     _fields_ = [("tgid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32), ("_pad", u32)]
 
 
+class ConnectionKey(ctypes.Structure):
+    _fields_ = [("family", u16), ("lport", u16), ("rport", u16), ("_pad", u16), ("laddr", u8 * 16),
+                ("raddr", u8 * 16)]
+
+
 class DnsAddressC(ctypes.Structure):
     _fields_ = [("family", u32), ("addr", u8 * 16)]
 

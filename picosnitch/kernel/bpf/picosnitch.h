@@ -150,6 +150,18 @@ struct socket_owner {
 	__u32 _pad;
 };
 
+/* An outgoing TCP connection as its first packet names it (socket_owners.bpf.c, guard mode): the
+ * owner of the connection is found by what the queued SYN carries, without asking sock_diag.
+ * IPv4 (and IPv4-mapped IPv6) addresses occupy the first 4 bytes; ports in host byte order. */
+struct connection_key {
+	__u16 family;   /* AF_INET or AF_INET6: the family of the packets, not of the socket */
+	__u16 lport;
+	__u16 rport;
+	__u16 _pad;
+	__u8 laddr[16];
+	__u8 raddr[16];
+};
+
 /* Bytes a process sent or received, read from its own buffer in the syscall that moved them: user
  * space parses the names in them (DNS answers, TLS SNI, HTTP Host). */
 struct payload_event {
