@@ -134,3 +134,21 @@ def test_a_connection_whose_owner_now_runs_another_executable_is_looked_up_the_s
     finder.owner_map.connections.update(key, forged)
     program = finder.find(socket.AF_INET, socket.IPPROTO_TCP, *key_args[1:], outgoing=True)
     assert program.pid == proc.pid  # through sock_diag and the owner by cookie instead
+
+
+def test_without_the_program_that_files_connections_by_their_syn_owners_come_through_sock_diag(client):
+    # What a kernel that refuses the sockops program gets: the owners by cookie alone.
+    finder = ProgramFinder(owner_map=OwnerMap(by_syn=False))
+    owners = finder.owner_map
+    try:
+        _proc, listener, _lport, _cookie = client
+        later, later_port, later_cookie = connect(listener.getsockname()[1])  # connects with it loaded
+        assert owners.connection_owner(socket.AF_INET, "127.0.0.1", later_port, "127.0.0.1",
+                                       listener.getsockname()[1]) is None
+        assert finder._mapped_owner(later_cookie) == later.pid
+        program = finder.find(socket.AF_INET, socket.IPPROTO_TCP, "127.0.0.1", later_port, "127.0.0.1",
+                              listener.getsockname()[1], outgoing=True)
+        assert program.pid == later.pid
+        hang_up(later)
+    finally:
+        finder.close()

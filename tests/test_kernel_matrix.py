@@ -1,12 +1,12 @@
-"""The kernel monitor on the kernels users run: every kernel-monitor test and the quick accuracy
-suite, inside a qemu guest booted with a stock Debian kernel from the archive (tests/guests.py).
+"""The kernel monitor on the kernels users run: every kernel-monitor test, the guard's socket
+owner tests and the quick accuracy suite, inside a qemu guest booted with a stock Debian kernel from the archive (tests/guests.py).
 
 By default the kernels are Debian's default (6.1 on Debian 12) and the newest the archive offers,
 resolved when the tests run; PICOSNITCH_KERNELS="6.1 6.12 linux-image-..." picks others
 (scripts/kernel-matrix.sh passes its arguments this way). One guest per kernel, one at a time.
 
-A guest passes only when it ran every test the host collects from tests/test_kernel_monitor.py
-and each passed there: a skip in the guest is not a pass. Where qemu cannot run, these tests say
+A guest passes only when it ran every test the host collects from GUEST_TESTS (the same files as
+tests/guest/matrix.sh runs) and each passed there: a skip in the guest is not a pass. Where qemu cannot run, these tests say
 "not run" in the warnings summary and skip; under CI (CI=true) they fail instead, since CI
 installs qemu itself (scripts/install-system-deps.sh test).
 """
@@ -40,11 +40,14 @@ def per_function(test_ids) -> Counter:
     return Counter(test_id.split("[", 1)[0] for test_id in test_ids)
 
 
+GUEST_TESTS = ("tests/test_kernel_monitor.py", "tests/test_guard_owners.py")
+
+
 @pytest.fixture(scope="module")
 def kernel_monitor_tests():
-    """What the host collects from tests/test_kernel_monitor.py: each case must run in a guest."""
+    """What the host collects from GUEST_TESTS: each case must run in a guest."""
     listed = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-                             "tests/test_kernel_monitor.py"], cwd=guests.REPO, capture_output=True, text=True)
+                             *GUEST_TESTS], cwd=guests.REPO, capture_output=True, text=True)
     cases = per_function(line.split("::", 1)[1] for line in listed.stdout.splitlines() if "::" in line)
     assert cases, listed.stdout + listed.stderr
     return cases

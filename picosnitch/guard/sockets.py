@@ -141,25 +141,41 @@ class SocketOwners:
 class OwnerMap:
     """The kernel's socket owners (kernel/bpf/socket_owners.bpf.c), attached for this process's life."""
 
-    def __init__(self, object_path: Optional[str] = None):
+    def __init__(self, object_path: Optional[str] = None, by_syn: bool = True):
+        """by_syn: file outgoing TCP connections by their SYN too (the sockops program), when the
+        kernel takes it; the owners by cookie work without it."""
         path = object_path or str(resources.files("picosnitch.kernel.bpf") / "socket_owners.bpf.o")
         root = cgroup2_root()
         if root is None:
             raise libbpf.LibbpfError("no cgroup2 hierarchy is mounted")
-        self.obj = libbpf.BpfObject(path)
+        self.missing = "" if by_syn else "not asked for"  # why connections are not filed by their SYN
         try:
-            check_structs(self.obj, {"socket_owner": SocketOwner, "connection_key": ConnectionKey})
-            self.obj.load()
+            self.obj = self._load(path, root, by_syn)
+        except libbpf.LibbpfError as e:
+            if not by_syn:
+                raise
+            self.obj = self._load(path, root, by_syn=False)
+            self.missing = str(e)
+        self.map = self.obj.map("socket_owners")
+        self.connections = self.obj.map("connection_owners")
+
+    @staticmethod
+    def _load(path: str, root: str, by_syn: bool) -> libbpf.BpfObject:
+        obj = libbpf.BpfObject(path)
+        try:
+            check_structs(obj, {"socket_owner": SocketOwner, "connection_key": ConnectionKey})
+            obj.program("owner_of_connection").autoload = by_syn
+            obj.load()
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                for prog in self.obj.programs():
-                    self.obj.keep_link(prog.attach_cgroup(fd))
+                for prog in obj.programs():
+                    if prog.autoload:
+                        obj.keep_link(prog.attach_cgroup(fd))
             finally:
                 os.close(fd)
-            self.map = self.obj.map("socket_owners")
-            self.connections = self.obj.map("connection_owners")
+            return obj
         except (libbpf.LibbpfError, MonitorError, OSError):
-            self.obj.close()
+            obj.close()
             raise
 
     def owner(self, cookie: int) -> Optional[SocketOwner]:

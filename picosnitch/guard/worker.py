@@ -238,7 +238,11 @@ class Guard:
     def _owner_map(self) -> Optional[OwnerMap]:
         """The kernel's socket owners, or None (then /proc is searched, which is slower)."""
         try:
-            return OwnerMap()
+            owners = OwnerMap()
+            if owners.missing:
+                self.report("outgoing connections' programs will be found through sock_diag, which is slower: the "
+                            "kernel refused the program that files them by their first packet (%s)" % owners.missing)
+            return owners
         except (libbpf.LibbpfError, MonitorError, OSError) as e:
             self.report("held connections' programs will be found through /proc, which is slower: the socket "
                         "owner map could not be attached (%s)" % e)

@@ -58,7 +58,7 @@ EOF
 case $mode in
 tests)
     step kernel_monitor "$python" -m pytest -p no:cacheprovider -rA --junitxml="$results/kernel_monitor.xml" \
-        tests/test_kernel_monitor.py
+        tests/test_kernel_monitor.py tests/test_guard_owners.py
     step accuracy "$python" -m bench.accuracy --quick --markdown --json "$results/accuracy.json"
     ;;
 bench)
