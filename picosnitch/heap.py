@@ -26,3 +26,21 @@ def trim() -> None:
     _clear_type_cache()
     if _malloc_trim is not None:
         _malloc_trim(0)  # every free page, wherever it is in the heap (madvise)
+
+
+class Burst:
+    """Tells, once, when a quiet period follows a busy one: the moment to trim().
+
+    A worker counts its work per period (rows written, records delivered, messages handled)
+    and calls over(count) at the end of each; a period with `quiet` or more makes the worker
+    busy, and the first one with fewer after that ends the burst."""
+
+    def __init__(self, quiet: int):
+        self.quiet, self.busy = quiet, False
+
+    def over(self, count: int) -> bool:
+        if count >= self.quiet:
+            self.busy = True
+            return False
+        ended, self.busy = self.busy, False
+        return ended

@@ -8,26 +8,28 @@ and what it has not taken waits on disk. An answer that says the event itself is
 413, 422, or a datagram too long for the socket) would be the same at every try: that event is
 skipped and reported. Each outage is reported once when it starts and once when it ends.
 
-Everything the sender needs is imported here, before it becomes a user who may not be allowed
-to read where Python's libraries are (a virtual environment under /root, say).
+Everything the sender needs is imported before it becomes a user who may not be allowed to read
+where Python's libraries are (a virtual environment under /root, say): HTTP (http.client,
+http.server, ssl: ~9 MiB) by load_http(), and only when a receiver or the metrics use it, so
+that the daemon's other processes, which share what the supervisor imported, do not carry it.
 """
 
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - http.client needs it for host names, after the user may not read it
 import errno
-import http.client
-import http.server
 import os
 import socket
-import ssl
 import threading
 import urllib.parse
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from picosnitch.alerts import events
 from picosnitch.alerts.outbox import Outbox
 from picosnitch.sanitize import printable
+
+if TYPE_CHECKING:
+    import http.client
 
 HTTP_TIMEOUT = 10.0
 DEFAULT_SYSLOG = "/dev/log"  # left out where it does not exist: no syslog there, not an outage
@@ -56,6 +58,9 @@ class HttpReceiver:
 
     def send(self, event: dict) -> None:
         url, headers, body = self.build(event, self.url, self.token)
+        import http.client  # noqa: PLC0415 - load_http() has: ~9 MiB the daemon's other processes need not share
+        import ssl  # noqa: PLC0415
+
         parts = urllib.parse.urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection: http.client.HTTPConnection
@@ -152,6 +157,8 @@ class MetricsServer:
     """GET /metrics on a loopback address, answering the latest exposition `text`."""
 
     def __init__(self, address: str) -> None:
+        import http.server  # noqa: PLC0415 - load_http() has
+
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         if host == "localhost":
@@ -185,6 +192,13 @@ class MetricsServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def load_http() -> None:
+    """Imports what webhooks and the metrics server need, while the Python library can be read."""
+    import http.client  # noqa: F401, PLC0415
+    import http.server  # noqa: F401, PLC0415
+    import ssl  # noqa: F401, PLC0415
 
 
 def receivers(config) -> list:

@@ -11,7 +11,7 @@ import signal
 import time
 from typing import Optional
 
-from picosnitch import channels
+from picosnitch import channels, heap
 from picosnitch.alerts.packages import DPKG_ADMINDIR, Packages
 from picosnitch.alerts.record_keeper import (
     NAMES_BY_EXE,
@@ -27,6 +27,7 @@ from picosnitch.alerts.record_keeper import (
 from picosnitch.messages import Alert, ErrorReport, Observed, Stop, Traffic, VtRequest, VtResult
 
 SAVE_EVERY = 5.0
+QUIET_MESSAGES = 1  # any message makes a save period busy; the first quiet one after gives memory back (heap.Burst)
 FINISH_TIMEOUT = 20.0  # seconds at exit to hand the helpers what is still queued
 
 
@@ -61,6 +62,7 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, to_outlet=None,
     stopped: set[str] = set()
     helpers = [h for h in (to_notifier, to_vt, to_outlet) if h]
     next_save = time.monotonic() + SAVE_EVERY
+    burst, handled = heap.Burst(QUIET_MESSAGES), 0
 
     def handle(message) -> None:
         if isinstance(message, Stop):
@@ -85,9 +87,13 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, to_outlet=None,
         while not set(wait_for) <= stopped:
             for inbox in channels.wait(inboxes, SAVE_EVERY, helpers):
                 handle(inbox.recv())
+                handled += 1
             if time.monotonic() >= next_save:
                 next_save = time.monotonic() + SAVE_EVERY
                 upkeep.save()
+                if burst.over(handled):
+                    heap.trim()  # what a burst of messages left free in the heap
+                handled = 0
         for inbox in inboxes:  # what the others said last, e.g. the supervisor's reason for stopping
             while inbox.poll():
                 handle(inbox.recv())

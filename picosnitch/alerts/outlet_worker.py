@@ -145,6 +145,8 @@ def _sender_main(sock: socket.socket, config, directory: Path) -> None:
     """The forked sender: become the unprivileged user, open the outbox, serve the root side."""
     desktop_sessions.close_fds_except({sock.fileno()})
     receivers = delivery.receivers(config)
+    if config["Metrics address"] or any(isinstance(r, delivery.HttpReceiver) for r in receivers):
+        delivery.load_http()
     drop_privileges(directory)
     outbox = Outbox(directory, config["Webhook queue (MB)"] << 20, [r.name for r in receivers]) if receivers else None
     side = SenderSide(sock, config, outbox, receivers, None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from picosnitch import heap
 from picosnitch.kernel import handover, libbpf
 from picosnitch.kernel.libc_probes import LibcProbes
 from picosnitch.kernel.pins import ExecPinner
@@ -36,6 +37,7 @@ from picosnitch.kernel.records import (
 )
 
 DRAIN_INTERVAL = 0.5  # seconds; a flow is reported at most two intervals after it happened
+QUIET_RECORDS = 1_000  # a drain interval with fewer records than this ends a burst (heap.Burst)
 DELIVERY_PART = 5000  # records per deliver() call: a storm's drain is passed on, pickled and read in parts
 DEFAULT_CELLS = 16384  # sockets' owners counting at once without a flow map lookup
 
@@ -474,6 +476,7 @@ class KernelMonitor:
     def run(self, deliver: Callable[[List[Record]], None], should_stop: Callable[[], bool]) -> None:
         """Delivers records in batches until should_stop() is true, then everything still pending."""
         next_drain = time.monotonic() + DRAIN_INTERVAL
+        burst, delivered = heap.Burst(QUIET_RECORDS), 0
         while not should_stop():
             batch = self.poll(max(next_drain - time.monotonic(), 0))
             if time.monotonic() >= next_drain:
@@ -482,7 +485,12 @@ class KernelMonitor:
                 # The exec that made a drained flow's sender was in the ring before the flow was
                 # sent: read it now, so it precedes its flows in the batch.
                 batch += [*self.poll(0), *flows, *self.losses()]
+                if burst.over(delivered):
+                    heap.trim()  # what a storm's records and their pickles left free in the heap
+                delivered = 0
+            delivered += len(batch)
             _deliver_in_parts(deliver, batch)
+            del batch
         _deliver_in_parts(deliver, [*self.poll(0), *self.drain_all(), *self.losses()])
 
     # --- surviving a restart (see handover) ---

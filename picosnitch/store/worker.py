@@ -331,7 +331,7 @@ def run(config, paths, from_identity, to_keeper) -> int:
     pending: Dict[tuple, Connection] = {}
     upto = spill.seq if spill else 0  # the last message received
     written = 0  # rows written in this window so far
-    busy = False  # a window since memory was last given back had QUIET_ROWS rows or more
+    burst = heap.Burst(QUIET_ROWS)  # a window with fewer rows after busy ones gives memory back
     next_write = time.monotonic() + limit
     next_prune = time.monotonic() + PRUNE_EVERY
 
@@ -372,10 +372,7 @@ def run(config, paths, from_identity, to_keeper) -> int:
                 next_write = time.monotonic() + limit
                 destinations.retry()
                 flush()
-                if written >= QUIET_ROWS:
-                    busy = True
-                elif busy:
-                    busy = False
+                if burst.over(written):
                     destinations.release_memory()
                 written = 0
             if time.monotonic() >= next_prune:
