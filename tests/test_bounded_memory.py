@@ -23,6 +23,7 @@ from picosnitch import channels, config, heap
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
 from picosnitch.identity import worker as identity_worker
 from picosnitch.identity.resolver import IdentityResolver
+from picosnitch.kernel import worker as kernel_worker
 from picosnitch.kernel.records import Flow
 from picosnitch.messages import Stop
 from picosnitch.paths import Paths
@@ -214,3 +215,26 @@ def test_finding_a_files_package_keeps_the_index_and_not_what_building_it_took(t
     # Measured on 2026-12-07: 15-17 MiB kept before the lasting objects were made first; 2-3 MiB
     # (the index, ~12 bytes a path, and the versions) after.
     assert grown < 6 * 1024, f"indexing 128,000 paths kept {grown} KiB"
+
+
+def test_what_the_identity_worker_could_not_take_is_handed_on_without_waiting_for_the_next_batch():
+    """After a storm the monitor has little new to send; what waits in its outbox must not wait
+    for that (one socket buffer per drain interval), nor keep the storm's memory meanwhile."""
+    receiver, sender = channels.pair()
+    delivery = kernel_worker.Delivery(sender)
+    records = [to_port(port) for port in range(40_000)]  # several MiB pickled: more than the socket takes
+    delivery(records)
+    assert not delivery.hand_on() and sender.queued  # nobody reads yet
+    received: list = []
+
+    def read():
+        while len(received) < len(records):
+            received.extend(receiver.recv())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not delivery.hand_on() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reader.join(30)
+    assert sender.queued == 0 and len(received) == len(records)

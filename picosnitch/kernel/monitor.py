@@ -38,6 +38,7 @@ from picosnitch.kernel.records import (
 
 DRAIN_INTERVAL = 0.5  # seconds; a flow is reported at most two intervals after it happened
 QUIET_RECORDS = 1_000  # a drain interval with fewer records than this ends a burst (heap.Burst)
+CATCH_UP_POLL = 0.01  # seconds between tries to hand on what the identity worker could not take yet
 DELIVERY_PART = 5000  # records per deliver() call: a storm's drain is passed on, pickled and read in parts
 DEFAULT_CELLS = 16384  # sockets' owners counting at once without a flow map lookup
 
@@ -244,6 +245,8 @@ class KernelMonitor:
         self._handed_over = 0  # links handed over so far (their names' numbers)
         self._leftovers = False  # the idle generation may hold what a killed monitor had begun to read
         self.taken: Callable[[Sequence[Record]], None] = lambda records: None  # called with what is read
+        # Sends on what was delivered and still waits for its receiver; True once nothing waits.
+        self.hand_on: Callable[[], bool] = lambda: True
         self.pinner: Optional[ExecPinner] = None  # pins what each exec ran (kernel.pins), when set
 
     # --- loading ---
@@ -478,14 +481,19 @@ class KernelMonitor:
         next_drain = time.monotonic() + DRAIN_INTERVAL
         burst, delivered = heap.Burst(QUIET_RECORDS), 0
         while not should_stop():
-            batch = self.poll(max(next_drain - time.monotonic(), 0))
+            # What the receiver could not take yet goes as soon as it can, not with the next batch:
+            # after a storm that would be one socket buffer a drain interval.
+            behind = not self.hand_on()
+            wait = max(next_drain - time.monotonic(), 0)
+            batch = self.poll(min(wait, CATCH_UP_POLL) if behind else wait)
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
                 flows = self.drain()
                 # The exec that made a drained flow's sender was in the ring before the flow was
                 # sent: read it now, so it precedes its flows in the batch.
                 batch += [*self.poll(0), *flows, *self.losses()]
-                if burst.over(delivered):
+                # Memory goes back once the storm is over and handed on: what waits is still held.
+                if burst.over(QUIET_RECORDS if behind else delivered):
                     heap.trim()  # what a storm's records and their pickles left free in the heap
                 delivered = 0
             delivered += len(batch)

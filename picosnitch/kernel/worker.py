@@ -52,6 +52,7 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor, keeper=N
                             hand_over=(lambda named: handover.send(keeper, named)) if keeper else None,
                             adopt=dict(left) if left else None, shared=shared)
     monitor.taken = delivery.taken
+    monitor.hand_on = delivery.hand_on
     try:
         degraded = monitor.start()
     except (MonitorError, LibbpfError, OSError) as e:
@@ -123,6 +124,18 @@ class Delivery:
             self.lost = Held()
         if batch:
             channels.send_parts([self.to_identity], batch, Held.of)
+        self._note_held()
+
+    def hand_on(self) -> bool:
+        """Sends what the identity worker could not take yet; True once nothing waits."""
+        if not self.to_identity.queued:
+            return True
+        done = self.to_identity.flush()
+        self._note_held()
+        return done
+
+    def _note_held(self) -> None:
+        """What waits in the outbox, in `shared`: a monitor killed now leaves it unsaid otherwise."""
         if self.shared:
             held = Held()
             for queued in self.to_identity.queued_tallies():
