@@ -63,13 +63,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from picosnitch.daemon.supervisor import ROOMMATES
 from tests.daemon_harness import Daemon
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY = 1.0  # seconds between CPU/PSS samples
 SETTLE_SECONDS = 3.0  # after start: the initial /proc scan and hashing are not "idle"
-ROLES = ("supervisor", "monitor", "identity", "writer", "live", "keeper", "notifier", "outlet", "baseline")
-HELD_OPEN = ("monitor", "identity", "writer", "live")  # the workers roles_of tells apart by their files
+# The daemon's processes: a worker that runs in another's room (supervisor.ROOMMATES) is counted
+# with the process it runs in, which holds the live socket if the live feed is among them.
+LIVE_ROOM = ROOMMATES.get("live", "live")
+ROLES = tuple(r for r in ("supervisor", "monitor", "identity", "writer", "live", "keeper", "notifier", "outlet",
+                          "baseline") if r not in ROOMMATES)
+HELD_OPEN = ("monitor", "identity", "writer", LIVE_ROOM)  # the processes roles_of tells apart by their files
 
 STORM_C = r"""
 /* Loopback TCP connection storm for bench/daemon_load.py.
@@ -404,7 +409,7 @@ def start_order(daemon: Daemon) -> List[str]:
     from picosnitch import config as config_module
     from picosnitch.daemon.supervisor import Supervisor
     order = Supervisor(config_module.parse(json.dumps(daemon.settings)), daemon.paths).order
-    return [name for name in order if name not in HELD_OPEN]
+    return [name for name in order if name not in HELD_OPEN and name not in ROOMMATES]
 
 
 def roles_of(pids: List[int], leader: int, live_socket: Path, by_start: List[str]) -> Dict[int, str]:
@@ -425,7 +430,7 @@ def roles_of(pids: List[int], leader: int, live_socket: Path, by_start: List[str
         elif any(t.endswith("/snitch.db") for t in targets):
             roles[pid] = "writer"
         elif live & set(targets):
-            roles[pid] = "live"
+            roles[pid] = LIVE_ROOM
         else:
             rest.append(pid)
     rest.sort(key=lambda pid: (_ppid_and_start(pid)[1], pid))
@@ -877,7 +882,9 @@ def report(args, r: Results) -> None:
     print("\n| Worker | CPU idle | CPU storm | CPU s, storm until quiet | PSS idle | PSS storm max | PSS after | "
           "PSS settled |\n|---|---|---|---|---|---|---|---|")
     for role in ROLES:
-        print(f"| {role} | {100 * r.idle_cpu.get(role, 0):.1f} % | {100 * r.storm_cpu.get(role, 0):.1f} % | "
+        mates = [m for m, host in ROOMMATES.items() if host == role]
+        shown = f"{role} (with {', '.join(mates)})" if mates else role
+        print(f"| {shown} | {100 * r.idle_cpu.get(role, 0):.1f} % | {100 * r.storm_cpu.get(role, 0):.1f} % | "
               f"{r.work_seconds.get(role, 0):.1f} | {mib(r.idle_pss.get(role, 0))} | "
               f"{mib(r.storm_pss_max.get(role, 0))} | {mib(r.after_pss.get(role, 0))} | "
               f"{mib(r.settled_pss.get(role, 0))} |")

@@ -6,6 +6,7 @@ Every test runs the real daemon under its own PICOSNITCH_PREFIX; traffic goes ov
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -14,13 +15,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from daemon_harness import REPO, Daemon, Sink, wait_for
 
+from picosnitch import channels
 from picosnitch import config as config_file
+from picosnitch.daemon import supervisor
 from picosnitch.store.sqlite import decode_text
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the daemon")
@@ -403,6 +407,45 @@ def test_killing_only_the_supervisor_stops_every_worker_and_keeps_the_traffic(pr
                 os.kill(pid, signal.SIGKILL)
     # the monitor drained the kernel and the pipeline wrote what it held, as on SIGTERM
     assert rows_to(daemon, sink.port, "exe = ? AND send = 2468", (netops,))
+
+
+def thread_names(pid):
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names.append(Path(f"/proc/{pid}/task/{task}/comm").read_text().strip())
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def test_the_live_feed_and_the_baseline_run_in_the_keepers_process(prefix):
+    """Privilege separation decides the processes: these three run as root, parse nothing from
+    the network and fork nothing, so they share one interpreter."""
+    with Daemon(prefix) as daemon:
+        comms = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in daemon.workers()}
+        assert "snitch-live" not in comms.values() and "snitch-baseline" not in comms.values()
+        keeper = [pid for pid, comm in comms.items() if comm == "snitch-keeper"]
+        assert len(keeper) == 1
+        assert sorted(thread_names(keeper[0])) == ["snitch-baseline", "snitch-keeper", "snitch-live"]
+        assert daemon.stop() == 0
+    assert "stopped unexpectedly" not in daemon.error_log() and "did not stop" not in daemon.error_log()
+
+
+def crashing_live_feed(*args):
+    raise ValueError("a bug in the live feed")
+
+
+def test_a_room_ends_at_once_when_one_of_its_workers_fails_and_says_which():
+    last_words, to_supervisor = channels.pair()
+    never = threading.Event()
+    workers = [("keeper", never.wait, (60,)), ("live", crashing_live_feed, ())]
+    room = multiprocessing.get_context("fork").Process(target=supervisor._room, args=(workers, to_supervisor))
+    room.start()
+    room.join(30)
+    assert room.exitcode == 1
+    ended = last_words.recv()
+    assert ended.name == "keeper" and ended.reason.startswith("its live worker failed: ValueError: a bug in the live feed")
 
 
 # --- executables that change on disk --------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -169,8 +170,9 @@ class BaselineKeeper:
 
 def run(config, paths, inbox, to_keeper) -> int:
     """Learns from every batch of Connections until Stop; alerts and reports go to the keeper."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after saving
+    if threading.current_thread() is threading.main_thread():  # else a room's thread: its main thread's
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after saving
     keeper = BaselineKeeper(config, paths, lambda message, key: to_keeper.send(ErrorReport(message, key)))
     metrics_on = bool(config["Metrics address"] or config["Metrics textfile"])
     now = time.monotonic()

@@ -13,6 +13,15 @@ Every worker also reports errors to the keeper, which owns record.json, exe.log 
 Stopping: SIGTERM to the monitor, which drains the kernel and sends Stop down the pipeline; each
 worker finishes what it holds and passes Stop on, so nothing pending is lost.
 
+Not every worker needs a process of its own: privilege separation decides. The live feed and the
+baseline run as threads in the record keeper's process (ROOMMATES): all three run as root, parse
+nothing from the network and fork nothing, so apart they would only cost an interpreter each
+(~4.5 MiB). The monitor and the identity worker hold the kernel's and the files' privileges; the
+writer is the storms' busiest; the SQL, VirusTotal and outlet workers drop privileges or hand
+data to a child that does, and the notifier forks children that become the desktop's users: each
+of those keeps its own process. A room's worker that crashes takes its room down, and the
+supervisor starts the room again.
+
 A worker that ends tells the supervisor why first (WorkerEnded), so the line saying it is
 restarted names the reason. One that keeps crashing is started again after a pause that grows,
 never given up on: the others go on with what still works, and error.log says what does not.
@@ -29,10 +38,11 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import deque
-from typing import Callable, Dict, Optional, cast
+from typing import Callable, Dict, List, Optional, cast
 
 from picosnitch import channels
 from picosnitch.alerts import baseline_worker, keeper_worker, notifier_worker, outlet_worker, vt_worker
@@ -55,6 +65,8 @@ STOP_TIMEOUT = 30.0
 SIGN_OF_LIFE = 2.0  # seconds between touches of the pid file
 PR_SET_NAME = 15
 REPORTS_LIMIT = 4 << 20  # bytes of error reports a worker holds for a keeper that does not read them
+# Workers that run as threads in another worker's process (its room): worker -> the room's worker.
+ROOMMATES = {"live": "keeper", "baseline": "keeper"}
 EXIT_MONITOR_FATAL = 78  # EX_CONFIG, as for a bad config.json: systemd must not restart us in a loop
 
 # What stops working while a worker is down, for the line that says it keeps crashing.
@@ -147,6 +159,9 @@ class Supervisor:
         if "vt" in inbox:
             targets["vt"] = (vt_worker.run, (config, inbox["vt"][0], to_keeper["vt"][1]))
         self.targets: Dict[str, tuple] = targets
+        # Each worker's process, by the worker whose room it is; its roommates, in start order.
+        self.room = {name: ROOMMATES.get(name, name) for name in self.order}
+        self.roommates = {host: [n for n in self.order if self.room[n] == host and n != host] for host in self.order}
         self.processes: Dict[str, multiprocessing.process.BaseProcess] = {}
         self.restarts: Dict[str, deque] = {name: deque() for name in self.order}
         self.reasons: Dict[str, str] = {}  # each worker's last words, until its exit is handled
@@ -156,7 +171,10 @@ class Supervisor:
         self.failure: Optional[str] = None  # why the daemon stopped on its own, for the command's stderr
 
     def _start(self, name: str) -> None:
+        """Starts a worker's process, with its roommates."""
         target, args = self.targets[name]
+        if self.roommates[name]:
+            target, args = _room, ([(n, *self.targets[n]) for n in (name, *self.roommates[name])], self.to_supervisor)
         process = _ctx.Process(target=_exit_with, args=(name, target, args, self.to_supervisor, self.kept),
                                name=f"picosnitch-{name}", daemon=False)
         # The forked worker shares the supervisor's objects until it writes to them, and a full
@@ -177,7 +195,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         for name in self.order:
-            self._start(name)
+            if self.room[name] == name:
+                self._start(name)
         for warning in [*self.notes, *self.config.warnings]:
             self.report(warning)
         next_sign_of_life = time.monotonic() + SIGN_OF_LIFE
@@ -292,8 +311,9 @@ class Supervisor:
             self.pauses[name] = min(pause * 2, LONGEST_PAUSE)
             self.paused[name] = now + pause
             history.clear()
+            without = "; ".join(WITHOUT[n] for n in (name, *self.roommates[name]))
             self.report(f"the {name} worker crashed {RESTARTS_ALLOWED + 1} times within {RESTART_WINDOW:.0f} s "
-                        f"(the last time {why}); until it runs again {WITHOUT[name]}; it is started again "
+                        f"(the last time {why}); until it runs again {without}; it is started again "
                         f"in {pause:.0f} s")
             return True
         history.append(now)
@@ -322,12 +342,14 @@ class Supervisor:
         if monitor.is_alive() and monitor.pid is not None:
             os.kill(monitor.pid, signal.SIGTERM)
         for name in reversed(self.order):
-            process = self.processes[name]
+            process = self.processes[self.room[name]]
             if process.is_alive() and name == "keeper":
                 for producer in self.keeper_waits_for:
                     self.to_keeper.send(Stop(producer))
             elif process.is_alive() and name in self.inbox_out:
                 self.inbox_out[name].send(Stop(self.upstream[name]))
+            if self.room[name] != name:
+                continue  # its room ends with the worker whose room it is, stopped later
             self._join(process, STOP_TIMEOUT)
             if process.is_alive():
                 self.report(f"the {name} worker did not stop within {STOP_TIMEOUT:.0f} s; killing it")
@@ -367,6 +389,36 @@ def _exit_with(name: str, target, args, to_supervisor, kept: Dict[str, int]) -> 
             pass
         status = 1
     os._exit(status)
+
+
+def _room(workers, to_supervisor) -> int:
+    """Runs each of `workers` ((name, target, args)) in a thread of this process, the first in the
+    main thread (its exception ends the process as any worker's does); the exit status is the
+    highest of theirs. An exception in another ends the whole room at once, named."""
+    host = workers[0][0]
+    statuses: List[int] = []
+
+    def roommate(name: str, target, args) -> None:
+        name_this_process(f"snitch-{name}")  # this thread's name, as `ps -L` shows it
+        try:
+            statuses.append(target(*args) or 0)
+        except BaseException as e:  # noqa: BLE001 - whatever ends a worker is reported
+            traceback.print_exc()
+            try:
+                to_supervisor.send(WorkerEnded(host, f"its {name} worker failed: {describe(e)}"))
+                to_supervisor.finish(5)
+            finally:
+                os._exit(1)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as every worker: each ends on Stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threads = [threading.Thread(target=roommate, args=worker, name=f"snitch-{worker[0]}") for worker in workers[1:]]
+    for thread in threads:
+        thread.start()
+    statuses.append(workers[0][1](*workers[0][2]) or 0)
+    for thread in threads:
+        thread.join()
+    return max(statuses)
 
 
 def name_this_process(name: str) -> None:
