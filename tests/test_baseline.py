@@ -4,15 +4,19 @@ Connections are built by hand here; tests/test_daemon_alerts.py has the real dae
 traffic. The served ports are the kernel's (sock_diag) in the last tests."""
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from picosnitch import channels, config
+from picosnitch.alerts import baseline_worker
 from picosnitch.alerts.baseline import (
     ALL,
     ANY,
@@ -24,7 +28,7 @@ from picosnitch.alerts.baseline import (
 from picosnitch.alerts.listeners import ServedPorts, ephemeral_range
 from picosnitch.alerts.public_suffix import PublicSuffixList
 from picosnitch.connection import Connection, Endpoint, Identity, ProcessInfo
-from picosnitch.messages import NEW_COUNTRY, NEW_DOMAIN, NEW_LISTENER, NEW_PORT, TRAFFIC_SPIKE
+from picosnitch.messages import NEW_COUNTRY, NEW_DOMAIN, NEW_LISTENER, NEW_PORT, TRAFFIC_SPIKE, Stop
 from picosnitch.paths import Paths
 
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -278,3 +282,32 @@ def test_a_listener_in_a_namespace_only_a_thread_has_entered_is_found(lab):
     finally:
         done.set()
         served.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_worker_sleeps_while_nothing_is_left_to_save(tmp_path, monkeypatch):
+    """Once the byte counts are saved, a quiet spell must cost nothing: a save deadline that had
+    passed with nothing to save made every wait return at once, and the worker spun."""
+    monkeypatch.setattr(baseline_worker, "SAVE_TRAFFIC_EVERY", 0.2)
+    paths = Paths.under(tmp_path)
+    paths.ensure_dirs()
+    inbox, to_worker = channels.pair(sender_waits=True)
+    from_worker, to_keeper = channels.pair()
+    worker = multiprocessing.get_context("fork").Process(
+        target=baseline_worker.run, args=(config.defaults(), paths, inbox, to_keeper))
+    worker.start()
+    try:
+        to_worker.send([conn()])
+        time.sleep(1)  # the counts are saved after 0.2 s; nothing happens after that
+        before = cpu_seconds(worker.pid)
+        time.sleep(2)
+        idle = cpu_seconds(worker.pid) - before
+    finally:
+        to_worker.send(Stop("identity"))
+        worker.join(20)
+    assert worker.exitcode == 0
+    assert idle < 0.2, f"{idle:.2f} s of CPU in 2 quiet seconds"

@@ -179,8 +179,13 @@ def run(config, paths, inbox, to_keeper) -> int:
     next_save, next_traffic_save, next_requests, next_totals = now + SAVE_EVERY, now + SAVE_TRAFFIC_EVERY, now, now
     try:
         while True:
-            deadlines = [next_requests, next_save if keeper.baseline.changed else next_traffic_save]
-            deadlines += [d for d in (keeper.coalescer.next_deadline(),) if d is not None]
+            # A save is due only when there is something to save: a deadline passed with nothing
+            # to save would make every wait return at once (the worker spun in a quiet minute).
+            deadlines = [next_requests] + [when for when, due in ((next_save, keeper.baseline.changed),
+                                                                  (next_traffic_save, keeper.traffic_changed)) if due]
+            coalesced = keeper.coalescer.next_deadline()  # wall-clock time, as the alerts' times
+            if coalesced is not None:
+                deadlines.append(time.monotonic() + coalesced - time.time())
             if metrics_on:
                 deadlines.append(next_totals)
             if channels.wait([inbox], max(min(deadlines) - time.monotonic(), 0), [to_keeper]):
