@@ -52,6 +52,9 @@ commands:
 PICOSNITCH_PREFIX=DIR relocates every path under DIR.
 """
 
+GIVE_UP_WRITING = 1.0  # seconds a stopping `monitor --raw` waits for its reader, per write
+
+
 def monitor_raw() -> int:
     """Prints every kernel record as one JSON line until interrupted."""
     stop = threading.Event()
@@ -61,6 +64,9 @@ def monitor_raw() -> int:
         stop.set()
         if writing:  # possibly blocked on a full pipe whose reader stopped reading: give up on it
             raise BrokenPipeError
+        # Between writes: the last records are written on the way out, and a reader that stopped
+        # reading must not hold that write forever either; asked again in a second.
+        signal.setitimer(signal.ITIMER_REAL, GIVE_UP_WRITING)
 
     def emit(text: str) -> None:
         nonlocal writing
@@ -71,7 +77,7 @@ def monitor_raw() -> int:
         finally:
             writing = False
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
         signal.signal(sig, interrupt)
     monitor = KernelMonitor()
     try:
@@ -83,6 +89,7 @@ def monitor_raw() -> int:
     except BrokenPipeError:  # what is still buffered goes nowhere, rather than block the exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         monitor.close()
     return 0
 
