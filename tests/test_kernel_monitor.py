@@ -22,6 +22,7 @@ from conftest import Recorder, kernel_has
 from netlab import HOST4, PEER4, PEER6, TcpPeer, UdpEcho
 
 import picosnitch.kernel.records
+from picosnitch.identity import interpreters
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.monitor import (
     KernelFeatures,
@@ -32,6 +33,7 @@ from picosnitch.kernel.monitor import (
     default_object_path,
     plan,
 )
+from picosnitch.kernel.pins import ExecPinner
 
 GEN = str(Path(__file__).parent / "traffic_gen.py")
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -567,6 +569,61 @@ def test_the_longest_paths_and_command_lines_come_through_whole_or_marked_trunca
     (cut,) = recorder.of("exec", long.pid)
     assert (cut.filename, cut.path) == ("/bin/sh", str(script))
     assert cut.argv_truncated and cut.argv[:2] == ("/bin/sh", str(script)) and cut.argv[2] == "x" * 99
+
+
+def pinned_after_it_moved(tmp_path, back: bool):
+    """The exec and Pinned records of `python3 job.py` started in tmp_path/start, as a monitor
+    read only after the process had moved to tmp_path/elsewhere, where another job.py lies (and,
+    with `back`, after it had come back as well)."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "job.py").write_text("import os, sys\nos.chdir(sys.argv[1])\nprint('moved', flush=True)\n"
+                                  "sys.stdin.readline()\nos.chdir(sys.argv[2])\nprint('back', flush=True)\n"
+                                  "sys.stdin.readline()\n")
+    (elsewhere / "job.py").write_text("print('a decoy with the same name')\n")
+    monitor = KernelMonitor()
+    monitor.pinner = ExecPinner(interpreters.classify)
+    try:
+        monitor.start()
+        job = subprocess.Popen([sys.executable, "job.py", str(elsewhere), str(start)], cwd=start,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert job.stdout.readline() == "moved\n"
+        if back:
+            job.stdin.write("\n")
+            job.stdin.flush()
+            assert job.stdout.readline() == "back\n"
+        records = monitor.poll(0.1) + monitor.poll(0.1)
+        job.communicate("\n", timeout=10)
+    finally:
+        monitor.pinner.close()
+        monitor.close()
+    (exec_record,) = [r for r in records if r.kind == "exec" and r.tgid == job.pid]
+    (pinned,) = [r for r in records if r.kind == "pinned" and r.tgid == job.pid]
+    return exec_record, pinned
+
+
+def test_the_exec_record_names_the_cwd_and_root_the_process_started_in(tmp_path):
+    exec_record, _ = pinned_after_it_moved(tmp_path, back=True)
+    start, root = os.stat(tmp_path / "start"), os.stat("/")
+    assert exec_record.cwd == (start.st_dev, start.st_ino)
+    assert exec_record.root == (root.st_dev, root.st_ino)
+
+
+def test_a_script_is_never_looked_for_where_its_process_went_after_exec(tmp_path):
+    # Read late, the process's cwd is another directory with a job.py of its own: hashing that one
+    # would give the program a wrong identity. The script is recorded as unknown, with why.
+    _, pinned = pinned_after_it_moved(tmp_path, back=False)
+    assert [f.role for f in pinned.files] == ["exe"]
+    assert pinned.missed == (("script", "job.py", "its working directory was no longer the one it had at exec "
+                                                   f"(it was {tmp_path / 'elsewhere'})"),)
+
+
+def test_a_process_back_in_its_first_directory_has_its_script_pinned(tmp_path):
+    # zsh names its cwd by walking up with chdir("..") and coming back: once back, all is well.
+    _, pinned = pinned_after_it_moved(tmp_path, back=True)
+    (script,) = [f for f in pinned.files if f.role == "script"]
+    assert script.path == str(tmp_path / "start" / "job.py") and pinned.missed == ()
 
 
 def test_when_cells_and_the_flow_map_are_full_the_dropped_flows_and_bytes_are_reported():

@@ -8,6 +8,10 @@ through the process's own cwd and root), and passes the open files to the identi
 Unix socket (SCM_RIGHTS). Whatever happens to the paths afterwards, the identity worker hashes the
 very files that ran.
 
+A process may leave its directory at once (zsh walks up its cwd with chdir("..") to name it), so
+the script's name is resolved only in the cwd and root the kernel saw at exec (Exec.cwd,
+Exec.root), never in wherever the process is by the time the monitor reads the record.
+
 Files are told apart by (st_dev, st_ino, st_ctime_ns, st_size): an exec storm of one binary costs
 one descriptor, sent once; a file modified in place or an inode number reused by another file has
 another key, so it is never taken for the one pinned before. The monitor remembers the last
@@ -22,6 +26,7 @@ import pickle
 import resource
 import socket
 import stat
+import time
 from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,6 +37,13 @@ FLUSH_AT = 64  # descriptors the monitor holds before it sends them, batch or no
 MESSAGE_BYTES = 1 << 16
 FD_SIZE = array.array("i").itemsize
 OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+DIRECTORY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+# How long a process's cwd or root that is not the one it had at exec is asked for again: zsh, for
+# one, walks up its cwd with chdir("..") to name it and comes back, within a millisecond unless it
+# is preempted. The monitor waits at most WAIT_BUDGET of each second so, however many do this.
+RETURN_WAIT = 0.02
+WAIT_BUDGET = 0.1
+RETRY_EVERY = 0.0002
 
 # Given an exec and its executable's path, the other files it runs, as (role, path as the process
 # named it): "script" for an interpreter's script, "program" for the program ld.so loads.
@@ -59,12 +71,36 @@ class Grab:
         self.root_fd: Optional[int] = None
         self.cwd_fd: Optional[int] = None
         self.shares_our_root = False
+        self.moved = ""  # why a handle was not taken: the process had left its exec's cwd or root
 
     def close(self) -> None:
         for fd in (self.exe_fd, self.root_fd, self.cwd_fd):
             if fd is not None:
                 os.close(fd)
         self.exe_fd = self.root_fd = self.cwd_fd = None
+
+
+def _is_directory(fd: int, at_exec: Tuple[int, int]) -> bool:
+    """Whether an open directory is (st_dev, st_ino) as the kernel named it: the inode number as
+    the kernel holds it (fdinfo; overlayfs may stat another), the device as in Exec (btrfs and
+    other anonymous devices stat another than their superblock's)."""
+    st = os.fstat(fd)
+    ino = st.st_ino
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+            ino = next((int(line.split()[1]) for line in info if line.startswith(b"ino:")), ino)
+    except OSError:
+        pass
+    dev, expected_ino = at_exec
+    return ino == expected_ino and (st.st_dev == dev or os.major(st.st_dev) == 0)
+
+
+def _named(fd: int) -> str:
+    """The path an open handle names now, for messages."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        return f"(unnamed: {e.strerror})"
 
 
 def _strip_deleted(path: str) -> str:
@@ -85,6 +121,8 @@ class ExecPinner:
         self.dropped = 0  # descriptors closed unsent: the identity worker was too far behind
         self._sent: "OrderedDict[FileKey, str]" = OrderedDict()  # key -> path, recently sent
         self._queued: Dict[FileKey, int] = {}  # key -> descriptor, not yet sent
+        self._waited = 0.0  # seconds waited for processes to come back (RETURN_WAIT) this second
+        self._second = 0.0
 
     def pin(self, record: Exec) -> Pinned:
         """The Pinned record for an exec: its executable, and the script or program the classifier
@@ -112,15 +150,39 @@ class ExecPinner:
         self._sent.move_to_end(key)
         return PinnedFile("exe", path, key, st.st_nlink)
 
-    def _handles(self, tgid: int, grab: "Grab") -> None:
-        """O_PATH handles on the cwd and root of a process, usable after it has exited."""
-        base = f"{self.proc}/{tgid}"
+    def _handles(self, record: Exec, grab: "Grab") -> None:
+        """O_PATH handles on the cwd and root the process had at exec, usable after it has exited.
+        By now it may be elsewhere (a script's name resolved there would be another file), so each
+        handle must be the directory the kernel reported at exec (Exec.cwd, Exec.root)."""
+        base = f"{self.proc}/{record.tgid}"
+        grab.root_fd = self._directory(f"{base}/root", record.root, "root", grab)
+        if grab.root_fd is not None:
+            grab.shares_our_root = grab.shares_our_root or _named(grab.root_fd) == "/"
+            grab.cwd_fd = self._directory(f"{base}/cwd", record.cwd, "working directory", grab)
+
+    def _directory(self, link: str, at_exec: Tuple[int, int], what: str, grab: "Grab") -> Optional[int]:
+        """A handle on the directory `link` names, if it is the one the process had at exec; asked
+        again for up to RETURN_WAIT while it is another. None if gone (or elsewhere: grab.moved)."""
+        start = time.monotonic()
+        if start - self._second >= 1:
+            self._second, self._waited = start, 0.0
+        deadline = start + min(RETURN_WAIT, max(0.0, WAIT_BUDGET - self._waited))
         try:
-            grab.root_fd = os.open(f"{base}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            grab.shares_our_root = grab.shares_our_root or os.readlink(f"{base}/root") == "/"
-            grab.cwd_fd = os.open(f"{base}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            pass  # gone: _open_run_file says what could not be found
+            while True:
+                try:
+                    fd = os.open(link, DIRECTORY_FLAGS)
+                except OSError:
+                    return None  # gone: _open_run_file says what could not be found
+                if at_exec == (0, 0) or _is_directory(fd, at_exec):
+                    return fd
+                now = _named(fd)
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    grab.moved = f"its {what} was no longer the one it had at exec (it was {now})"
+                    return None
+                time.sleep(RETRY_EVERY)
+        finally:
+            self._waited += time.monotonic() - start
 
     def _pin(self, record: Exec, grab: "Grab") -> Pinned:
         files: List[PinnedFile] = []
@@ -138,7 +200,7 @@ class ExecPinner:
             files.append(exe)
         targets = self.classify(record, exe.path if exe else record.filename) if self.classify else ()
         if targets:
-            self._handles(record.tgid, grab)
+            self._handles(record, grab)
         for role, path in targets:
             try:
                 pinned = self._open_run_file(grab, role, path)
@@ -154,9 +216,14 @@ class ExecPinner:
         cwd, through the handles grab() took. Without them (it exited first), an absolute path is
         opened in our root when that was its root too; a relative one cannot be found."""
         if not path.startswith("/") and grab.cwd_fd is not None:
-            return self._open(path, role, dir_fd=grab.cwd_fd)
+            try:
+                return self._open(path, role, dir_fd=grab.cwd_fd)
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror} in its cwd {_named(grab.cwd_fd)}") from e
         if path.startswith("/") and grab.root_fd is not None:
             return self._open(path.lstrip("/") or ".", role, dir_fd=grab.root_fd)
+        if grab.moved:
+            raise OSError(errno.ESTALE, grab.moved)
         if path.startswith("/") and grab.shares_our_root:
             return self._open(path, role)
         raise OSError(errno.ESRCH, "the process exited before its cwd could be read")

@@ -59,7 +59,8 @@ class EventHeader(ctypes.Structure):
 
 
 _EXEC_HEAD = [("h", EventHeader), ("ppid", u32), ("uid", u32), ("exe_ino", u64), ("exe_dev", u32),
-              ("args_len", u32), ("args_truncated", u32), ("exec_id", u32), ("comm", ctypes.c_char * COMM_MAX),
+              ("args_len", u32), ("args_truncated", u32), ("exec_id", u32), ("cwd_ino", u64), ("cwd_dev", u32),
+              ("root_dev", u32), ("root_ino", u64), ("comm", ctypes.c_char * COMM_MAX),
               ("filename_len", u16), ("path_len", u16), ("_pad", u32)]
 
 
@@ -180,6 +181,8 @@ class Exec:
     time: float
     exec_id: int = 0  # counts the execs of the thread that exec'd; flows carry it (Flow.exec_id)
     path: str = ""  # the path given to execve: the script, for a #! script (may be relative)
+    cwd: Tuple[int, int] = (0, 0)  # (st_dev, st_ino) of its working directory at exec; (0, 0): not known
+    root: Tuple[int, int] = (0, 0)  # (st_dev, st_ino) of its root directory at exec
     kind: str = field(default="exec", repr=False)
 
 
@@ -287,7 +290,8 @@ def _exec(data: bytes, when: float) -> Exec:
     path_end = e.filename_len + e.path_len
     return Exec(e.h.tgid, e.ppid, e.uid, st_dev_from_kernel(e.exe_dev), e.exe_ino, from_bytes(e.comm),
                 from_bytes(strings[:e.filename_len].split(b"\0", 1)[0]), _argv(strings[path_end:path_end + e.args_len]),
-                bool(e.args_truncated), when, e.exec_id, from_bytes(strings[e.filename_len:path_end].split(b"\0", 1)[0]))
+                bool(e.args_truncated), when, e.exec_id, from_bytes(strings[e.filename_len:path_end].split(b"\0", 1)[0]),
+                (st_dev_from_kernel(e.cwd_dev), e.cwd_ino), (st_dev_from_kernel(e.root_dev), e.root_ino))
 
 
 def parse_event(data: bytes) -> Union[Exec, Fork, Exit, Dns, Payload, None]:

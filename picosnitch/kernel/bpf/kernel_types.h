@@ -54,6 +54,9 @@ struct packet_sock { __be16 num; };  /* AF_PACKET: the ethertype it was opened o
 struct super_block { u32 s_dev; };
 struct inode { unsigned long i_ino; struct super_block *i_sb; };
 struct file { struct inode *f_inode; };
+struct dentry { struct inode *d_inode; };
+struct path { struct dentry *dentry; };
+struct fs_struct { struct path root; struct path pwd; };
 
 struct mm_struct {
 	unsigned long arg_start;
@@ -75,6 +78,7 @@ struct task_struct {
 	struct mm_struct *mm;
 	struct signal_struct *signal;
 	const struct cred *cred;
+	struct fs_struct *fs;
 	char comm[16];
 };
 

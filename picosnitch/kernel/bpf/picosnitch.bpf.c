@@ -955,6 +955,12 @@ int BPF_PROG(sched_process_exec, struct task_struct *p, int old_pid, struct linu
 	e->exe_ino = inode->i_ino;
 	e->exe_dev = inode->i_sb->s_dev;
 	e->exec_id = p->self_exec_id;
+	inode = p->fs->pwd.dentry->d_inode;
+	e->cwd_ino = inode->i_ino;
+	e->cwd_dev = inode->i_sb->s_dev;
+	inode = p->fs->root.dentry->d_inode;
+	e->root_ino = inode->i_ino;
+	e->root_dev = inode->i_sb->s_dev;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	off = used_path_bytes(bpf_probe_read_kernel_str(e->strings, PS_FILENAME_MAX, bprm->interp));
 	e->filename_len = off;

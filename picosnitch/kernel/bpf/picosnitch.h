@@ -111,6 +111,10 @@ struct exec_event {
 	__u32 args_len;  /* bytes of argv (NUL-separated) in strings[], after the two paths */
 	__u32 args_truncated;
 	__u32 exec_id;   /* task->self_exec_id after this exec */
+	__u64 cwd_ino;   /* the working directory and root at exec: a relative script path is resolved */
+	__u32 cwd_dev;   /* in the cwd, an absolute one in the root, and the process may change either */
+	__u32 root_dev;  /* right after (zsh walks up its cwd to name it), before the monitor reads them */
+	__u64 root_ino;
 	char comm[PS_COMM_MAX];
 	__u16 filename_len;  /* bytes of strings[] from 0, NUL included: the file executed (the interpreter, for #! scripts) */
 	__u16 path_len;      /* bytes after those, NUL included: the path given to execve (the script, for #! scripts) */
