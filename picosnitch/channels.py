@@ -22,6 +22,7 @@ import errno
 import itertools
 import pickle
 import select
+import signal
 import socket
 import struct
 import threading
@@ -38,6 +39,15 @@ FRAGMENT = b"F"
 _FRAGMENT_HEADER = struct.Struct("<cIII")  # FRAGMENT, sequence id, index, count
 _ROOM = MAX_PACKET - _FRAGMENT_HEADER.size
 _ids = itertools.count(1)
+
+
+def ends_on_stop() -> None:
+    """Every worker ends on a Stop message, never on SIGINT or SIGTERM: the supervisor sends Stop
+    in the order that loses nothing. A worker run as a thread of another's process (a room) leaves
+    the signals to that process's main thread, the only one Python lets set them."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Queued:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 from typing import Callable, Optional
 
@@ -170,9 +168,7 @@ class BaselineKeeper:
 
 def run(config, paths, inbox, to_keeper) -> int:
     """Learns from every batch of Connections until Stop; alerts and reports go to the keeper."""
-    if threading.current_thread() is threading.main_thread():  # else a room's thread: its main thread's
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after saving
+    channels.ends_on_stop()  # ends on Stop, after saving
     keeper = BaselineKeeper(config, paths, lambda message, key: to_keeper.send(ErrorReport(message, key)))
     metrics_on = bool(config["Metrics address"] or config["Metrics textfile"])
     now = time.monotonic()

@@ -7,7 +7,6 @@ worker are logged and kept in record.json, and go on to the notifier. The outlet
 webhooks, metrics) gets all of it, every error report and the baseline's traffic totals.
 """
 
-import signal
 import time
 from typing import Optional
 
@@ -45,8 +44,7 @@ def run(paths, inboxes, wait_for, to_notifier=None, to_vt=None, to_outlet=None,
         dpkg_admindir: str = DPKG_ADMINDIR) -> int:
     """Serves until every worker named in `wait_for` has said Stop, then tells the helpers to stop.
     A changed hash is checked against the package managers' records (dpkg's in `dpkg_admindir`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channels.ends_on_stop()
     errors = ErrorLog(paths.error_log, counts_path=paths.error_counts)
     keeper = RecordKeeper(paths.record, paths.exe_log, Packages(dpkg_admindir).origin,
                           journal_path=paths.record_journal, alert_log_path=paths.alert_log)

@@ -351,8 +351,7 @@ def run(config, paths, inbox, report, method: Optional[str] = "auto",
     `method` is JEEPNEY, NOTIFY_SEND or "auto" (choose_method()). With "Desktop notifications"
     false everything received is dropped.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the keeper
+    channels.ends_on_stop()  # ends on Stop from the keeper
     enabled = config["Desktop notifications"]
     method = choose_method() if method == "auto" else method
     if method == JEEPNEY:

@@ -357,8 +357,7 @@ def _directory_size(directory: Path) -> int:
 
 def run(config, paths, inbox, report) -> int:
     """Serves `inbox` until Stop; problems go to `report` (the keeper) as ErrorReports."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the keeper
+    channels.ends_on_stop()  # ends on Stop from the keeper
     root = RootSide(config, paths, lambda message, key: report.send(ErrorReport(message, key)))
     metrics_on = bool(config["Metrics textfile"] or config["Metrics address"])
     next_metrics = time.monotonic()

@@ -301,8 +301,7 @@ def run(config, inbox, outbox, user: str = UNPRIVILEGED_USER,
     stop but the worker still drains `inbox` until Stop: exiting would make the supervisor
     restart it into the same crash loop, or (status 0) stop the daemon.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the keeper
+    channels.ends_on_stop()  # ends on Stop from the keeper
     try:
         import requests  # noqa: F401 - the checker's HTTP client, imported here only to know
     except ImportError:

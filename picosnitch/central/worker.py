@@ -19,7 +19,6 @@ them in the server's hourly rollup (central.rollup).
 """
 
 import dataclasses
-import signal
 import threading
 import time
 import uuid
@@ -168,8 +167,7 @@ def _drain_until_stop(inbox) -> None:
 
 def run(config, paths, inbox, to_keeper) -> int:
     """Serves until Stop arrives on `inbox`; errors go to the keeper as ErrorReports."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after storing what is pending
+    channels.ends_on_stop()  # ends on Stop, after storing what is pending
     lock = threading.Lock()
 
     def report(message: "ErrorReport | Stop") -> None:

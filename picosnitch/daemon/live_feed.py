@@ -22,10 +22,8 @@ from __future__ import annotations
 import grp
 import json
 import os
-import signal
 import socket
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -155,9 +153,7 @@ def run(config, paths, inbox, to_keeper=None) -> int:
     `to_keeper` (optional) receives an ErrorReport when the group or socket is unusable; the
     worker then still drains `inbox`, so the identity worker never blocks on it.
     """
-    if threading.current_thread() is threading.main_thread():  # else a room's thread: its main thread's
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, like the other workers
+    channels.ends_on_stop()  # ends on Stop, like the other workers
 
     def report(message: str) -> None:
         if to_keeper is not None:

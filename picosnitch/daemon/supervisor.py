@@ -410,8 +410,7 @@ def _room(workers, to_supervisor) -> int:
             finally:
                 os._exit(1)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as every worker: each ends on Stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channels.ends_on_stop()
     threads = [threading.Thread(target=roommate, args=worker, name=f"snitch-{worker[0]}") for worker in workers[1:]]
     for thread in threads:
         thread.start()

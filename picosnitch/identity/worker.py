@@ -7,7 +7,6 @@ and reported exactly (rows, bytes, windows). Traffic is stamped with the write w
 drained in, not the moment it was resolved, so late rows still land in their own window.
 """
 
-import signal
 import time
 from typing import Dict, List, Optional
 
@@ -126,8 +125,7 @@ def run(config, from_monitor, consumers: Dict[str, channels.Channel], to_keeper,
     """Sends every batch's Connections to each of `consumers` (writer, live feed, SQL server),
     and the batch's getaddrinfo answers to `to_guard` (guard mode's domains), if given.
     `pin_socket` brings the files the monitor pinned at exec (kernel.pins)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop from the monitor, after draining
+    channels.ends_on_stop()  # ends on Stop from the monitor, after draining
     reports = Reports(to_keeper)
     losses = Losses(consumers, reports.send)
     in_hand = InHand(shared_block, consumers.get("writer"), reports.send)

@@ -18,7 +18,6 @@ stops wait there for the next start.
 
 import dataclasses
 import pickle
-import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -321,8 +320,7 @@ def replayed(spill: Optional[Spill], name: str) -> Replayed:
 
 
 def run(config, paths, from_identity, to_keeper) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends on Stop, after writing what is pending
+    channels.ends_on_stop()  # ends on Stop, after writing what is pending
     limit = config["DB write limit (seconds)"]
     report = to_keeper.send
     spill = open_spill(paths, report) if config["DB sql log"] or config["DB text log"] else None
