@@ -5,10 +5,12 @@ report exactly those counts for the generator's pid, over loopback and over a ve
 network namespace the tests create.
 """
 
+import contextlib
 import ctypes
 import json
 import os
 import resource
+import select
 import shutil
 import socket
 import subprocess
@@ -517,6 +519,46 @@ def test_getaddrinfo_in_another_root_with_its_own_c_library_is_reported(recorder
     recorder.settle()
     (lookup,) = [d for d in recorder.of("dns", pid) if d.name == "musl-root.picosnitch.test"]
     assert lookup.addresses == ("10.231.8.8",)
+
+
+def test_a_monitor_behind_its_receiver_sleeps_until_the_receiver_reads():
+    # The monitor waits on its ring buffer and, while its outbox holds anything, on the receiver's
+    # socket: it neither spins on a full socket nor waits for the next ring event to go on.
+    reader, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sender.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        while True:
+            sender.send(b"r" * 60_000)
+    monitor = KernelMonitor()
+    try:
+        monitor.start()
+        start, wakes = time.monotonic(), 0
+        while time.monotonic() - start < 1:
+            monitor.poll(1, sender.fileno())
+            wakes += 1
+        # 6-23 on a busy machine (every exec, fork and exit anywhere is a ring event); polling
+        # every 10 ms, as it did before, is 100.
+        assert wakes < 60, f"{wakes} wake-ups in one second on a full socket: it polls or spins"
+
+        def drain():
+            reader.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    reader.recv(65536)
+
+        threading.Timer(0.3, drain).start()
+        start = time.monotonic()
+        while not _writable(sender) and time.monotonic() - start < 5:
+            monitor.poll(5, sender.fileno())
+        assert 0.25 < time.monotonic() - start < 1.5, "not woken when the receiver had read"
+    finally:
+        monitor.close()
+        reader.close()
+        sender.close()
+
+
+def _writable(sock) -> bool:
+    return bool(select.select([], [sock], [], 0)[1])
 
 
 def exec_burst(ring_pages, runs):

@@ -9,6 +9,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import select
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Type
 
 c_void_p, c_int, c_char_p, c_size_t, c_uint32 = (
@@ -117,6 +118,8 @@ def _declare(l: ctypes.CDLL) -> None:
         "ring_buffer__poll": (c_int, [c_void_p, c_int]),
         "ring_buffer__add": (c_int, [c_void_p, c_int, SAMPLE_FN, c_void_p]),
         "ring_buffer__free": (None, [c_void_p]),
+        "ring_buffer__consume": (c_int, [c_void_p]),
+        "ring_buffer__epoll_fd": (c_int, [c_void_p]),
     }
     for name, (restype, argtypes) in sig.items():
         fn = getattr(l, name)
@@ -403,6 +406,8 @@ class RingBuffer:
             return 0
 
         self._callback = SAMPLE_FN(sample)  # must outlive the ring buffer
+        self._waiter: Optional[select.epoll] = None  # the ring's epoll and a socket (poll_or_writable)
+        self._writable: Optional[int] = None
         first, *more = ring_maps
         self.ptr: Optional[int] = _call_ptr(f"opening ring buffer {first.name}",
                                             lib().ring_buffer__new(first.fd, self._callback, None, None))
@@ -417,7 +422,27 @@ class RingBuffer:
             raise _fail("polling the ring buffer", ret)
         return max(ret, 0)
 
+    def poll_or_writable(self, timeout_ms: int, fd: int) -> int:
+        """As poll(), but returns as soon as `fd` can be written to as well: a sender that has
+        more for its receiver than the socket took wakes when the receiver has read some."""
+        if self._waiter is None:
+            self._waiter = select.epoll()
+            self._waiter.register(lib().ring_buffer__epoll_fd(self.ptr), select.EPOLLIN)
+        if fd != self._writable:
+            if self._writable is not None:
+                self._waiter.unregister(self._writable)
+            self._waiter.register(fd, select.EPOLLOUT)
+            self._writable = fd
+        self._waiter.poll(timeout_ms / 1000)
+        ret = lib().ring_buffer__consume(self.ptr)
+        if ret < 0 and -ret != errno.EINTR:
+            raise _fail("reading the ring buffer", ret)
+        return max(ret, 0)
+
     def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
         if self.ptr:
             lib().ring_buffer__free(self.ptr)
             self.ptr = None

@@ -38,7 +38,6 @@ from picosnitch.kernel.records import (
 
 DRAIN_INTERVAL = 0.5  # seconds; a flow is reported at most two intervals after it happened
 QUIET_RECORDS = 1_000  # a drain interval with fewer records than this ends a burst (heap.Burst)
-CATCH_UP_POLL = 0.01  # seconds between tries to hand on what the identity worker could not take yet
 DELIVERY_PART = 5000  # records per deliver() call: a storm's drain is passed on, pickled and read in parts
 DEFAULT_CELLS = 16384  # sockets' owners counting at once without a flow map lookup
 
@@ -246,7 +245,10 @@ class KernelMonitor:
         self._leftovers = False  # the idle generation may hold what a killed monitor had begun to read
         self.taken: Callable[[Sequence[Record]], None] = lambda records: None  # called with what is read
         # Sends on what was delivered and still waits for its receiver; True once nothing waits.
+        # While something waits, the monitor also wakes when `hand_on_fd` (the receiver's socket)
+        # can take more.
         self.hand_on: Callable[[], bool] = lambda: True
+        self.hand_on_fd: Optional[int] = None
         self.pinner: Optional[ExecPinner] = None  # pins what each exec ran (kernel.pins), when set
 
     # --- loading ---
@@ -426,10 +428,14 @@ class KernelMonitor:
         if self.pinner is not None:
             self._pending.append(self.pinner.pin(record))
 
-    def poll(self, timeout: float) -> List[Record]:
-        """Process, exit and DNS events that arrived within `timeout` seconds."""
+    def poll(self, timeout: float, or_writable: Optional[int] = None) -> List[Record]:
+        """Process, exit and DNS events that arrived within `timeout` seconds (or until the
+        socket `or_writable` can take more)."""
         assert self.ring is not None
-        self.ring.poll(int(timeout * 1000))
+        if or_writable is None:
+            self.ring.poll(int(timeout * 1000))
+        else:
+            self.ring.poll_or_writable(int(timeout * 1000), or_writable)
         records, self._pending = self._pending, []
         if records:
             self.taken(records)
@@ -485,7 +491,7 @@ class KernelMonitor:
             # after a storm that would be one socket buffer a drain interval.
             behind = not self.hand_on()
             wait = max(next_drain - time.monotonic(), 0)
-            batch = self.poll(min(wait, CATCH_UP_POLL) if behind else wait)
+            batch = self.poll(wait, self.hand_on_fd if behind else None)
             if time.monotonic() >= next_drain:
                 next_drain += DRAIN_INTERVAL
                 flows = self.drain()

@@ -53,6 +53,7 @@ def run(config, to_identity, ready, supervisor_pid: int, to_supervisor, keeper=N
                             adopt=dict(left) if left else None, shared=shared)
     monitor.taken = delivery.taken
     monitor.hand_on = delivery.hand_on
+    monitor.hand_on_fd = to_identity.fileno()
     try:
         degraded = monitor.start()
     except (MonitorError, LibbpfError, OSError) as e:
