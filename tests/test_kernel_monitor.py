@@ -645,6 +645,28 @@ def pinned_after_it_moved(tmp_path, back: bool):
     return exec_record, pinned
 
 
+def test_an_exec_read_after_the_process_exec_d_again_is_pinned_to_what_that_exec_ran():
+    # Read late, /proc/PID/exe is already the second program: the first exec is pinned by its own
+    # path, verified by inode, never as the program that came after it.
+    monitor = KernelMonitor()
+    monitor.pinner = ExecPinner(interpreters.classify)
+    try:
+        monitor.start()
+        proc = subprocess.Popen([sys.executable, "-c", "import os; os.execv('/bin/sleep', ['sleep', '0.5'])"])
+        time.sleep(0.2)  # it runs sleep now
+        records = monitor.poll(0.1) + monitor.poll(0.1)
+        assert proc.wait(10) == 0
+    finally:
+        monitor.pinner.close()
+        monitor.close()
+    execs = {r.exec_id: r.filename for r in records if r.kind == "exec" and r.tgid == proc.pid}
+    pinned = {r.exec_id: [(f.role, f.path) for f in r.files] for r in records if r.kind == "pinned" and r.tgid == proc.pid}
+    first, second = sorted(execs)
+    assert execs == {first: sys.executable, second: "/bin/sleep"}
+    assert pinned == {first: [("exe", os.path.realpath(sys.executable))],
+                      second: [("exe", os.path.realpath("/bin/sleep"))]}
+
+
 def test_the_exec_record_names_the_cwd_and_root_the_process_started_in(tmp_path):
     exec_record, _ = pinned_after_it_moved(tmp_path, back=True)
     start, root = os.stat(tmp_path / "start"), os.stat("/")

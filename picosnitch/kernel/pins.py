@@ -80,6 +80,12 @@ class Grab:
         self.exe_fd = self.root_fd = self.cwd_fd = None
 
 
+def _ran(st: os.stat_result, record: Exec) -> bool:
+    """Whether a file is the one the exec ran: the same inode (on btrfs, and other filesystems
+    with anonymous devices, stat shows another device than the kernel's)."""
+    return st.st_ino == record.exe_ino and (st.st_dev == record.exe_dev or os.major(st.st_dev) == 0)
+
+
 def _is_directory(fd: int, at_exec: Tuple[int, int]) -> bool:
     """Whether an open directory is (st_dev, st_ino) as the kernel named it: the inode number as
     the kernel holds it (fdinfo; overlayfs may stat another), the device as in Exec (btrfs and
@@ -128,14 +134,21 @@ class ExecPinner:
         """The Pinned record for an exec: its executable, and the script or program the classifier
         names, opened through O_PATH handles on the process's cwd and root (taken only then)."""
         grab = Grab()
-        base = f"{self.proc}/{record.tgid}"
+        exe = f"{self.proc}/{record.tgid}/exe"
         try:
-            grab.known = self._recent(os.stat(f"{base}/exe"))  # an exec storm of one binary: one stat each
-            if grab.known is None:
-                grab.exe_fd = os.open(f"{base}/exe", OPEN_FLAGS)
-                grab.exe_path = os.readlink(f"{base}/exe")
+            # Only the file this exec ran: by now the process may have exec'd again, or exited and
+            # left its pid to another. Else it is found by path, verified (_open_verified).
+            st = os.stat(exe)
+            if _ran(st, record):
+                grab.known = self._recent(st)  # an exec storm of one binary: one stat each
+            if _ran(st, record) and grab.known is None:
+                fd = os.open(exe, OPEN_FLAGS)
+                if _ran(os.fstat(fd), record):
+                    grab.exe_fd, grab.exe_path = fd, _named(fd)
+                else:
+                    os.close(fd)
         except OSError:
-            pass  # gone already: found by path, verified (_open_verified)
+            pass
         try:
             return self._pin(record, grab)
         finally:
@@ -195,7 +208,8 @@ class ExecPinner:
             exe = self._open_verified(record)  # found in our root: it ran in our root
             grab.shares_our_root = grab.shares_our_root or exe is not None
             if exe is None:
-                missed.append(("exe", record.filename, "the process was gone before it could be pinned"))
+                missed.append(("exe", record.filename, "the process had exited or exec'd again before it could "
+                                                       "be pinned, and its path names another file now"))
         if exe is not None:
             files.append(exe)
         targets = self.classify(record, exe.path if exe else record.filename) if self.classify else ()
@@ -271,8 +285,8 @@ class ExecPinner:
         return self._keep(fd, PinnedFile(role, _strip_deleted(path), key_of(st), st.st_nlink))
 
     def _open_verified(self, record: Exec) -> Optional[PinnedFile]:
-        """The process is gone already: its executable by the path it was started by, if that still
-        names the file the kernel ran (the same inode; on btrfs the device numbers differ)."""
+        """The process is gone already (or runs another exec now): its executable by the path it
+        was started by, if that still names the file the kernel ran (_ran)."""
         if not record.filename.startswith("/"):
             return None
         try:
@@ -280,8 +294,7 @@ class ExecPinner:
         except OSError:
             return None
         st = os.fstat(fd)
-        same_device = st.st_dev == record.exe_dev or os.major(st.st_dev) == 0
-        if st.st_ino != record.exe_ino or not same_device or not stat.S_ISREG(st.st_mode):
+        if not _ran(st, record) or not stat.S_ISREG(st.st_mode):
             os.close(fd)
             return None
         try:
