@@ -43,6 +43,11 @@ class Image:
     def pin(self, role: str) -> Optional[PinnedFile]:
         return next((p for p in self.pins if p.role == role), None)
 
+    def ran(self, dev: int, ino: int) -> bool:
+        """Whether this image's executable is (dev, ino) as the kernel names it. An image read
+        from /proc has stat's device, which on btrfs (an anonymous device) is not the kernel's."""
+        return ino == self.ino and (dev == self.dev or os.major(self.dev) == 0)
+
     def missed_pin(self, role: str) -> Optional[Tuple[str, str, str]]:
         return next((m for m in self.missed if m[0] == role), None)
 

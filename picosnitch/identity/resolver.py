@@ -134,8 +134,17 @@ class IdentityResolver:
 
     def _identity(self, tgid: int, ppid: int, exec_id: int, comm: str, dev: int, ino: int, uid: int,
                   netns: int) -> Identity:
-        """The sender is the image its exec produced, named as it was when it sent (comm)."""
-        process = self.describe(tgid, self.table.image(tgid, exec_id), dev, ino, live=True, name=comm)
+        """The sender is the image its exec produced, named as it was when it sent (comm), if
+        that image ran the executable the kernel saw sending."""
+        image = self.table.image(tgid, exec_id)
+        if image is not None and not image.ran(dev, ino):
+            # An image read from /proc after the exec it stands for was lost: another program.
+            self.report(ErrorReport(f"traffic from process {tgid} came from executable device {dev} inode {ino}, but "
+                                    f"the image known for it ran {image.exe} (device {image.dev} inode {image.ino}): "
+                                    "recorded as unknown", f"unknown-exe:{dev}:{ino}"))
+            process = ProcessInfo(UNKNOWN, comm, "", UNKNOWN)
+        else:
+            process = self.describe(tgid, image, dev, ino, live=True, name=comm)
         parent_proc = self.table.get(ppid)
         parent = self.describe(ppid, parent_proc.image) if parent_proc else ProcessInfo()
         grandparent = ProcessInfo()
