@@ -12,6 +12,7 @@ import pytest
 
 from picosnitch import config
 from picosnitch.identity.resolver import UNKNOWN, IdentityResolver
+from picosnitch.kernel.records import Exec
 from picosnitch.messages import ErrorReport
 
 NETNS = 4026531840
@@ -49,3 +50,20 @@ def test_traffic_from_the_executable_the_image_ran_is_its_own(sleeper):
     assert identity.process.exe == os.path.realpath("/bin/sleep")
     assert identity.process.sha256 not in (UNKNOWN, "")
     assert not [r for r in reports if isinstance(r, ErrorReport)]
+
+
+def test_an_exec_names_its_executable_by_the_kernels_device_exactly(sleeper):
+    # Two btrfs subvolumes (or overlay mounts) are two anonymous devices, and their inode numbers
+    # repeat: the same inode number on another of them is another file. Only an image read from
+    # /proc has stat's device, which on btrfs is not the kernel's, and is matched by inode.
+    reports: list = []
+    resolver = IdentityResolver(config.defaults(), reports.append)
+    subvolume, other = os.makedev(0, 40), os.makedev(0, 41)
+    resolver.table.apply(Exec(sleeper.pid, os.getpid(), 0, subvolume, 257, "sleep", "/bin/sleep",
+                              ("sleep", "30"), False, 0.0, exec_id=9))
+
+    elsewhere = resolver.identity(sleeper.pid, os.getpid(), 9, "sleep", other, 257, 0, NETNS)
+    assert elsewhere.process.exe == UNKNOWN
+    assert [r.key for r in reports if isinstance(r, ErrorReport)] == [f"unknown-exe:{other}:257"]
+    resolver.batch_identities.clear()
+    assert resolver.identity(sleeper.pid, os.getpid(), 9, "sleep", subvolume, 257, 0, NETNS).process.exe != UNKNOWN

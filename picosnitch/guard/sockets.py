@@ -31,7 +31,7 @@ from picosnitch.guard.rules import UNKNOWN, Program
 from picosnitch.identity.hashing import HashCache
 from picosnitch.kernel import libbpf
 from picosnitch.kernel.monitor import MonitorError, cgroup2_root, check_structs
-from picosnitch.kernel.records import ConnectionKey, SocketOwner, st_dev_from_kernel
+from picosnitch.kernel.records import ConnectionKey, SocketOwner, st_dev_from_kernel, stat_is
 from picosnitch.sanitize import from_bytes
 
 NETLINK_SOCK_DIAG = 4
@@ -234,8 +234,7 @@ class ProgramFinder:
             st = os.stat(f"{self.proc}/{owner.tgid}/exe")
         except OSError:
             return None
-        same = (st.st_dev, st.st_ino) == (st_dev_from_kernel(owner.exe_dev), owner.exe_ino)
-        return st if same else None
+        return st if stat_is(st.st_dev, st.st_ino, st_dev_from_kernel(owner.exe_dev), owner.exe_ino) else None
 
     def _read(self, path: str) -> bytes:
         with open(path, "rb") as f:

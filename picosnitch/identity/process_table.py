@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
-from picosnitch.kernel.records import Exec, Exit, Fork, Pinned, PinnedFile
+from picosnitch.kernel.records import Exec, Exit, Fork, Pinned, PinnedFile, stat_is
 from picosnitch.sanitize import from_bytes
 
 EXITED_KEEP_SECONDS = 60.0
@@ -39,14 +39,23 @@ class Image:
     path: str = ""  # the path given to execve
     pins: Tuple[PinnedFile, ...] = ()  # the files it ran, pinned at exec (kernel.pins)
     missed: Tuple[Tuple[str, str, str], ...] = ()  # (role, path, why) of those that could not be
+    from_stat: bool = False  # dev and ino are stat's (read from /proc), not the kernel's
 
     def pin(self, role: str) -> Optional[PinnedFile]:
         return next((p for p in self.pins if p.role == role), None)
 
     def ran(self, dev: int, ino: int) -> bool:
-        """Whether this image's executable is (dev, ino) as the kernel names it. An image read
-        from /proc has stat's device, which on btrfs (an anonymous device) is not the kernel's."""
-        return ino == self.ino and (dev == self.dev or os.major(self.dev) == 0)
+        """Whether this image's executable is (dev, ino) as the kernel names it (exactly, unless
+        the image was read from /proc: stat's device, on btrfs, is not the kernel's)."""
+        if self.from_stat:
+            return stat_is(self.dev, self.ino, dev, ino)
+        return (dev, ino) == (self.dev, self.ino)
+
+    def is_file(self, stat_dev: int, stat_ino: int) -> bool:
+        """Whether a file stat reports as (stat_dev, stat_ino) is this image's executable."""
+        if self.from_stat:
+            return (stat_dev, stat_ino) == (self.dev, self.ino)
+        return stat_is(stat_dev, stat_ino, self.dev, self.ino)
 
     def missed_pin(self, role: str) -> Optional[Tuple[str, str, str]]:
         return next((m for m in self.missed if m[0] == role), None)
@@ -92,7 +101,7 @@ def from_proc(tgid: int, proc: str = "/proc") -> Optional[Process]:
     if exe.endswith(" (deleted)") and not os.path.exists(exe):
         exe = exe[: -len(" (deleted)")]
     argv = tuple(from_bytes(a) for a in cmdline.rstrip(b"\0").split(b"\0")) if cmdline else ()
-    image = Image(exe, st.st_dev, st.st_ino, from_bytes(comm), argv)
+    image = Image(exe, st.st_dev, st.st_ino, from_bytes(comm), argv, from_stat=True)
     return Process(tgid, ppid, image, {None: image})
 
 
@@ -170,7 +179,7 @@ class ProcessTable:
         if process is None or process.image is not image:
             return image  # it exec'd since: /proc describes another image
         fresh = from_proc(tgid, self.proc)
-        if fresh and (fresh.image.dev, fresh.image.ino) == (image.dev, image.ino):
+        if fresh and image.is_file(fresh.image.dev, fresh.image.ino):
             complete = replace(image, argv=fresh.image.argv, argv_complete=True)
             process.image = process.images[image.exec_id] = complete  # read /proc once, not for every flow
             return complete
@@ -199,7 +208,7 @@ class ProcessTable:
         try:
             live = os.readlink(f"{self.proc}/{event.tgid}/exe")
             st = os.stat(f"{self.proc}/{event.tgid}/exe")
-            if (st.st_dev, st.st_ino) == (event.exe_dev, event.exe_ino):
+            if stat_is(st.st_dev, st.st_ino, event.exe_dev, event.exe_ino):
                 return live
         except OSError:
             pass  # already gone (or exec'd again): resolve the path it was started by

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from picosnitch.kernel.records import Exec, FileKey, Pinned, PinnedFile
+from picosnitch.kernel.records import Exec, FileKey, Pinned, PinnedFile, stat_is
 
 FDS_PER_MESSAGE = 64  # at most SCM_MAX_FD (253); few, so the receiver holds few beyond its own store
 FLUSH_AT = 64  # descriptors the monitor holds before it sends them, batch or not
@@ -81,15 +81,13 @@ class Grab:
 
 
 def _ran(st: os.stat_result, record: Exec) -> bool:
-    """Whether a file is the one the exec ran: the same inode (on btrfs, and other filesystems
-    with anonymous devices, stat shows another device than the kernel's)."""
-    return st.st_ino == record.exe_ino and (st.st_dev == record.exe_dev or os.major(st.st_dev) == 0)
+    """Whether a file is the one the exec ran."""
+    return stat_is(st.st_dev, st.st_ino, record.exe_dev, record.exe_ino)
 
 
 def _is_directory(fd: int, at_exec: Tuple[int, int]) -> bool:
-    """Whether an open directory is (st_dev, st_ino) as the kernel named it: the inode number as
-    the kernel holds it (fdinfo; overlayfs may stat another), the device as in Exec (btrfs and
-    other anonymous devices stat another than their superblock's)."""
+    """Whether an open directory is (st_dev, st_ino) as the kernel named it, with the inode
+    number as the kernel holds it (fdinfo; overlayfs may stat another)."""
     st = os.fstat(fd)
     ino = st.st_ino
     try:
@@ -97,8 +95,7 @@ def _is_directory(fd: int, at_exec: Tuple[int, int]) -> bool:
             ino = next((int(line.split()[1]) for line in info if line.startswith(b"ino:")), ino)
     except OSError:
         pass
-    dev, expected_ino = at_exec
-    return ino == expected_ino and (st.st_dev == dev or os.major(st.st_dev) == 0)
+    return stat_is(st.st_dev, ino, *at_exec)
 
 
 def _named(fd: int) -> str:
@@ -139,9 +136,10 @@ class ExecPinner:
             # Only the file this exec ran: by now the process may have exec'd again, or exited and
             # left its pid to another. Else it is found by path, verified (_open_verified).
             st = os.stat(exe)
-            if _ran(st, record):
+            ran = _ran(st, record)
+            if ran:
                 grab.known = self._recent(st)  # an exec storm of one binary: one stat each
-            if _ran(st, record) and grab.known is None:
+            if ran and grab.known is None:
                 fd = os.open(exe, OPEN_FLAGS)
                 if _ran(os.fstat(fd), record):
                     grab.exe_fd, grab.exe_path = fd, _named(fd)

@@ -115,6 +115,13 @@ def st_dev_from_kernel(dev: int) -> int:
     return os.makedev(dev >> 20, dev & 0xFFFFF)
 
 
+def stat_is(stat_dev: int, stat_ino: int, dev: int, ino: int) -> bool:
+    """Whether a file that stat reports as (stat_dev, stat_ino) is the one the kernel names
+    (dev, ino), both in st_dev encoding: the same inode, on the same device, unless stat's is an
+    anonymous device (major 0), which btrfs reports per subvolume instead of its superblock's."""
+    return stat_ino == ino and (stat_dev == dev or os.major(stat_dev) == 0)
+
+
 def address(family: int, raw: bytes) -> str:
     """Text form of an address from a 16-byte field ("" for families without addresses)."""
     if family == socket.AF_INET:
