@@ -524,11 +524,7 @@ def test_getaddrinfo_in_another_root_with_its_own_c_library_is_reported(recorder
 def test_a_monitor_behind_its_receiver_sleeps_until_the_receiver_reads():
     # The monitor waits on its ring buffer and, while its outbox holds anything, on the receiver's
     # socket: it neither spins on a full socket nor waits for the next ring event to go on.
-    reader, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sender.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        while True:
-            sender.send(b"r" * 60_000)
+    reader, sender = _full_socketpair()
     monitor = KernelMonitor()
     try:
         monitor.start()
@@ -540,16 +536,11 @@ def test_a_monitor_behind_its_receiver_sleeps_until_the_receiver_reads():
         # every 10 ms, as it did before, is 100.
         assert wakes < 60, f"{wakes} wake-ups in one second on a full socket: it polls or spins"
 
-        def drain():
-            reader.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    reader.recv(65536)
-
-        threading.Timer(0.3, drain).start()
+        reading = _drain_in(0.3, reader)
         start = time.monotonic()
         while not _writable(sender) and time.monotonic() - start < 5:
             monitor.poll(5, sender.fileno())
+        reading.join()
         assert 0.25 < time.monotonic() - start < 4, "not woken when the receiver had read (it waited 5 s)"
     finally:
         monitor.close()
@@ -559,6 +550,65 @@ def test_a_monitor_behind_its_receiver_sleeps_until_the_receiver_reads():
 
 def _writable(sock) -> bool:
     return bool(select.select([], [sock], [], 0)[1])
+
+
+def _full_socketpair():
+    """(reader, sender): a SOCK_SEQPACKET pair whose sender's socket can take nothing more."""
+    reader, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sender.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        while True:
+            sender.send(b"r" * 60_000)
+    return reader, sender
+
+
+def _drain_in(seconds: float, reader) -> threading.Thread:
+    """Reads everything `reader` holds, `seconds` from now, in a thread (join it before closing)."""
+    def drain():
+        reader.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                reader.recv(65536)
+
+    timer = threading.Timer(seconds, drain)
+    timer.start()
+    return timer
+
+
+class _SilentRing:
+    """A BPF ring buffer map no program writes to: a wait on it ends only by its timeout or by
+    the socket it also waits on."""
+
+    name = "silent"
+
+    def __init__(self):
+        create = libbpf.lib().bpf_map_create
+        create.restype = ctypes.c_int
+        create.argtypes = [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_uint32] * 3 + [ctypes.c_void_p]
+        self.fd = create(27, b"silent", 0, 0, os.sysconf("SC_PAGE_SIZE"), None)  # BPF_MAP_TYPE_RINGBUF
+        assert self.fd >= 0, os.strerror(-self.fd)
+
+
+def test_a_ring_wait_ends_when_the_socket_can_take_more_and_not_before():
+    reader, sender = _full_socketpair()
+    silent = _SilentRing()
+    ring = libbpf.RingBuffer([silent], lambda sample: None)
+    try:
+        start = time.monotonic()
+        ring.poll_or_writable(300, sender.fileno())
+        assert 0.29 < time.monotonic() - start < 2, "a full socket ended the wait"
+
+        reading = _drain_in(0.3, reader)
+        start = time.monotonic()
+        ring.poll_or_writable(5000, sender.fileno())
+        reading.join()
+        assert 0.29 < time.monotonic() - start < 4, "not woken when the receiver had read (it waited 5 s)"
+        assert _writable(sender)
+    finally:
+        ring.close()
+        os.close(silent.fd)
+        reader.close()
+        sender.close()
 
 
 def exec_burst(ring_pages, runs):
