@@ -9,7 +9,9 @@ programs are small C programs compiled at run time (Python would be the bottlene
 1. Baseline: the storm client runs for a while with no daemon, for the connection rate this
    machine reaches without the BPF programs attached.
 2. A daemon (`picosnitch start-no-daemon`, through tests/daemon_harness.Daemon) in a private
-   PICOSNITCH_PREFIX. Idle: nothing but the machine's background traffic for --idle-seconds.
+   PICOSNITCH_PREFIX, as configured by default on a desktop: its "Syslog socket" is a socket the
+   bench reads (SyslogSink; journald's /dev/log there), so the outlet runs with its unprivileged
+   sender (--no-syslog: without). Idle: nothing but the machine's background traffic for --idle-seconds.
    Storm: --clients processes open TCP connections to a loopback server (--servers processes that
    accept and read to EOF) as fast as they can for --storm-seconds; each connection writes
    --bytes bytes and closes. The client counts its connections, bytes, and a histogram of the
@@ -51,6 +53,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -321,6 +324,34 @@ def compile_c(directory: Path, name: str, source: str) -> Path:
         sys.exit("gcc is needed to build the traffic programs: apt-get install gcc")
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(src)], check=True)
     return binary
+
+
+class SyslogSink:
+    """A unix datagram socket standing in for /dev/log, which journald provides on a desktop:
+    with it the daemon runs as it does there by default, its outlet with the unprivileged sender
+    that delivers to syslog. It counts the messages and drops them; the host's journal gets none."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="picosnitch-load-log-"))
+        self.directory.chmod(0o755)  # the sender has become an unprivileged user
+        self.path = self.directory / "log"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.path.chmod(0o666)
+        self.messages = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.sock.recv(1 << 16)
+            except OSError:
+                return
+            self.messages += 1
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class Server:
@@ -633,6 +664,20 @@ class Results:
     short_pss_max: Dict[str, int] = field(default_factory=dict)
     others: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
+    syslog_messages: Optional[int] = None  # None: run without a syslog socket
+
+
+def shared_prefix(name: str) -> Path:
+    """A daemon's PICOSNITCH_PREFIX that, like /var/lib, other users can traverse: the outlet's
+    sender, an unprivileged user, keeps its outbox in it."""
+    prefix = Path(tempfile.mkdtemp(prefix=name))
+    prefix.chmod(0o755)
+    return prefix
+
+
+def syslog_setting(args) -> dict:
+    """The daemon's "Syslog socket": the bench's sink, or none (--no-syslog)."""
+    return {"Syslog socket": str(args.syslog.path) if args.syslog else ""}
 
 
 def storm_phase(args, storm: Path, work: Path, r: Results) -> None:
@@ -644,8 +689,8 @@ def storm_phase(args, storm: Path, work: Path, r: Results) -> None:
     server.stop()
     time.sleep(2)  # TIME_WAIT sockets of the baseline are reused on loopback anyway
 
-    prefix = Path(tempfile.mkdtemp(prefix="picosnitch-load-a-"))
-    daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit}).start()
+    prefix = shared_prefix("picosnitch-load-a-")
+    daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit, **syslog_setting(args)}).start()
     sampler = Sampler(daemon)
     try:
         time.sleep(SETTLE_SECONDS)
@@ -758,7 +803,7 @@ def pin_capacity_of(daemon: Daemon) -> int:
 
 
 def short_lived_phase(args, storm: Path, once: Path, work: Path, r: Results) -> None:
-    prefix = Path(tempfile.mkdtemp(prefix="picosnitch-load-b-"))
+    prefix = shared_prefix("picosnitch-load-b-")
     program = work / "short-lived"
     shutil.copy2(once, program)
     expected_sha = sha256_file(program)
@@ -770,7 +815,7 @@ def short_lived_phase(args, storm: Path, once: Path, work: Path, r: Results) -> 
         path.chmod(0o755)
         distinct_sha[str(path)] = sha256_file(path)
     daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit,
-                               "Set RLIMIT_NOFILE": args.nofile}).start()
+                               "Set RLIMIT_NOFILE": args.nofile, **syslog_setting(args)}).start()
     try:
         time.sleep(SETTLE_SECONDS)
         server = Server(storm, 1)
@@ -829,6 +874,8 @@ def report(args, r: Results) -> None:
     print(f"command: python3 -m bench.daemon_load{' --quick' if args.quick else ''}  (storm {args.storm_seconds:g} s, "
           f"{args.clients} client + {args.servers} server processes, {args.bytes} B/connection, "
           f"DB write limit {args.write_limit} s)")
+    print("syslog: " + (f"the outlet's sender delivered to the bench's socket ({r.syslog_messages:,} messages)"
+                        if r.syslog_messages is not None else "none (--no-syslog): the outlet has no sender"))
     if r.others:
         print("WARNING: other picosnitch daemons/benchmarks/tests ran meanwhile:")
         for line in r.others[:8]:
@@ -918,6 +965,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--settle-seconds", type=float, default=30.0,
                    help="idle seconds after catching up before PSS is read again")
     p.add_argument("--stop-limit", type=float, default=150.0, help="seconds to wait for the daemon to stop")
+    p.add_argument("--no-syslog", dest="with_syslog", action="store_false",
+                   help="no syslog socket: the outlet runs without its sender, as on a machine without /dev/log")
     args = p.parse_args(argv)
     quick = args.quick
     args.storm_seconds = args.storm_seconds or (5 if quick else 30)
@@ -930,12 +979,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     if os.geteuid() != 0:
         sys.exit("run as root: the daemon loads BPF programs")
     r = Results(others=other_picosnitch())
+    args.syslog = SyslogSink() if args.with_syslog else None
     with tempfile.TemporaryDirectory(prefix="picosnitch-load-") as tmp:
         work = Path(tmp)
         storm = compile_c(work, "storm", STORM_C)
         once = compile_c(work, "once", ONCE_C)
-        storm_phase(args, storm, work, r)
-        short_lived_phase(args, storm, once, work, r)
+        try:
+            storm_phase(args, storm, work, r)
+            short_lived_phase(args, storm, once, work, r)
+        finally:
+            if args.syslog:
+                r.syslog_messages = args.syslog.messages
+                args.syslog.close()
     r.others += [o for o in other_picosnitch() if o not in r.others]
     report(args, r)
 
