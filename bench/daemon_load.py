@@ -10,7 +10,7 @@ programs are small C programs compiled at run time (Python would be the bottlene
    machine reaches without the BPF programs attached.
 2. A daemon (`picosnitch start-no-daemon`, through tests/daemon_harness.Daemon) in a private
    PICOSNITCH_PREFIX, as configured by default on a desktop: its "Syslog socket" is a socket the
-   bench reads (SyslogSink; journald's /dev/log there), so the outlet runs with its unprivileged
+   bench reads (tests/receivers.SyslogSocket; journald's /dev/log there), so the outlet runs with its unprivileged
    sender (--no-syslog: without). Idle: nothing but the machine's background traffic for --idle-seconds.
    Storm: --clients processes open TCP connections to a loopback server (--servers processes that
    accept and read to EOF) as fast as they can for --storm-seconds; each connection writes
@@ -53,7 +53,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -68,6 +67,7 @@ from typing import Dict, List, Optional, Tuple
 
 from picosnitch.daemon.supervisor import ROOMMATES
 from tests.daemon_harness import Daemon
+from tests.receivers import SyslogSocket, shared_tempdir
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY = 1.0  # seconds between CPU/PSS samples
@@ -324,34 +324,6 @@ def compile_c(directory: Path, name: str, source: str) -> Path:
         sys.exit("gcc is needed to build the traffic programs: apt-get install gcc")
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(src)], check=True)
     return binary
-
-
-class SyslogSink:
-    """A unix datagram socket standing in for /dev/log, which journald provides on a desktop:
-    with it the daemon runs as it does there by default, its outlet with the unprivileged sender
-    that delivers to syslog. It counts the messages and drops them; the host's journal gets none."""
-
-    def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="picosnitch-load-log-"))
-        self.directory.chmod(0o755)  # the sender has become an unprivileged user
-        self.path = self.directory / "log"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.path))
-        self.path.chmod(0o666)
-        self.messages = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                self.sock.recv(1 << 16)
-            except OSError:
-                return
-            self.messages += 1
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class Server:
@@ -667,17 +639,9 @@ class Results:
     syslog_messages: Optional[int] = None  # None: run without a syslog socket
 
 
-def shared_prefix(name: str) -> Path:
-    """A daemon's PICOSNITCH_PREFIX that, like /var/lib, other users can traverse: the outlet's
-    sender, an unprivileged user, keeps its outbox in it."""
-    prefix = Path(tempfile.mkdtemp(prefix=name))
-    prefix.chmod(0o755)
-    return prefix
-
-
 def syslog_setting(args) -> dict:
     """The daemon's "Syslog socket": the bench's sink, or none (--no-syslog)."""
-    return {"Syslog socket": str(args.syslog.path) if args.syslog else ""}
+    return {"Syslog socket": args.syslog.path if args.syslog else ""}
 
 
 def storm_phase(args, storm: Path, work: Path, r: Results) -> None:
@@ -689,7 +653,7 @@ def storm_phase(args, storm: Path, work: Path, r: Results) -> None:
     server.stop()
     time.sleep(2)  # TIME_WAIT sockets of the baseline are reused on loopback anyway
 
-    prefix = shared_prefix("picosnitch-load-a-")
+    prefix = shared_tempdir("picosnitch-load-a-")
     daemon = Daemon(prefix, **{"DB write limit (seconds)": args.write_limit, **syslog_setting(args)}).start()
     sampler = Sampler(daemon)
     try:
@@ -803,7 +767,7 @@ def pin_capacity_of(daemon: Daemon) -> int:
 
 
 def short_lived_phase(args, storm: Path, once: Path, work: Path, r: Results) -> None:
-    prefix = shared_prefix("picosnitch-load-b-")
+    prefix = shared_tempdir("picosnitch-load-b-")
     program = work / "short-lived"
     shutil.copy2(once, program)
     expected_sha = sha256_file(program)
@@ -979,7 +943,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if os.geteuid() != 0:
         sys.exit("run as root: the daemon loads BPF programs")
     r = Results(others=other_picosnitch())
-    args.syslog = SyslogSink() if args.with_syslog else None
+    # A socket standing in for journald's /dev/log: the daemon runs as a desktop's does by
+    # default, its outlet with the unprivileged sender; the host's journal gets nothing.
+    args.syslog = SyslogSocket() if args.with_syslog else None
     with tempfile.TemporaryDirectory(prefix="picosnitch-load-") as tmp:
         work = Path(tmp)
         storm = compile_c(work, "storm", STORM_C)
@@ -989,7 +955,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             short_lived_phase(args, storm, once, work, r)
         finally:
             if args.syslog:
-                r.syslog_messages = args.syslog.messages
+                r.syslog_messages = len(args.syslog.messages)
                 args.syslog.close()
     r.others += [o for o in other_picosnitch() if o not in r.others]
     report(args, r)

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -199,3 +200,4 @@ class SyslogSocket:
 
     def close(self):
         self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
